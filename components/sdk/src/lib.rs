@@ -1,0 +1,31 @@
+//! What every service component shares.
+//!
+//! - [`state`] and [`producer`]: bindings to the host's `microsvc:platform` imports (world
+//!   `service`). Components that also export `handler` generate their own bindings for world
+//!   `subscriber` and point its `with` at these modules, so there is one copy of each type.
+//! - [`Request`] / [`Response`]: plain HTTP values that handlers work with; [`serve`] moves them
+//!   in and out of `wasi:http`.
+//! - [`fetch`] / [`fetch_all`]: outbound calls to other services.
+//! - [`input`]: path and JSON-body parsing that turns bad client input into 400s.
+//! - [`store`]: JSON records in host state.
+//!
+//! Everything except [`http`] and [`store`] is plain Rust, so it can be unit-tested natively.
+
+#[allow(clippy::all)]
+mod bindings {
+    wit_bindgen::generate!({
+        world: "service",
+        path: "../../wit",
+    });
+}
+
+pub use bindings::microsvc::platform::{producer, state};
+pub use wasi;
+
+pub mod http;
+pub mod input;
+pub mod message;
+pub mod store;
+
+pub use http::{fetch, fetch_all, serve, OutboundError, OutboundErrorKind, OutboundRequest};
+pub use message::{Request, Response};

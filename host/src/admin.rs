@@ -1,0 +1,85 @@
+//! The admin listener (loopback by default): health, readiness, loaded components.
+
+use crate::http::{json_error, Resp};
+use crate::platform::Platform;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+pub async fn serve(listener: TcpListener, platform: Arc<Platform>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let platform = platform.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let resp = route(&platform, req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn json(status: StatusCode, value: Value) -> Resp {
+    let mut resp = hyper::Response::new(Full::new(Bytes::from(value.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn route(platform: &Platform, method: &Method, path: &str) -> Resp {
+    match (method, path) {
+        (&Method::GET, "/healthz") => json(StatusCode::OK, json!({ "status": "ok" })),
+        (&Method::GET, "/readyz") => {
+            let ready = platform.is_ready();
+            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            json(
+                status,
+                json!({
+                    "ready": ready,
+                    "messaging": platform.backend.describe(),
+                    "outbox_depth": platform.outbox.depth().ok(),
+                }),
+            )
+        }
+        (&Method::GET, "/components") => json(StatusCode::OK, components(platform)),
+        (_, "/healthz" | "/readyz" | "/components") => {
+            json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => json_error(StatusCode::NOT_FOUND, "no such admin route"),
+    }
+}
+
+fn components(platform: &Platform) -> Value {
+    let list: Vec<Value> = platform
+        .services()
+        .iter()
+        .map(|s| {
+            let loaded = s.loaded.load();
+            json!({
+                "name": &*s.name,
+                "port": s.spec.port,
+                "path": loaded.path.display().to_string(),
+                "sha256": loaded.sha256,
+                "loaded_at": humantime::format_rfc3339_millis(loaded.loaded_at).to_string(),
+                "calls": s.spec.calls,
+                "subscribes": s.spec.subscribes,
+                "produces": s.spec.produces,
+            })
+        })
+        .collect();
+    Value::Array(list)
+}

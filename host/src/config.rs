@@ -1,0 +1,207 @@
+//! Command-line and environment configuration, and the table of services the host runs.
+
+use anyhow::{bail, Context as _, Result};
+use clap::Parser;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Runs the gateway, user, product and order services as WebAssembly components in one process.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "host", version)]
+pub struct Args {
+    /// Directory holding gateway.wasm, user.wasm, product.wasm and order.wasm.
+    #[arg(long, env = "COMPONENTS_DIR", default_value = "build/components")]
+    pub components_dir: PathBuf,
+
+    /// Address the four service ports bind to.
+    #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1")]
+    pub bind_addr: IpAddr,
+
+    /// Port of the API gateway (0 = any free port).
+    #[arg(long, env = "GATEWAY_PORT", default_value_t = 3000)]
+    pub gateway_port: u16,
+
+    /// Port of user-service (0 = any free port).
+    #[arg(long, env = "USER_PORT", default_value_t = 3001)]
+    pub user_port: u16,
+
+    /// Port of product-service (0 = any free port).
+    #[arg(long, env = "PRODUCT_PORT", default_value_t = 3002)]
+    pub product_port: u16,
+
+    /// Port of order-service (0 = any free port).
+    #[arg(long, env = "ORDER_PORT", default_value_t = 3003)]
+    pub order_port: u16,
+
+    /// Address of the admin listener (/healthz, /readyz, /components). Keep it on loopback.
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:3999")]
+    pub admin_addr: SocketAddr,
+
+    /// Directory of the durable state (users, products, orders, caches, outbox, embedded log).
+    #[arg(long, env = "DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// Directory of precompiled components, keyed by content digest, reused across restarts.
+    #[arg(long, env = "COMPILE_CACHE", default_value = "build/compile-cache")]
+    pub compile_cache: PathBuf,
+
+    /// Keep all state in memory instead of DATA_DIR (lost at exit; for tests and demos).
+    #[arg(long, env = "STATE_IN_MEMORY")]
+    pub in_memory: bool,
+
+    /// Which services each service may call, as `caller=callee,callee;caller=...`.
+    #[arg(
+        long,
+        env = "OUTBOUND_ALLOW",
+        default_value = "gateway=user,product,order;order=product"
+    )]
+    pub outbound_allow: String,
+
+    /// Component instances that may exist at once (pooling allocator slots).
+    #[arg(long, env = "MAX_INSTANCES", default_value_t = 512)]
+    pub max_instances: u32,
+
+    /// Longest a service-to-service call may take before the caller sees a timeout.
+    #[arg(long, env = "OUTBOUND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub outbound_timeout: Duration,
+
+    /// Testing aid: delay every call into a service, as `service=duration,...` (e.g. `user=200ms`).
+    #[arg(long, env = "INJECT_LATENCY", default_value = "")]
+    pub inject_latency: String,
+
+    /// Attempts at handling one message before it is dead-lettered to `<topic>.dlq`.
+    #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value_t = 5)]
+    pub retry_max_attempts: u32,
+
+    /// Backoff after the first failed attempt; doubles per attempt up to RETRY_BACKOFF_MAX.
+    #[arg(long, env = "RETRY_BACKOFF", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+
+    /// Upper bound of the retry backoff.
+    #[arg(long, env = "RETRY_BACKOFF_MAX", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub retry_backoff_max: Duration,
+}
+
+/// One service the host runs: where its component is, what it may do.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub name: &'static str,
+    pub port: u16,
+    pub file: PathBuf,
+    /// Services it may call over `http://<name>-service/`.
+    pub calls: Vec<String>,
+    /// Topics its `handler` export receives, and its consumer group.
+    pub subscribes: Vec<String>,
+    pub group: String,
+    /// Topics `producer::send` accepts from it.
+    pub produces: Vec<String>,
+    /// Injected delay before each in-process call into it (testing aid).
+    pub latency: Option<Duration>,
+}
+
+pub const SERVICES: [&str; 4] = ["gateway", "user", "product", "order"];
+pub const USER_CREATED: &str = "user-created";
+
+impl Args {
+    pub fn services(&self) -> Result<Vec<ServiceSpec>> {
+        let mut allow = parse_allow(&self.outbound_allow)?;
+        let mut latency = parse_latency(&self.inject_latency)?;
+        let port = |name: &str| match name {
+            "gateway" => self.gateway_port,
+            "user" => self.user_port,
+            "product" => self.product_port,
+            _ => self.order_port,
+        };
+        Ok(SERVICES
+            .iter()
+            .map(|&name| ServiceSpec {
+                name,
+                port: port(name),
+                file: self.components_dir.join(format!("{name}.wasm")),
+                calls: allow.remove(name).unwrap_or_default(),
+                subscribes: match name {
+                    "order" => vec![USER_CREATED.to_string()],
+                    _ => vec![],
+                },
+                group: format!("{name}-service"),
+                produces: match name {
+                    "user" => vec![USER_CREATED.to_string()],
+                    _ => vec![],
+                },
+                latency: latency.remove(name),
+            })
+            .collect())
+    }
+}
+
+fn parse_allow(spec: &str) -> Result<BTreeMap<String, Vec<String>>> {
+    let mut out = BTreeMap::new();
+    for rule in spec.split(';').map(str::trim).filter(|r| !r.is_empty()) {
+        let (caller, callees) = rule
+            .split_once('=')
+            .with_context(|| format!("OUTBOUND_ALLOW rule {rule:?} is not caller=callee,..."))?;
+        let callees: Vec<String> = callees
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect();
+        for name in std::iter::once(caller.trim()).chain(callees.iter().map(String::as_str)) {
+            if !SERVICES.contains(&name) {
+                bail!("OUTBOUND_ALLOW names unknown service {name:?} (known: {SERVICES:?})");
+            }
+        }
+        out.insert(caller.trim().to_string(), callees);
+    }
+    Ok(out)
+}
+
+fn parse_latency(spec: &str) -> Result<BTreeMap<String, Duration>> {
+    let mut out = BTreeMap::new();
+    for rule in spec.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+        let (name, delay) = rule
+            .split_once('=')
+            .with_context(|| format!("INJECT_LATENCY rule {rule:?} is not service=duration"))?;
+        if !SERVICES.contains(&name) {
+            bail!("INJECT_LATENCY names unknown service {name:?}");
+        }
+        let delay = humantime::parse_duration(delay)
+            .with_context(|| format!("INJECT_LATENCY duration {delay:?}"))?;
+        out.insert(name.to_string(), delay);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_allowlist_matches_the_seed() {
+        let args = Args::parse_from(["host"]);
+        let services = args.services().unwrap();
+        let calls = |n: &str| services.iter().find(|s| s.name == n).unwrap().calls.clone();
+        assert_eq!(calls("gateway"), ["user", "product", "order"]);
+        assert_eq!(calls("order"), ["product"]);
+        assert!(calls("user").is_empty());
+        assert_eq!(services[0].file, PathBuf::from("build/components/gateway.wasm"));
+    }
+
+    #[test]
+    fn allowlist_rejects_unknown_services() {
+        assert!(parse_allow("gateway=user,billing").is_err());
+        assert!(parse_allow("gateway").is_err());
+        assert_eq!(parse_allow("").unwrap().len(), 0);
+    }
+
+    #[test]
+    fn latency_rules_parse() {
+        let l = parse_latency("user=200ms, product=1s").unwrap();
+        assert_eq!(l["user"], Duration::from_millis(200));
+        assert_eq!(l["product"], Duration::from_secs(1));
+        assert!(parse_latency("user=soon").is_err());
+        assert!(parse_latency("billing=1s").is_err());
+    }
+}

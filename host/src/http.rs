@@ -1,0 +1,225 @@
+//! `wasi:http`: the service listeners, in-process calls between services, request limits.
+
+use crate::invocation::{self, HttpRequest};
+use crate::platform::Platform;
+use crate::registry::Service;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
+
+pub type Resp = hyper::Response<Full<Bytes>>;
+
+/// Largest request body a service accepts; larger ones get 413 before they are read.
+pub const MAX_BODY: usize = 1 << 20;
+pub const REQUEST_ID: &str = "x-request-id";
+/// Services are addressed by other services as `http://<name>-service/...`.
+const HOST_SUFFIX: &str = "-service";
+
+pub fn json_error(status: StatusCode, message: &str) -> Resp {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// The caller's `x-request-id` if it is sane, else a new one unique to this process.
+pub fn request_id(headers: &hyper::HeaderMap) -> String {
+    static PREFIX: LazyLock<String> = LazyLock::new(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        format!("{:08x}", (nanos as u64 ^ (std::process::id() as u64) << 32) as u32)
+    });
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    if let Some(id) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
+            return id.to_string();
+        }
+    }
+    format!("{}-{:x}", *PREFIX, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Accepts connections on a service's port forever.
+pub async fn serve(listener: TcpListener, platform: Arc<Platform>, service: Arc<Service>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(service = %service.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (platform, service) = (platform.clone(), service.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let (platform, service) = (platform.clone(), service.clone());
+                async move { Ok::<_, Infallible>(handle(&platform, &service, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .max_headers(100)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(platform: &Arc<Platform>, service: &Arc<Service>, req: Request<Incoming>) -> Resp {
+    let rid = request_id(req.headers());
+    let (mut parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut resp = if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        json_error(StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than 1 MiB")
+    } else {
+        match Limited::new(body, MAX_BODY).collect().await {
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                json_error(StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than 1 MiB")
+            }
+            Err(_) => json_error(StatusCode::BAD_REQUEST, "could not read the request body"),
+            Ok(collected) => {
+                parts
+                    .headers
+                    .insert(REQUEST_ID, HeaderValue::from_str(&rid).expect("sanitized id"));
+                let req = HttpRequest {
+                    method: parts.method,
+                    uri: parts.uri,
+                    headers: parts.headers,
+                    body: collected.to_bytes(),
+                };
+                invocation::http(platform, service, req, &rid).await
+            }
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// `wasi:http/outgoing-handler` for a component: calls to `http://<name>-service/` run the
+/// named service in this process, if the caller may call it. Nothing else is reachable.
+pub struct Outbound {
+    platform: Arc<Platform>,
+    caller: Arc<Service>,
+    request_id: String,
+}
+
+impl Outbound {
+    pub fn new(platform: Arc<Platform>, caller: Arc<Service>, request_id: String) -> Outbound {
+        Outbound {
+            platform,
+            caller,
+            request_id,
+        }
+    }
+
+    fn resolve(&self, uri: &hyper::Uri) -> Result<Arc<Service>, HttpError> {
+        let host = uri.host().unwrap_or_default();
+        let target = host
+            .strip_suffix(HOST_SUFFIX)
+            .and_then(|name| self.platform.service(name));
+        let Some(target) = target else {
+            tracing::warn!(caller = %self.caller.name, destination = host, request_id = %self.request_id, "outbound call to an unknown destination refused");
+            return Err(HttpError::DestinationNotFound);
+        };
+        if !self.caller.spec.calls.iter().any(|c| **c == *target.name) {
+            tracing::warn!(caller = %self.caller.name, destination = host, request_id = %self.request_id, "outbound call not in the caller's allowlist refused");
+            return Err(HttpError::HttpRequestDenied);
+        }
+        Ok(target.clone())
+    }
+}
+
+type Sent = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
+
+impl WasiHttpHooks for Outbound {
+    fn send_request(
+        &mut self,
+        request: hyper::Request<WasiBody>,
+        _options: Option<RequestOptions>,
+        _fut: Sent,
+    ) -> Box<dyn Future<Output = Result<(hyper::Response<WasiBody>, Sent), HttpError>> + Send> {
+        let target = self.resolve(request.uri());
+        let platform = self.platform.clone();
+        let rid = self.request_id.clone();
+        Box::new(async move {
+            let target = target?;
+            if let Some(delay) = target.spec.latency {
+                tokio::time::sleep(delay).await;
+            }
+            let (mut parts, body) = request.into_parts();
+            let body = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|_| HttpError::HttpRequestBodySize(None))?
+                .to_bytes();
+            if let Ok(v) = HeaderValue::from_str(&rid) {
+                parts.headers.insert(REQUEST_ID, v);
+            }
+            let req = HttpRequest {
+                method: parts.method,
+                uri: parts.uri,
+                headers: parts.headers,
+                body,
+            };
+            let call = Box::pin(invocation::http(&platform, &target, req, &rid));
+            let resp = tokio::time::timeout(platform.outbound_timeout, call)
+                .await
+                .map_err(|_| HttpError::ConnectionReadTimeout)?;
+            let resp = resp.map(|b| b.map_err(HttpError::from).boxed_unsync());
+            Ok((resp, Box::new(async { Ok(()) }) as Sent))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_generated_otherwise() {
+        let mut h = hyper::HeaderMap::new();
+        let a = request_id(&h);
+        let b = request_id(&h);
+        assert_ne!(a, b);
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h), "has space");
+    }
+
+    #[tokio::test]
+    async fn json_errors_are_json() {
+        let resp = json_error(StatusCode::NOT_FOUND, "no \"such\" thing");
+        assert_eq!(resp.status(), 404);
+        assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "no \"such\" thing");
+    }
+}

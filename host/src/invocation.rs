@@ -1,0 +1,254 @@
+//! One invocation of a component: a fresh store, the guest call, then commit or roll back.
+//!
+//! Used for HTTP requests (from a listener or from another service in-process) and for
+//! delivered messages. The store and its transaction live exactly as long as the call.
+
+use crate::bindings::{self, HandleError};
+use crate::http::{json_error, Outbound, Resp};
+use crate::messaging::{Delivery, ProducerView};
+use crate::platform::Platform;
+use crate::registry::{Loaded, Service};
+use crate::state::{CommitError, StateView, Txn};
+use anyhow::{anyhow, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::StatusCode;
+use std::sync::Arc;
+use wasmtime::component::ResourceTable;
+use wasmtime::Store;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+/// Re-runs after a commit conflict before the client is told to retry.
+const MAX_CONFLICT_RETRIES: usize = 64;
+
+/// The data of one invocation's store.
+pub struct Ctx {
+    table: ResourceTable,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    outbound: Outbound,
+    platform: Arc<Platform>,
+    service: Arc<Service>,
+    request_id: String,
+    pub txn: Txn,
+}
+
+impl WasiView for Ctx {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for Ctx {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.outbound,
+        }
+    }
+}
+
+impl Ctx {
+    pub fn state(&mut self) -> StateView<'_> {
+        StateView {
+            db: &self.platform.db,
+            txn: &mut self.txn,
+        }
+    }
+
+    pub fn producer(&mut self) -> ProducerView<'_> {
+        ProducerView {
+            txn: &mut self.txn,
+            allowed_topics: &self.service.spec.produces,
+            request_id: &self.request_id,
+        }
+    }
+}
+
+fn new_store(platform: &Arc<Platform>, service: &Arc<Service>, request_id: &str) -> Store<Ctx> {
+    let ctx = Ctx {
+        table: ResourceTable::new(),
+        // No preopens, no environment, no sockets: a component reaches the world only
+        // through wasi:http (to the services it may call) and the platform interfaces.
+        wasi: WasiCtx::builder().inherit_stderr().build(),
+        http: WasiHttpCtx::new(),
+        outbound: Outbound::new(platform.clone(), service.clone(), request_id.to_string()),
+        platform: platform.clone(),
+        service: service.clone(),
+        request_id: request_id.to_string(),
+        txn: Txn::new(service.name.clone()),
+    };
+    let mut store = Store::new(&platform.engine, ctx);
+    // Yield to the executor at every epoch tick so a busy guest cannot hog a worker thread.
+    store.epoch_deadline_async_yield_and_update(1);
+    store
+}
+
+/// A buffered HTTP request: buffering lets a conflicting invocation run again.
+#[derive(Clone)]
+pub struct HttpRequest {
+    pub method: hyper::Method,
+    pub uri: hyper::Uri,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+/// Serves one HTTP request with `service`'s current component. Never fails: errors become
+/// JSON error responses.
+pub async fn http(
+    platform: &Arc<Platform>,
+    service: &Arc<Service>,
+    req: HttpRequest,
+    request_id: &str,
+) -> Resp {
+    for _ in 0..MAX_CONFLICT_RETRIES {
+        let loaded = service.loaded.load_full();
+        let mut store = new_store(platform, service, request_id);
+        let (called, response) = call_http(&mut store, &loaded, &req).await;
+        let txn = std::mem::take(&mut store.data_mut().txn);
+        drop(store); // releases the response sender if the guest never used it
+        let outcome = match called {
+            Ok(()) => response
+                .await
+                .unwrap_or_else(|e| Err(anyhow!("response collector failed: {e}"))),
+            Err(e) => Err(e),
+        };
+        let resp = match outcome {
+            Ok(resp) => resp,
+            Err(e) => {
+                let cause = e.root_cause().to_string();
+                tracing::error!(service = %service.name, request_id, error = %format!("{e:#}"), "component failed; its writes were rolled back");
+                return json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("{}-service failed: {cause}", service.name),
+                );
+            }
+        };
+        if resp.status().is_server_error() {
+            return resp; // the service reported a failure: nothing it wrote or sent is kept
+        }
+        match platform.commit(txn).await {
+            Ok(()) => return resp,
+            Err(CommitError::Conflict) => continue,
+            Err(CommitError::Storage(e)) => {
+                tracing::error!(service = %service.name, request_id, error = %format!("{e:#}"), "commit failed");
+                return json_error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable");
+            }
+        }
+    }
+    let mut resp = json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many conflicting concurrent updates; retry",
+    );
+    resp.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, "1".parse().unwrap());
+    resp
+}
+
+type Collected = tokio::task::JoinHandle<Result<Resp>>;
+
+/// Runs the guest's `handle`. The response is collected by a separate task while the guest
+/// writes it, and is released only after the caller decided to commit.
+async fn call_http(store: &mut Store<Ctx>, loaded: &Loaded, req: &HttpRequest) -> (Result<()>, Collected) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<
+        Result<hyper::Response<HyperOutgoingBody>, ErrorCode>,
+    >();
+    let collector = tokio::spawn(async move {
+        let resp = match rx.await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(code)) => return Err(anyhow!("component answered with error {code:?}")),
+            Err(_) => return Err(anyhow!("component did not send a response")),
+        };
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| anyhow!("component's response body failed: {e:?}"))?
+            .to_bytes();
+        Ok(hyper::Response::from_parts(parts, Full::new(body)))
+    });
+    let called = async {
+        let mut builder = hyper::Request::builder()
+            .method(req.method.clone())
+            .uri(req.uri.clone());
+        *builder.headers_mut().unwrap() = req.headers.clone();
+        let request = builder.body(Full::new(req.body.clone()))?;
+        let incoming = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
+        let out = store.data_mut().http().new_response_outparam(tx)?;
+        let proxy = loaded.proxy.instantiate_async(&mut *store).await?;
+        proxy
+            .wasi_http_incoming_handler()
+            .call_handle(&mut *store, incoming, out)
+            .await?;
+        Ok(())
+    }
+    .await;
+    (called, collector)
+}
+
+/// How a delivered message ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Handled {
+    Done,
+    Retry(String),
+    Reject(String),
+}
+
+/// Hands one message to `service`'s `handler` export and commits its writes if it succeeded.
+pub async fn message(
+    platform: &Arc<Platform>,
+    service: &Arc<Service>,
+    delivery: &Delivery,
+    attempt: u32,
+) -> Handled {
+    let request_id = delivery
+        .message
+        .header("x-request-id")
+        .map(String::from)
+        .unwrap_or_else(|| format!("{}-{}-{}", delivery.message.topic, delivery.partition, delivery.offset));
+    let arg = bindings::Delivery {
+        message: bindings::producer::Message {
+            topic: delivery.message.topic.clone(),
+            key: delivery.message.key.clone(),
+            payload: delivery.message.payload.clone(),
+            headers: delivery.message.headers.clone(),
+        },
+        partition: delivery.partition,
+        offset: delivery.offset,
+        attempt,
+    };
+    loop {
+        let loaded = service.loaded.load_full();
+        let Some(pre) = loaded.subscriber.as_ref() else {
+            return Handled::Reject(format!("{} does not export a message handler", service.name));
+        };
+        let mut store = new_store(platform, service, &request_id);
+        let called: Result<Result<(), HandleError>> = async {
+            let sub = pre.instantiate_async(&mut store).await?;
+            Ok(sub
+                .microsvc_platform_handler()
+                .call_handle(&mut store, &arg)
+                .await?)
+        }
+        .await;
+        let txn = std::mem::take(&mut store.data_mut().txn);
+        drop(store);
+        match called {
+            Err(e) => return Handled::Retry(format!("trap: {}", e.root_cause())),
+            Ok(Err(HandleError::Retry(m))) => return Handled::Retry(m),
+            Ok(Err(HandleError::Reject(m))) => return Handled::Reject(m),
+            Ok(Ok(())) => match platform.commit(txn).await {
+                Ok(()) => return Handled::Done,
+                Err(CommitError::Conflict) => continue,
+                Err(CommitError::Storage(e)) => return Handled::Retry(format!("commit failed: {e:#}")),
+            },
+        }
+    }
+}

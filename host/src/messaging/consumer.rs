@@ -1,0 +1,98 @@
+//! The consumer loop: records of a subscribed topic into a service's `handler` export.
+//!
+//! At-least-once: a record's offset is committed only after the handler returned ok and its
+//! writes committed, or after the record went to the dead-letter topic.
+
+use super::{dlq_topic, Delivery, Message, Subscription};
+use crate::invocation::{self, Handled};
+use crate::platform::Platform;
+use crate::registry::Service;
+use anyhow::Result;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub async fn run(platform: Arc<Platform>, service: Arc<Service>, topic: String) {
+    loop {
+        let group = &service.spec.group;
+        match platform.backend.subscribe(group, &topic).await {
+            Ok(mut sub) => {
+                tracing::info!(service = %service.name, topic, group, "consuming");
+                if let Err(e) = consume(&platform, &service, sub.as_mut()).await {
+                    tracing::warn!(service = %service.name, topic, error = %format!("{e:#}"), "consumer stopped; resubscribing");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(service = %service.name, topic, error = %format!("{e:#}"), "subscribe failed")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn consume(platform: &Arc<Platform>, service: &Arc<Service>, sub: &mut dyn Subscription) -> Result<()> {
+    let policy = &platform.retry;
+    loop {
+        let delivery = sub.next().await?;
+        let mut attempt = 1;
+        let failure = loop {
+            match invocation::message(platform, service, &delivery, attempt).await {
+                Handled::Done => break None,
+                Handled::Reject(why) => break Some(why),
+                Handled::Retry(why) if attempt >= policy.max_attempts => break Some(why),
+                Handled::Retry(why) => {
+                    let wait = policy.backoff(attempt);
+                    tracing::warn!(
+                        service = %service.name,
+                        topic = %delivery.message.topic,
+                        offset = delivery.offset,
+                        attempt,
+                        retry_in = ?wait,
+                        error = %why,
+                        "handler failed"
+                    );
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+            }
+        };
+        if let Some(why) = failure {
+            dead_letter(platform, service, &delivery, &why, attempt).await?;
+        }
+        sub.commit(&delivery).await?;
+    }
+}
+
+async fn dead_letter(
+    platform: &Platform,
+    service: &Service,
+    delivery: &Delivery,
+    why: &str,
+    attempts: u32,
+) -> Result<()> {
+    let original = &delivery.message;
+    let mut headers = original.headers.clone();
+    headers.extend([
+        ("dlq-error".to_string(), why.to_string()),
+        ("dlq-attempts".to_string(), attempts.to_string()),
+        ("dlq-topic".to_string(), original.topic.clone()),
+        ("dlq-partition".to_string(), delivery.partition.to_string()),
+        ("dlq-offset".to_string(), delivery.offset.to_string()),
+        ("dlq-service".to_string(), service.name.to_string()),
+    ]);
+    let record = Message {
+        topic: dlq_topic(&original.topic),
+        key: original.key.clone(),
+        payload: original.payload.clone(),
+        headers,
+    };
+    platform.backend.publish(&[record]).await?;
+    tracing::error!(
+        service = %service.name,
+        topic = %original.topic,
+        offset = delivery.offset,
+        attempts,
+        error = %why,
+        "message dead-lettered to {}", dlq_topic(&original.topic)
+    );
+    Ok(())
+}

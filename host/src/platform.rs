@@ -1,0 +1,140 @@
+//! The shared host: engine, linked capabilities, services, state and messaging, wired together.
+
+use crate::config::Args;
+use crate::invocation::Ctx;
+use crate::messaging::{embedded::Embedded, Backend, Outbox, RetryPolicy};
+use crate::registry::{self, Service};
+use crate::state::{CommitError, Db, Txn};
+use crate::{admin, http, messaging};
+use anyhow::{Context as _, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use wasmtime::component::Linker;
+use wasmtime::Engine;
+
+pub struct Platform {
+    pub engine: Engine,
+    pub linker: Linker<Ctx>,
+    pub db: Db,
+    pub outbox: Outbox,
+    pub backend: Arc<dyn Backend>,
+    /// Set once every component is loaded; the admin listener runs before that.
+    pub services: OnceLock<Vec<Arc<Service>>>,
+    pub ready: AtomicBool,
+    pub outbound_timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl Platform {
+    pub fn services(&self) -> &[Arc<Service>] {
+        self.services.get().map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services().iter().find(|s| &*s.name == name)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Commits an invocation and wakes the outbox drainer if it sent messages.
+    pub async fn commit(&self, txn: Txn) -> Result<(), CommitError> {
+        let sent = !txn.outbox.is_empty();
+        self.db.commit(txn).await?;
+        if sent {
+            self.outbox.poke();
+        }
+        Ok(())
+    }
+}
+
+/// Starts everything and serves until Ctrl-C or SIGTERM.
+pub async fn run(args: Args) -> Result<()> {
+    let specs = args.services()?;
+    let db = if args.in_memory {
+        Db::in_memory()?
+    } else {
+        Db::open(&args.data_dir)?
+    };
+    let engine = registry::engine(args.max_instances)?;
+    let linker = registry::linker(&engine)?;
+    let backend: Arc<dyn Backend> = Arc::new(Embedded::new(db.clone()));
+    tracing::info!(backend = %backend.describe(), "messaging backend");
+    let platform = Arc::new(Platform {
+        engine,
+        linker,
+        outbox: Outbox::new(db.clone()),
+        db,
+        backend,
+        services: OnceLock::new(),
+        ready: AtomicBool::new(false),
+        outbound_timeout: args.outbound_timeout,
+        retry: RetryPolicy {
+            max_attempts: args.retry_max_attempts.max(1),
+            base: args.retry_backoff,
+            max: args.retry_backoff_max,
+        },
+    });
+
+    let admin_listener = TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding admin listener {}", args.admin_addr))?;
+    tracing::info!(addr = %admin_listener.local_addr()?, "admin listening");
+    tokio::spawn(admin::serve(admin_listener, platform.clone()));
+
+    // Bind every port before the slow part so a port in use fails the start at once.
+    let mut listeners = Vec::new();
+    let mut services = Vec::new();
+    for mut spec in specs {
+        let addr = (args.bind_addr, spec.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {} port {}", spec.name, spec.port))?;
+        spec.port = listener.local_addr()?.port();
+        let loaded = registry::load(&platform.engine, &platform.linker, &spec, &args.compile_cache)
+            .await
+            .with_context(|| format!("loading the {} component", spec.name))?;
+        tracing::info!(
+            service = spec.name,
+            port = spec.port,
+            path = %loaded.path.display(),
+            sha256 = %loaded.sha256,
+            "component loaded"
+        );
+        services.push(Arc::new(Service::new(spec, loaded)));
+        listeners.push(listener);
+    }
+    let _ = platform.services.set(services);
+
+    tokio::spawn(platform.outbox.clone().drain(platform.backend.clone()));
+    for service in platform.services() {
+        for topic in &service.spec.subscribes {
+            tokio::spawn(messaging::consumer::run(
+                platform.clone(),
+                service.clone(),
+                topic.clone(),
+            ));
+        }
+    }
+    for (listener, service) in listeners.into_iter().zip(platform.services()) {
+        tokio::spawn(http::serve(listener, platform.clone(), service.clone()));
+    }
+    platform.ready.store(true, Ordering::Release);
+    tracing::info!("ready");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,168 @@
+//! Loaded components: the engine, compiling and pre-instantiating each service's file.
+
+use crate::bindings::{self, SubscriberPre};
+use crate::config::ServiceSpec;
+use crate::invocation::Ctx;
+use anyhow::{Context as _, Result};
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+/// Largest linear memory one instance may grow to.
+const MAX_MEMORY: usize = 64 << 20;
+/// How often the epoch advances: the granularity at which running guests yield.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// One engine for all services, with instance slots reserved up front (pooling allocator) so
+/// that a fresh instance per request costs a few microseconds.
+pub fn engine(max_instances: u32) -> Result<Engine> {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(max_instances)
+        // A Rust component is a handful of core modules; only the main one has a memory.
+        .total_core_instances(max_instances * 8)
+        .total_memories(max_instances)
+        .total_tables(max_instances * 8)
+        .total_stacks(max_instances)
+        .max_memory_size(MAX_MEMORY);
+    let mut config = Config::new();
+    config
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .epoch_interruption(true);
+    let engine = Engine::new(&config)?;
+    // One ticker per engine, never per request.
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("epoch-ticker".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })?;
+    Ok(engine)
+}
+
+/// Everything a service's store needs from the host, linked once.
+pub fn linker(engine: &Engine) -> Result<Linker<Ctx>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    bindings::state::add_to_linker::<Ctx, crate::state::StateData>(&mut linker, Ctx::state)?;
+    bindings::producer::add_to_linker::<Ctx, crate::messaging::ProducerData>(
+        &mut linker,
+        Ctx::producer,
+    )?;
+    Ok(linker)
+}
+
+/// A component ready to be instantiated per request.
+pub struct Loaded {
+    pub proxy: ProxyPre<Ctx>,
+    pub subscriber: Option<SubscriberPre<Ctx>>,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub loaded_at: SystemTime,
+}
+
+pub struct Service {
+    pub spec: ServiceSpec,
+    /// Cheap to read on every request; replaced as a whole when the component changes.
+    pub loaded: ArcSwap<Loaded>,
+    pub name: Arc<str>,
+}
+
+impl Service {
+    pub fn new(spec: ServiceSpec, loaded: Loaded) -> Service {
+        Service {
+            name: spec.name.into(),
+            spec,
+            loaded: ArcSwap::from_pointee(loaded),
+        }
+    }
+}
+
+/// Reads, compiles (off the async workers) and pre-instantiates `spec`'s component, checking
+/// that it exports what the service needs.
+pub async fn load(
+    engine: &Engine,
+    linker: &Linker<Ctx>,
+    spec: &ServiceSpec,
+    cache_dir: &Path,
+) -> Result<Loaded> {
+    let path = spec.file.clone();
+    let bytes = tokio::fs::read(&path)
+        .await
+        .with_context(|| format!("reading {}", path.display()))?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let (engine2, sha, cache) = (engine.clone(), sha256.clone(), cache_dir.to_path_buf());
+    let component = tokio::task::spawn_blocking(move || compile_cached(&engine2, &bytes, &sha, &cache))
+        .await?
+        .with_context(|| format!("{} is not a valid component", path.display()))?;
+    let pre = linker
+        .instantiate_pre(&component)
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("{} imports something the host does not provide", path.display()))?;
+    let proxy = ProxyPre::new(pre.clone())
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("{} does not export wasi:http/incoming-handler", path.display()))?;
+    let subscriber = if spec.subscribes.is_empty() {
+        None
+    } else {
+        Some(
+            SubscriberPre::new(pre)
+                .map_err(anyhow::Error::from)
+                .with_context(|| {
+                    format!(
+                        "{} subscribes to {:?} but {} does not export microsvc:platform/handler",
+                        spec.name,
+                        spec.subscribes,
+                        path.display()
+                    )
+                })?,
+        )
+    };
+    Ok(Loaded {
+        proxy,
+        subscriber,
+        path,
+        sha256,
+        loaded_at: SystemTime::now(),
+    })
+}
+
+/// Compiles `bytes`, or loads the machine code compiled earlier for the same digest and the
+/// same engine settings. The cache holds only files this host wrote.
+fn compile_cached(engine: &Engine, bytes: &[u8], sha256: &str, dir: &Path) -> Result<Component> {
+    let mut h = DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    let file = dir.join(format!("{sha256}-{:016x}.cwasm", h.finish()));
+    if file.exists() {
+        // SAFETY: the file was produced by `precompile_component` of a compatible engine
+        // (its name carries the engine hash) and renamed into place only when complete.
+        match unsafe { Component::deserialize_file(engine, &file) } {
+            Ok(c) => return Ok(c),
+            Err(e) => tracing::warn!(file = %file.display(), error = %e, "ignoring unusable cache entry"),
+        }
+    }
+    let cwasm = engine.precompile_component(bytes).map_err(anyhow::Error::from)?;
+    if let Err(e) = write_atomically(dir, &file, &cwasm) {
+        tracing::warn!(dir = %dir.display(), error = %format!("{e:#}"), "could not cache compiled component");
+    }
+    // SAFETY: produced just now by this engine.
+    Ok(unsafe { Component::deserialize(engine, &cwasm) }.map_err(anyhow::Error::from)?)
+}
+
+fn write_atomically(dir: &Path, file: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.{}.tmp", std::process::id(), file.file_name().unwrap_or_default().to_string_lossy()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, file)?;
+    Ok(())
+}

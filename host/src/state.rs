@@ -1,0 +1,373 @@
+//! `microsvc:platform/state`: key-value buckets owned by the host, one transaction per invocation.
+//!
+//! An invocation (one HTTP request or one delivered message) reads through to the store and
+//! buffers its writes and outgoing messages in a [`Txn`]. When it succeeds the host commits
+//! everything at once with optimistic validation: if anything the invocation read changed in
+//! the meantime, the commit is refused with [`CommitError::Conflict`] and the invocation is run
+//! again. Components are stateless and request bodies are buffered, so re-running is safe and
+//! gives serializable behaviour (no duplicate ids, no duplicate emails) without holding a lock
+//! while guest code runs.
+
+use crate::bindings::state::{self as wit, Error as WitError};
+use crate::messaging::{outbox, Message};
+use anyhow::{Context as _, Result};
+use redb::{Database, ReadableTable, TableDefinition};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// (service, bucket, key) -> value. The service part is set by the host, never by the guest.
+const KV: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("kv");
+const MAX_NAME: usize = 256;
+pub const MAX_VALUE: usize = 1 << 20;
+
+/// The embedded store every durable piece of the host lives in (state, outbox, embedded log).
+#[derive(Clone)]
+pub struct Db(Arc<Database>);
+
+impl Db {
+    pub fn open(dir: &Path) -> Result<Db> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+        let path = dir.join("state.redb");
+        let db = Database::create(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Db(Arc::new(db)))
+    }
+
+    /// Same layout, nothing on disk: for tests and throwaway runs.
+    pub fn in_memory() -> Result<Db> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Ok(Db(Arc::new(db)))
+    }
+
+    pub fn redb(&self) -> &Database {
+        &self.0
+    }
+
+    fn read_value(&self, service: &str, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let rtx = self.0.begin_read()?;
+        let table = match rtx.open_table(KV) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get((service, bucket, key))?.map(|v| v.value().to_vec()))
+    }
+
+    fn read_keys(&self, service: &str, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+        let rtx = self.0.begin_read()?;
+        match rtx.open_table(KV) {
+            Ok(table) => scan_keys(&table, service, bucket, prefix),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Commits an invocation's writes and messages atomically, or reports a conflict.
+    /// Blocking: call from `spawn_blocking`.
+    pub fn commit_blocking(&self, txn: &Txn) -> Result<(), CommitError> {
+        let wtx = self.0.begin_write().map_err(anyhow::Error::from)?;
+        {
+            let mut table = wtx.open_table(KV).map_err(anyhow::Error::from)?;
+            for (bucket, key, seen) in &txn.reads {
+                let now = table
+                    .get((&*txn.service, bucket.as_str(), key.as_str()))
+                    .map_err(anyhow::Error::from)?
+                    .map(|v| v.value().to_vec());
+                if now != *seen {
+                    return Err(CommitError::Conflict);
+                }
+            }
+            for (bucket, prefix, seen) in &txn.lists {
+                if scan_keys(&table, &txn.service, bucket, prefix)? != *seen {
+                    return Err(CommitError::Conflict);
+                }
+            }
+            for ((bucket, key), value) in &txn.writes {
+                let k = (&*txn.service, bucket.as_str(), key.as_str());
+                match value {
+                    Some(v) => table.insert(k, v.as_slice()),
+                    None => table.remove(k),
+                }
+                .map_err(anyhow::Error::from)?;
+            }
+        }
+        outbox::append(&wtx, &txn.outbox)?;
+        wtx.commit().map_err(anyhow::Error::from)?;
+        Ok(())
+    }
+
+    /// Async wrapper: redb commits fsync, which must not run on a request thread.
+    pub async fn commit(&self, txn: Txn) -> Result<(), CommitError> {
+        if txn.is_empty() {
+            return Ok(());
+        }
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || db.commit_blocking(&txn))
+            .await
+            .map_err(|e| CommitError::Storage(e.into()))?
+    }
+}
+
+fn scan_keys(
+    table: &impl ReadableTable<(&'static str, &'static str, &'static str), &'static [u8]>,
+    service: &str,
+    bucket: &str,
+    prefix: &str,
+) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    for entry in table.range((service, bucket, prefix)..)? {
+        let (k, _) = entry?;
+        let (s, b, key) = k.value();
+        if s != service || b != bucket || !key.starts_with(prefix) {
+            break;
+        }
+        keys.push(key.to_string());
+    }
+    Ok(keys)
+}
+
+#[derive(Debug)]
+pub enum CommitError {
+    /// Something this invocation read was changed by another one: run it again.
+    Conflict,
+    Storage(anyhow::Error),
+}
+
+impl From<anyhow::Error> for CommitError {
+    fn from(e: anyhow::Error) -> Self {
+        CommitError::Storage(e)
+    }
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitError::Conflict => write!(f, "conflicting concurrent update"),
+            CommitError::Storage(e) => write!(f, "storage error: {e:#}"),
+        }
+    }
+}
+
+/// What one invocation has read and written so far.
+#[derive(Default)]
+pub struct Txn {
+    service: Arc<str>,
+    reads: Vec<(String, String, Option<Vec<u8>>)>,
+    lists: Vec<(String, String, Vec<String>)>,
+    writes: BTreeMap<(String, String), Option<Vec<u8>>>,
+    pub outbox: Vec<Message>,
+}
+
+impl Txn {
+    pub fn new(service: Arc<str>) -> Txn {
+        Txn {
+            service,
+            ..Txn::default()
+        }
+    }
+
+    /// Nothing to commit: read-only invocations skip the write lock entirely.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.outbox.is_empty()
+    }
+}
+
+/// The view a component's `state` imports operate on.
+pub struct StateView<'a> {
+    pub db: &'a Db,
+    pub txn: &'a mut Txn,
+}
+
+pub struct StateData;
+impl wasmtime::component::HasData for StateData {
+    type Data<'a> = StateView<'a>;
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), WitError> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(WitError::InvalidName(format!(
+            "{what} must be 1..={MAX_NAME} bytes, got {}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+fn storage(e: anyhow::Error) -> WitError {
+    tracing::error!(error = %format!("{e:#}"), "state read failed");
+    WitError::Storage(format!("{e:#}"))
+}
+
+impl StateView<'_> {
+    fn get_value(&mut self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, WitError> {
+        check_name("bucket", bucket)?;
+        check_name("key", key)?;
+        if let Some(v) = self.txn.writes.get(&(bucket.to_string(), key.to_string())) {
+            return Ok(v.clone());
+        }
+        let value = self
+            .db
+            .read_value(&self.txn.service, bucket, key)
+            .map_err(storage)?;
+        self.txn
+            .reads
+            .push((bucket.to_string(), key.to_string(), value.clone()));
+        Ok(value)
+    }
+
+    fn put(&mut self, bucket: String, key: String, value: Option<Vec<u8>>) -> Result<(), WitError> {
+        check_name("bucket", &bucket)?;
+        check_name("key", &key)?;
+        if let Some(v) = &value {
+            if v.len() > MAX_VALUE {
+                return Err(WitError::ValueTooLarge(v.len() as u64));
+            }
+        }
+        self.txn.writes.insert((bucket, key), value);
+        Ok(())
+    }
+}
+
+impl wit::Host for StateView<'_> {
+    fn get(&mut self, bucket: String, key: String) -> Result<Option<Vec<u8>>, WitError> {
+        self.get_value(&bucket, &key)
+    }
+
+    fn set(&mut self, bucket: String, key: String, value: Vec<u8>) -> Result<(), WitError> {
+        self.put(bucket, key, Some(value))
+    }
+
+    fn delete(&mut self, bucket: String, key: String) -> Result<(), WitError> {
+        self.put(bucket, key, None)
+    }
+
+    fn list_keys(&mut self, bucket: String, prefix: String) -> Result<Vec<String>, WitError> {
+        check_name("bucket", &bucket)?;
+        let committed = self
+            .db
+            .read_keys(&self.txn.service, &bucket, &prefix)
+            .map_err(storage)?;
+        self.txn
+            .lists
+            .push((bucket.clone(), prefix.clone(), committed.clone()));
+        let mut keys: std::collections::BTreeSet<String> = committed.into_iter().collect();
+        for ((b, k), v) in &self.txn.writes {
+            if *b == bucket && k.starts_with(&prefix) {
+                match v {
+                    Some(_) => keys.insert(k.clone()),
+                    None => keys.remove(k),
+                };
+            }
+        }
+        Ok(keys.into_iter().collect())
+    }
+
+    fn increment(&mut self, bucket: String, key: String, delta: i64) -> Result<i64, WitError> {
+        let current = match self.get_value(&bucket, &key)? {
+            None => 0,
+            Some(bytes) => {
+                let arr: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
+                    WitError::NotACounter(format!("{bucket}/{key} holds {} bytes", bytes.len()))
+                })?;
+                i64::from_le_bytes(arr)
+            }
+        };
+        let next = current
+            .checked_add(delta)
+            .ok_or_else(|| WitError::NotACounter(format!("{bucket}/{key} would overflow")))?;
+        self.put(bucket, key, Some(next.to_le_bytes().to_vec()))?;
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bindings::state::Host;
+
+    fn view<'a>(db: &'a Db, txn: &'a mut Txn) -> StateView<'a> {
+        StateView { db, txn }
+    }
+
+    #[test]
+    fn writes_are_invisible_until_commit_and_visible_after() {
+        let db = Db::in_memory().unwrap();
+        let mut t1 = Txn::new("user".into());
+        view(&db, &mut t1).set("b".into(), "k".into(), b"v".to_vec()).unwrap();
+        assert_eq!(view(&db, &mut t1).get("b".into(), "k".into()).unwrap(), Some(b"v".to_vec()));
+        let mut t2 = Txn::new("user".into());
+        assert_eq!(view(&db, &mut t2).get("b".into(), "k".into()).unwrap(), None);
+        db.commit_blocking(&t1).unwrap();
+        let mut t3 = Txn::new("user".into());
+        assert_eq!(view(&db, &mut t3).get("b".into(), "k".into()).unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn buckets_are_scoped_per_service() {
+        let db = Db::in_memory().unwrap();
+        let mut t = Txn::new("user".into());
+        view(&db, &mut t).set("b".into(), "k".into(), b"secret".to_vec()).unwrap();
+        db.commit_blocking(&t).unwrap();
+        let mut other = Txn::new("order".into());
+        assert_eq!(view(&db, &mut other).get("b".into(), "k".into()).unwrap(), None);
+        assert!(view(&db, &mut other).list_keys("b".into(), "".into()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn racing_increments_conflict_instead_of_sharing_an_id() {
+        let db = Db::in_memory().unwrap();
+        let mut a = Txn::new("user".into());
+        let mut b = Txn::new("user".into());
+        assert_eq!(view(&db, &mut a).increment("m".into(), "id".into(), 1).unwrap(), 1);
+        assert_eq!(view(&db, &mut b).increment("m".into(), "id".into(), 1).unwrap(), 1);
+        db.commit_blocking(&a).unwrap();
+        assert!(matches!(db.commit_blocking(&b), Err(CommitError::Conflict)));
+        let mut c = Txn::new("user".into());
+        assert_eq!(view(&db, &mut c).increment("m".into(), "id".into(), 1).unwrap(), 2);
+    }
+
+    #[test]
+    fn list_keys_merges_own_writes_and_detects_phantoms() {
+        let db = Db::in_memory().unwrap();
+        let mut seed = Txn::new("s".into());
+        view(&db, &mut seed).set("b".into(), "a1".into(), vec![1]).unwrap();
+        view(&db, &mut seed).set("b".into(), "a2".into(), vec![2]).unwrap();
+        db.commit_blocking(&seed).unwrap();
+
+        let mut t = Txn::new("s".into());
+        view(&db, &mut t).delete("b".into(), "a1".into()).unwrap();
+        view(&db, &mut t).set("b".into(), "a3".into(), vec![3]).unwrap();
+        assert_eq!(view(&db, &mut t).list_keys("b".into(), "a".into()).unwrap(), vec!["a2", "a3"]);
+
+        let mut other = Txn::new("s".into());
+        view(&db, &mut other).set("b".into(), "a9".into(), vec![9]).unwrap();
+        db.commit_blocking(&other).unwrap();
+        assert!(matches!(db.commit_blocking(&t), Err(CommitError::Conflict)));
+    }
+
+    #[test]
+    fn bad_names_and_non_counters_are_errors_not_traps() {
+        let db = Db::in_memory().unwrap();
+        let mut t = Txn::new("s".into());
+        let mut v = view(&db, &mut t);
+        assert!(matches!(v.get("".into(), "k".into()), Err(WitError::InvalidName(_))));
+        v.set("b".into(), "k".into(), b"text".to_vec()).unwrap();
+        assert!(matches!(v.increment("b".into(), "k".into(), 1), Err(WitError::NotACounter(_))));
+        v.set("b".into(), "n".into(), i64::MAX.to_le_bytes().to_vec()).unwrap();
+        assert!(matches!(v.increment("b".into(), "n".into(), 1), Err(WitError::NotACounter(_))));
+    }
+
+    #[test]
+    fn committed_data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(dir.path()).unwrap();
+            let mut t = Txn::new("s".into());
+            view(&db, &mut t).set("b".into(), "k".into(), b"v".to_vec()).unwrap();
+            db.commit_blocking(&t).unwrap();
+        }
+        let db = Db::open(dir.path()).unwrap();
+        let mut t = Txn::new("s".into());
+        assert_eq!(view(&db, &mut t).get("b".into(), "k".into()).unwrap(), Some(b"v".to_vec()));
+    }
+}

@@ -1,0 +1,197 @@
+//! Starts the host on ephemeral ports with a temporary data dir, and talks to it.
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn components_dir() -> PathBuf {
+    let dir = std::env::var_os("COMPONENTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/components"));
+    assert!(
+        dir.join("gateway.wasm").exists(),
+        "no built components in {}: run `just build` first",
+        dir.display()
+    );
+    dir
+}
+
+pub struct Host {
+    child: Child,
+    pub admin: String,
+    pub ports: HashMap<String, u16>,
+    pub data: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub http: reqwest::Client,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub json: Value,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Host {
+    pub async fn start() -> Host {
+        Host::start_with(None, &[]).await
+    }
+
+    /// `data`: reuse a data dir (for restarts); `extra`: more command-line flags.
+    pub async fn start_with(data: Option<&Path>, extra: &[&str]) -> Host {
+        let (tmp, data) = match data {
+            Some(d) => (None, d.to_path_buf()),
+            None => {
+                let t = tempfile::tempdir().unwrap();
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let admin = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.join("host.log"))
+            .unwrap();
+        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("compile-cache");
+        let child = Command::new(env!("CARGO_BIN_EXE_host"))
+            .arg("--components-dir")
+            .arg(components_dir())
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--compile-cache")
+            .arg(cache)
+            .args(["--admin-addr", &admin, "--max-instances", "128"])
+            .args(["--gateway-port", "0", "--user-port", "0", "--product-port", "0", "--order-port", "0"])
+            .args(["--retry-backoff", "20ms", "--retry-backoff-max", "100ms"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("starting the host binary");
+        let mut host = Host {
+            child,
+            admin,
+            ports: HashMap::new(),
+            data,
+            _tmp: tmp,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        host.wait_ready().await;
+        let comps = host.admin_get("/components").await.json;
+        for c in comps.as_array().unwrap() {
+            host.ports.insert(
+                c["name"].as_str().unwrap().to_string(),
+                c["port"].as_u64().unwrap() as u16,
+            );
+        }
+        host
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("host exited with {status} during start-up; log:\n{}", self.log());
+            }
+            if let Ok(r) = self.http.get(format!("http://{}/readyz", self.admin)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "host not ready in time; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.join("host.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, service: &str, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports[service])
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        let r = self.http.get(format!("http://{}{path}", self.admin)).send().await.unwrap();
+        reply(r).await
+    }
+
+    pub async fn send(&self, method: &str, service: &str, path: &str, body: Option<&str>) -> Reply {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), self.url(service, path));
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        reply(req.send().await.unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send("GET", "gateway", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Reply {
+        self.send("POST", "gateway", path, Some(&body.to_string())).await
+    }
+
+    /// Polls `path` on the gateway until `done` holds or `within` passes.
+    pub async fn eventually(&self, path: &str, within: Duration, done: impl Fn(&Reply) -> bool) -> Reply {
+        let deadline = Instant::now() + within;
+        loop {
+            let r = self.get(path).await;
+            if done(&r) || Instant::now() > deadline {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: what a crash looks like to the data dir.
+    pub fn kill(mut self) -> Option<tempfile::TempDir> {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self._tmp.take()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn reply(r: reqwest::Response) -> Reply {
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Reply { status, headers, json }
+}
+
+/// Asserts the `{"error": ...}` shape and content type of an error reply.
+pub fn assert_error(r: &Reply, status: u16) {
+    assert_eq!(r.status, status, "unexpected reply {:?}", r.json);
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert!(
+        r.json["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "error body {:?}",
+        r.json
+    );
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real host binary with the real built components, over real HTTP.
+//! Build the components first (`just build`); `just test` does.
+
+mod admin;
+mod api;
+mod flows;
+mod harness;
+mod resilience;

@@ -45,7 +45,11 @@ fn route(platform: &Platform, method: &Method, path: &str) -> Resp {
         (&Method::GET, "/healthz") => json(StatusCode::OK, json!({ "status": "ok" })),
         (&Method::GET, "/readyz") => {
             let ready = platform.is_ready();
-            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             json(
                 status,
                 json!({

@@ -186,7 +186,10 @@ mod tests {
         assert_eq!(calls("gateway"), ["user", "product", "order"]);
         assert_eq!(calls("order"), ["product"]);
         assert!(calls("user").is_empty());
-        assert_eq!(services[0].file, PathBuf::from("build/components/gateway.wasm"));
+        assert_eq!(
+            services[0].file,
+            PathBuf::from("build/components/gateway.wasm")
+        );
     }
 
     #[test]

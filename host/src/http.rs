@@ -3,10 +3,10 @@
 use crate::invocation::{self, HttpRequest};
 use crate::platform::Platform;
 use crate::registry::Service;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, StatusCode};
@@ -43,7 +43,10 @@ pub fn request_id(headers: &hyper::HeaderMap) -> String {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos();
-        format!("{:08x}", (nanos as u64 ^ (std::process::id() as u64) << 32) as u32)
+        format!(
+            "{:08x}",
+            (nanos as u64 ^ (std::process::id() as u64) << 32) as u32
+        )
     });
     static NEXT: AtomicU64 = AtomicU64::new(1);
     if let Some(id) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
@@ -93,32 +96,81 @@ async fn handle(platform: &Arc<Platform>, service: &Arc<Service>, req: Request<I
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let mut resp = if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        json_error(StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than 1 MiB")
-    } else {
-        match Limited::new(body, MAX_BODY).collect().await {
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                json_error(StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than 1 MiB")
-            }
-            Err(_) => json_error(StatusCode::BAD_REQUEST, "could not read the request body"),
-            Ok(collected) => {
+    let mut resp = match read_body(body, declared).await {
+        Body::TooLarge => json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body is larger than 1 MiB",
+        ),
+        Body::Unreadable => json_error(StatusCode::BAD_REQUEST, "could not read the request body"),
+        Body::Read(bytes) => {
+            // wasi:http needs an authority; HTTP/1.0 clients may send none.
+            if !parts.headers.contains_key(HOST) && parts.uri.authority().is_none() {
+                let host = format!("{}{HOST_SUFFIX}", service.name);
                 parts
                     .headers
-                    .insert(REQUEST_ID, HeaderValue::from_str(&rid).expect("sanitized id"));
-                let req = HttpRequest {
-                    method: parts.method,
-                    uri: parts.uri,
-                    headers: parts.headers,
-                    body: collected.to_bytes(),
-                };
-                invocation::http(platform, service, req, &rid).await
+                    .insert(HOST, HeaderValue::from_str(&host).expect("service name"));
             }
+            parts.headers.insert(
+                REQUEST_ID,
+                HeaderValue::from_str(&rid).expect("sanitized id"),
+            );
+            let req = HttpRequest {
+                method: parts.method,
+                uri: parts.uri,
+                headers: parts.headers,
+                body: bytes,
+            };
+            invocation::http(platform, service, req, &rid).await
         }
     };
     if let Ok(v) = HeaderValue::from_str(&rid) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
+}
+
+enum Body {
+    Read(Bytes),
+    TooLarge,
+    Unreadable,
+}
+
+/// Past this, an oversized body is not even drained: the connection is closed instead.
+const DRAIN_MAX: u64 = 8 << 20;
+
+/// Buffers a body of at most [`MAX_BODY`] bytes. An oversized body is never held in memory;
+/// it is read and dropped (up to [`DRAIN_MAX`]) so that the client gets its 413 instead of a
+/// connection reset in the middle of its upload.
+async fn read_body(mut body: Incoming, declared: Option<u64>) -> Body {
+    if declared.is_some_and(|n| n > DRAIN_MAX) {
+        return Body::TooLarge;
+    }
+    let mut too_large = declared.is_some_and(|n| n > MAX_BODY as u64);
+    let mut buf = BytesMut::new();
+    let mut seen = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Body::Unreadable;
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len() as u64;
+        if seen > DRAIN_MAX {
+            return Body::TooLarge;
+        }
+        too_large |= seen > MAX_BODY as u64;
+        if too_large {
+            buf = BytesMut::new();
+        } else {
+            buf.extend_from_slice(&data);
+        }
+    }
+    if too_large {
+        Body::TooLarge
+    } else {
+        Body::Read(buf.freeze())
+    }
 }
 
 /// `wasi:http/outgoing-handler` for a component: calls to `http://<name>-service/` run the
@@ -169,9 +221,6 @@ impl WasiHttpHooks for Outbound {
         let rid = self.request_id.clone();
         Box::new(async move {
             let target = target?;
-            if let Some(delay) = target.spec.latency {
-                tokio::time::sleep(delay).await;
-            }
             let (mut parts, body) = request.into_parts();
             let body = Limited::new(body, MAX_BODY)
                 .collect()
@@ -187,7 +236,12 @@ impl WasiHttpHooks for Outbound {
                 headers: parts.headers,
                 body,
             };
-            let call = Box::pin(invocation::http(&platform, &target, req, &rid));
+            let call = Box::pin(async {
+                if let Some(delay) = target.spec.latency {
+                    tokio::time::sleep(delay).await;
+                }
+                invocation::http(&platform, &target, req, &rid).await
+            });
             let resp = tokio::time::timeout(platform.outbound_timeout, call)
                 .await
                 .map_err(|_| HttpError::ConnectionReadTimeout)?;

@@ -122,6 +122,13 @@ pub async fn http(
         };
         let resp = match outcome {
             Ok(resp) => resp,
+            Err(e)
+                if e.chain()
+                    .any(|c| c.is::<wasmtime::PoolConcurrencyLimitError>()) =>
+            {
+                tracing::warn!(service = %service.name, request_id, "all instance slots busy");
+                return busy("all instance slots are busy; retry");
+            }
             Err(e) => {
                 let cause = e.root_cause().to_string();
                 tracing::error!(service = %service.name, request_id, error = %format!("{e:#}"), "component failed; its writes were rolled back");
@@ -143,12 +150,15 @@ pub async fn http(
             }
         }
     }
-    let mut resp = json_error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "too many conflicting concurrent updates; retry",
+    busy("too many conflicting concurrent updates; retry")
+}
+
+fn busy(why: &str) -> Resp {
+    let mut resp = json_error(StatusCode::SERVICE_UNAVAILABLE, why);
+    resp.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from_static("1"),
     );
-    resp.headers_mut()
-        .insert(hyper::header::RETRY_AFTER, "1".parse().unwrap());
     resp
 }
 
@@ -156,10 +166,13 @@ type Collected = tokio::task::JoinHandle<Result<Resp>>;
 
 /// Runs the guest's `handle`. The response is collected by a separate task while the guest
 /// writes it, and is released only after the caller decided to commit.
-async fn call_http(store: &mut Store<Ctx>, loaded: &Loaded, req: &HttpRequest) -> (Result<()>, Collected) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<
-        Result<hyper::Response<HyperOutgoingBody>, ErrorCode>,
-    >();
+async fn call_http(
+    store: &mut Store<Ctx>,
+    loaded: &Loaded,
+    req: &HttpRequest,
+) -> (Result<()>, Collected) {
+    let (tx, rx) =
+        tokio::sync::oneshot::channel::<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>();
     let collector = tokio::spawn(async move {
         let resp = match rx.await {
             Ok(Ok(resp)) => resp,
@@ -180,7 +193,10 @@ async fn call_http(store: &mut Store<Ctx>, loaded: &Loaded, req: &HttpRequest) -
             .uri(req.uri.clone());
         *builder.headers_mut().unwrap() = req.headers.clone();
         let request = builder.body(Full::new(req.body.clone()))?;
-        let incoming = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
+        let incoming = store
+            .data_mut()
+            .http()
+            .new_incoming_request(Scheme::Http, request)?;
         let out = store.data_mut().http().new_response_outparam(tx)?;
         let proxy = loaded.proxy.instantiate_async(&mut *store).await?;
         proxy
@@ -212,7 +228,12 @@ pub async fn message(
         .message
         .header("x-request-id")
         .map(String::from)
-        .unwrap_or_else(|| format!("{}-{}-{}", delivery.message.topic, delivery.partition, delivery.offset));
+        .unwrap_or_else(|| {
+            format!(
+                "{}-{}-{}",
+                delivery.message.topic, delivery.partition, delivery.offset
+            )
+        });
     let arg = bindings::Delivery {
         message: bindings::producer::Message {
             topic: delivery.message.topic.clone(),
@@ -227,7 +248,10 @@ pub async fn message(
     loop {
         let loaded = service.loaded.load_full();
         let Some(pre) = loaded.subscriber.as_ref() else {
-            return Handled::Reject(format!("{} does not export a message handler", service.name));
+            return Handled::Reject(format!(
+                "{} does not export a message handler",
+                service.name
+            ));
         };
         let mut store = new_store(platform, service, &request_id);
         let called: Result<Result<(), HandleError>> = async {
@@ -247,7 +271,9 @@ pub async fn message(
             Ok(Ok(())) => match platform.commit(txn).await {
                 Ok(()) => return Handled::Done,
                 Err(CommitError::Conflict) => continue,
-                Err(CommitError::Storage(e)) => return Handled::Retry(format!("commit failed: {e:#}")),
+                Err(CommitError::Storage(e)) => {
+                    return Handled::Retry(format!("commit failed: {e:#}"))
+                }
             },
         }
     }

@@ -94,9 +94,14 @@ pub async fn run(args: Args) -> Result<()> {
             .await
             .with_context(|| format!("binding {} port {}", spec.name, spec.port))?;
         spec.port = listener.local_addr()?.port();
-        let loaded = registry::load(&platform.engine, &platform.linker, &spec, &args.compile_cache)
-            .await
-            .with_context(|| format!("loading the {} component", spec.name))?;
+        let loaded = registry::load(
+            &platform.engine,
+            &platform.linker,
+            &spec,
+            &args.compile_cache,
+        )
+        .await
+        .with_context(|| format!("loading the {} component", spec.name))?;
         tracing::info!(
             service = spec.name,
             port = spec.port,

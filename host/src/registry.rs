@@ -102,16 +102,27 @@ pub async fn load(
         .with_context(|| format!("reading {}", path.display()))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let (engine2, sha, cache) = (engine.clone(), sha256.clone(), cache_dir.to_path_buf());
-    let component = tokio::task::spawn_blocking(move || compile_cached(&engine2, &bytes, &sha, &cache))
-        .await?
-        .with_context(|| format!("{} is not a valid component", path.display()))?;
+    let component =
+        tokio::task::spawn_blocking(move || compile_cached(&engine2, &bytes, &sha, &cache))
+            .await?
+            .with_context(|| format!("{} is not a valid component", path.display()))?;
     let pre = linker
         .instantiate_pre(&component)
         .map_err(anyhow::Error::from)
-        .with_context(|| format!("{} imports something the host does not provide", path.display()))?;
+        .with_context(|| {
+            format!(
+                "{} imports something the host does not provide",
+                path.display()
+            )
+        })?;
     let proxy = ProxyPre::new(pre.clone())
         .map_err(anyhow::Error::from)
-        .with_context(|| format!("{} does not export wasi:http/incoming-handler", path.display()))?;
+        .with_context(|| {
+            format!(
+                "{} does not export wasi:http/incoming-handler",
+                path.display()
+            )
+        })?;
     let subscriber = if spec.subscribes.is_empty() {
         None
     } else {
@@ -148,20 +159,28 @@ fn compile_cached(engine: &Engine, bytes: &[u8], sha256: &str, dir: &Path) -> Re
         // (its name carries the engine hash) and renamed into place only when complete.
         match unsafe { Component::deserialize_file(engine, &file) } {
             Ok(c) => return Ok(c),
-            Err(e) => tracing::warn!(file = %file.display(), error = %e, "ignoring unusable cache entry"),
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "ignoring unusable cache entry")
+            }
         }
     }
-    let cwasm = engine.precompile_component(bytes).map_err(anyhow::Error::from)?;
+    let cwasm = engine
+        .precompile_component(bytes)
+        .map_err(anyhow::Error::from)?;
     if let Err(e) = write_atomically(dir, &file, &cwasm) {
         tracing::warn!(dir = %dir.display(), error = %format!("{e:#}"), "could not cache compiled component");
     }
     // SAFETY: produced just now by this engine.
-    Ok(unsafe { Component::deserialize(engine, &cwasm) }.map_err(anyhow::Error::from)?)
+    unsafe { Component::deserialize(engine, &cwasm) }.map_err(anyhow::Error::from)
 }
 
 fn write_atomically(dir: &Path, file: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.{}.tmp", std::process::id(), file.file_name().unwrap_or_default().to_string_lossy()));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        file.file_name().unwrap_or_default().to_string_lossy()
+    ));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, file)?;
     Ok(())

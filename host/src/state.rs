@@ -27,7 +27,8 @@ pub struct Db(Arc<Database>);
 
 impl Db {
     pub fn open(dir: &Path) -> Result<Db> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating data dir {}", dir.display()))?;
         let path = dir.join("state.redb");
         let db = Database::create(&path).with_context(|| format!("opening {}", path.display()))?;
         Ok(Db(Arc::new(db)))
@@ -50,7 +51,9 @@ impl Db {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        Ok(table.get((service, bucket, key))?.map(|v| v.value().to_vec()))
+        Ok(table
+            .get((service, bucket, key))?
+            .map(|v| v.value().to_vec()))
     }
 
     fn read_keys(&self, service: &str, bucket: &str, prefix: &str) -> Result<Vec<String>> {
@@ -293,24 +296,43 @@ mod tests {
     fn writes_are_invisible_until_commit_and_visible_after() {
         let db = Db::in_memory().unwrap();
         let mut t1 = Txn::new("user".into());
-        view(&db, &mut t1).set("b".into(), "k".into(), b"v".to_vec()).unwrap();
-        assert_eq!(view(&db, &mut t1).get("b".into(), "k".into()).unwrap(), Some(b"v".to_vec()));
+        view(&db, &mut t1)
+            .set("b".into(), "k".into(), b"v".to_vec())
+            .unwrap();
+        assert_eq!(
+            view(&db, &mut t1).get("b".into(), "k".into()).unwrap(),
+            Some(b"v".to_vec())
+        );
         let mut t2 = Txn::new("user".into());
-        assert_eq!(view(&db, &mut t2).get("b".into(), "k".into()).unwrap(), None);
+        assert_eq!(
+            view(&db, &mut t2).get("b".into(), "k".into()).unwrap(),
+            None
+        );
         db.commit_blocking(&t1).unwrap();
         let mut t3 = Txn::new("user".into());
-        assert_eq!(view(&db, &mut t3).get("b".into(), "k".into()).unwrap(), Some(b"v".to_vec()));
+        assert_eq!(
+            view(&db, &mut t3).get("b".into(), "k".into()).unwrap(),
+            Some(b"v".to_vec())
+        );
     }
 
     #[test]
     fn buckets_are_scoped_per_service() {
         let db = Db::in_memory().unwrap();
         let mut t = Txn::new("user".into());
-        view(&db, &mut t).set("b".into(), "k".into(), b"secret".to_vec()).unwrap();
+        view(&db, &mut t)
+            .set("b".into(), "k".into(), b"secret".to_vec())
+            .unwrap();
         db.commit_blocking(&t).unwrap();
         let mut other = Txn::new("order".into());
-        assert_eq!(view(&db, &mut other).get("b".into(), "k".into()).unwrap(), None);
-        assert!(view(&db, &mut other).list_keys("b".into(), "".into()).unwrap().is_empty());
+        assert_eq!(
+            view(&db, &mut other).get("b".into(), "k".into()).unwrap(),
+            None
+        );
+        assert!(view(&db, &mut other)
+            .list_keys("b".into(), "".into())
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
@@ -318,29 +340,55 @@ mod tests {
         let db = Db::in_memory().unwrap();
         let mut a = Txn::new("user".into());
         let mut b = Txn::new("user".into());
-        assert_eq!(view(&db, &mut a).increment("m".into(), "id".into(), 1).unwrap(), 1);
-        assert_eq!(view(&db, &mut b).increment("m".into(), "id".into(), 1).unwrap(), 1);
+        assert_eq!(
+            view(&db, &mut a)
+                .increment("m".into(), "id".into(), 1)
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            view(&db, &mut b)
+                .increment("m".into(), "id".into(), 1)
+                .unwrap(),
+            1
+        );
         db.commit_blocking(&a).unwrap();
         assert!(matches!(db.commit_blocking(&b), Err(CommitError::Conflict)));
         let mut c = Txn::new("user".into());
-        assert_eq!(view(&db, &mut c).increment("m".into(), "id".into(), 1).unwrap(), 2);
+        assert_eq!(
+            view(&db, &mut c)
+                .increment("m".into(), "id".into(), 1)
+                .unwrap(),
+            2
+        );
     }
 
     #[test]
     fn list_keys_merges_own_writes_and_detects_phantoms() {
         let db = Db::in_memory().unwrap();
         let mut seed = Txn::new("s".into());
-        view(&db, &mut seed).set("b".into(), "a1".into(), vec![1]).unwrap();
-        view(&db, &mut seed).set("b".into(), "a2".into(), vec![2]).unwrap();
+        view(&db, &mut seed)
+            .set("b".into(), "a1".into(), vec![1])
+            .unwrap();
+        view(&db, &mut seed)
+            .set("b".into(), "a2".into(), vec![2])
+            .unwrap();
         db.commit_blocking(&seed).unwrap();
 
         let mut t = Txn::new("s".into());
         view(&db, &mut t).delete("b".into(), "a1".into()).unwrap();
-        view(&db, &mut t).set("b".into(), "a3".into(), vec![3]).unwrap();
-        assert_eq!(view(&db, &mut t).list_keys("b".into(), "a".into()).unwrap(), vec!["a2", "a3"]);
+        view(&db, &mut t)
+            .set("b".into(), "a3".into(), vec![3])
+            .unwrap();
+        assert_eq!(
+            view(&db, &mut t).list_keys("b".into(), "a".into()).unwrap(),
+            vec!["a2", "a3"]
+        );
 
         let mut other = Txn::new("s".into());
-        view(&db, &mut other).set("b".into(), "a9".into(), vec![9]).unwrap();
+        view(&db, &mut other)
+            .set("b".into(), "a9".into(), vec![9])
+            .unwrap();
         db.commit_blocking(&other).unwrap();
         assert!(matches!(db.commit_blocking(&t), Err(CommitError::Conflict)));
     }
@@ -350,11 +398,21 @@ mod tests {
         let db = Db::in_memory().unwrap();
         let mut t = Txn::new("s".into());
         let mut v = view(&db, &mut t);
-        assert!(matches!(v.get("".into(), "k".into()), Err(WitError::InvalidName(_))));
+        assert!(matches!(
+            v.get("".into(), "k".into()),
+            Err(WitError::InvalidName(_))
+        ));
         v.set("b".into(), "k".into(), b"text".to_vec()).unwrap();
-        assert!(matches!(v.increment("b".into(), "k".into(), 1), Err(WitError::NotACounter(_))));
-        v.set("b".into(), "n".into(), i64::MAX.to_le_bytes().to_vec()).unwrap();
-        assert!(matches!(v.increment("b".into(), "n".into(), 1), Err(WitError::NotACounter(_))));
+        assert!(matches!(
+            v.increment("b".into(), "k".into(), 1),
+            Err(WitError::NotACounter(_))
+        ));
+        v.set("b".into(), "n".into(), i64::MAX.to_le_bytes().to_vec())
+            .unwrap();
+        assert!(matches!(
+            v.increment("b".into(), "n".into(), 1),
+            Err(WitError::NotACounter(_))
+        ));
     }
 
     #[test]
@@ -363,11 +421,16 @@ mod tests {
         {
             let db = Db::open(dir.path()).unwrap();
             let mut t = Txn::new("s".into());
-            view(&db, &mut t).set("b".into(), "k".into(), b"v".to_vec()).unwrap();
+            view(&db, &mut t)
+                .set("b".into(), "k".into(), b"v".to_vec())
+                .unwrap();
             db.commit_blocking(&t).unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
         let mut t = Txn::new("s".into());
-        assert_eq!(view(&db, &mut t).get("b".into(), "k".into()).unwrap(), Some(b"v".to_vec()));
+        assert_eq!(
+            view(&db, &mut t).get("b".into(), "k".into()).unwrap(),
+            Some(b"v".to_vec())
+        );
     }
 }

@@ -29,7 +29,11 @@ pub async fn run(platform: Arc<Platform>, service: Arc<Service>, topic: String) 
     }
 }
 
-async fn consume(platform: &Arc<Platform>, service: &Arc<Service>, sub: &mut dyn Subscription) -> Result<()> {
+async fn consume(
+    platform: &Arc<Platform>,
+    service: &Arc<Service>,
+    sub: &mut dyn Subscription,
+) -> Result<()> {
     let policy = &platform.retry;
     loop {
         let delivery = sub.next().await?;

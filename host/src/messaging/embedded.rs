@@ -39,7 +39,10 @@ fn append_blocking(db: &Db, messages: &[Message]) -> Result<()> {
                 .transpose()?
                 .map(|(k, _)| k.value().1 + 1)
                 .unwrap_or(0);
-            log.insert((m.topic.as_str(), next), postcard::to_allocvec(m)?.as_slice())?;
+            log.insert(
+                (m.topic.as_str(), next),
+                postcard::to_allocvec(m)?.as_slice(),
+            )?;
         }
     }
     wtx.commit()?;

@@ -152,7 +152,11 @@ pub mod tests {
     /// The behaviour every backend must have. `topic` must be fresh for each run.
     pub async fn contract(backend: Arc<dyn Backend>, topic: &str) {
         backend
-            .publish(&[msg(topic, "1", "a"), msg(topic, "1", "b"), msg(topic, "2", "c")])
+            .publish(&[
+                msg(topic, "1", "a"),
+                msg(topic, "1", "b"),
+                msg(topic, "2", "c"),
+            ])
             .await
             .unwrap();
 
@@ -225,8 +229,14 @@ pub mod tests {
             payload: b"{}".to_vec(),
             headers: vec![],
         };
-        assert!(matches!(view.send(m("orders")), Err(SendError::TopicNotAllowed(_))));
-        assert!(matches!(view.send(m("bad topic")), Err(SendError::InvalidTopic(_))));
+        assert!(matches!(
+            view.send(m("orders")),
+            Err(SendError::TopicNotAllowed(_))
+        ));
+        assert!(matches!(
+            view.send(m("bad topic")),
+            Err(SendError::InvalidTopic(_))
+        ));
         view.send(m("user-created")).unwrap();
         assert_eq!(txn.outbox.len(), 1);
         assert_eq!(txn.outbox[0].header("x-request-id"), Some("req-1"));

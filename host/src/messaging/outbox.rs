@@ -18,10 +18,9 @@ pub fn append(wtx: &WriteTransaction, messages: &[Message]) -> Result<()> {
         return Ok(());
     }
     let mut table = wtx.open_table(OUTBOX)?;
-    let mut next = table.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
-    for m in messages {
-        table.insert(next, postcard::to_allocvec(m)?.as_slice())?;
-        next += 1;
+    let first = table.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
+    for (seq, m) in (first..).zip(messages) {
+        table.insert(seq, postcard::to_allocvec(m)?.as_slice())?;
     }
     Ok(())
 }
@@ -110,7 +109,9 @@ impl Outbox {
                     let this = self.clone();
                     match tokio::task::spawn_blocking(move || this.remove_through(last)).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "trimming the outbox failed"),
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %format!("{e:#}"), "trimming the outbox failed")
+                        }
                         Err(e) => tracing::error!(error = %e, "outbox trim panicked"),
                     }
                 }
@@ -140,7 +141,10 @@ mod tests {
     fn append_then_remove_keeps_order() {
         let db = Db::in_memory().unwrap();
         let outbox = Outbox::new(db.clone());
-        for batch in [vec![msg("t", "1", "a"), msg("t", "1", "b")], vec![msg("t", "2", "c")]] {
+        for batch in [
+            vec![msg("t", "1", "a"), msg("t", "1", "b")],
+            vec![msg("t", "2", "c")],
+        ] {
             let wtx = db.redb().begin_write().unwrap();
             append(&wtx, &batch).unwrap();
             wtx.commit().unwrap();

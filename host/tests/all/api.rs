@@ -3,12 +3,22 @@
 use crate::harness::{assert_error, Host};
 use serde_json::json;
 use std::collections::HashSet;
+use std::time::Duration;
 
 #[tokio::test]
 async fn bad_input_gets_the_right_status_and_changes_nothing() {
     let host = Host::start().await;
-    let ok = host.post("/api/users", &json!({"name": "Alice", "email": "alice@mail.com"})).await;
+    let ok = host
+        .post(
+            "/api/users",
+            &json!({"name": "Alice", "email": "alice@mail.com"}),
+        )
+        .await;
     assert_eq!(ok.status, 201);
+    host.eventually("/api/orders/101", Duration::from_secs(5), |r| {
+        !r.json["user"].is_null()
+    })
+    .await;
     let users_before = host.get("/api/users").await.json;
     let products_before = host.get("/api/products").await.json;
     let orders_before = host.get("/api/orders").await.json;
@@ -16,13 +26,43 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     let cases: &[(&str, &str, Option<&str>, u16)] = &[
         ("POST", "/api/users", Some("{not json"), 400),
         ("POST", "/api/users", Some("[1,2]"), 400),
-        ("POST", "/api/users", Some(r#"{"name": 5, "email": "a@b.co"}"#), 400),
+        (
+            "POST",
+            "/api/users",
+            Some(r#"{"name": 5, "email": "a@b.co"}"#),
+            400,
+        ),
         ("POST", "/api/users", Some(r#"{"email": "a@b.co"}"#), 400),
-        ("POST", "/api/users", Some(r#"{"name": "", "email": "a@b.co"}"#), 400),
-        ("POST", "/api/users", Some(r#"{"name": "A", "email": ""}"#), 400),
-        ("POST", "/api/users", Some(r#"{"name": "A", "email": "not-an-email"}"#), 400),
-        ("POST", "/api/users", Some(r#"{"name": "A", "email": "a@@b.co"}"#), 400),
-        ("POST", "/api/users", Some(r#"{"name": "A", "email": "ALICE@mail.com"}"#), 409),
+        (
+            "POST",
+            "/api/users",
+            Some(r#"{"name": "", "email": "a@b.co"}"#),
+            400,
+        ),
+        (
+            "POST",
+            "/api/users",
+            Some(r#"{"name": "A", "email": ""}"#),
+            400,
+        ),
+        (
+            "POST",
+            "/api/users",
+            Some(r#"{"name": "A", "email": "not-an-email"}"#),
+            400,
+        ),
+        (
+            "POST",
+            "/api/users",
+            Some(r#"{"name": "A", "email": "a@@b.co"}"#),
+            400,
+        ),
+        (
+            "POST",
+            "/api/users",
+            Some(r#"{"name": "A", "email": "ALICE@mail.com"}"#),
+            409,
+        ),
         ("POST", "/api/users", None, 400),
         ("GET", "/api/users/-1", None, 400),
         ("GET", "/api/users/abc", None, 400),
@@ -35,15 +75,40 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         ("DELETE", "/api/users", None, 405),
         ("PUT", "/api/users/1", None, 405),
         ("POST", "/api/v1/dashboard", None, 405),
-        ("POST", "/api/products", Some(r#"{"name": "X", "price": -1}"#), 400),
-        ("POST", "/api/products", Some(r#"{"name": "X", "price": "10"}"#), 400),
+        (
+            "POST",
+            "/api/products",
+            Some(r#"{"name": "X", "price": -1}"#),
+            400,
+        ),
+        (
+            "POST",
+            "/api/products",
+            Some(r#"{"name": "X", "price": "10"}"#),
+            400,
+        ),
         ("POST", "/api/products", Some(r#"{"price": 10}"#), 400),
         ("GET", "/api/products/77", None, 404),
         ("GET", "/api/orders/5x", None, 400),
         ("GET", "/api/orders/555", None, 404),
-        ("POST", "/api/orders", Some(r#"{"userId": "1", "productId": 1, "quantity": 1}"#), 400),
-        ("POST", "/api/orders", Some(r#"{"userId": 1, "productId": 1, "quantity": 0}"#), 400),
-        ("POST", "/api/orders", Some(r#"{"userId": 77, "productId": 1, "quantity": 1}"#), 422),
+        (
+            "POST",
+            "/api/orders",
+            Some(r#"{"userId": "1", "productId": 1, "quantity": 1}"#),
+            400,
+        ),
+        (
+            "POST",
+            "/api/orders",
+            Some(r#"{"userId": 1, "productId": 1, "quantity": 0}"#),
+            400,
+        ),
+        (
+            "POST",
+            "/api/orders",
+            Some(r#"{"userId": 77, "productId": 1, "quantity": 1}"#),
+            422,
+        ),
     ];
     for &(method, path, body, status) in cases {
         let r = host.send(method, "gateway", path, body).await;
@@ -51,17 +116,22 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         assert_error(&r, status);
     }
     // Unknown product, with a user that is in the cache.
-    host.eventually("/api/orders/101", std::time::Duration::from_secs(5), |r| !r.json["user"].is_null())
-        .await;
     let r = host
-        .post("/api/orders", &json!({"userId": 1, "productId": 999, "quantity": 1}))
+        .post(
+            "/api/orders",
+            &json!({"userId": 1, "productId": 999, "quantity": 1}),
+        )
         .await;
     assert_error(&r, 422);
 
     // Over 1 MiB: refused before being read, on the gateway and on a service port.
     let big = format!(r#"{{"name":"{}","email":"big@x.io"}}"#, "a".repeat(1 << 20));
     for svc in ["gateway", "user"] {
-        let path = if svc == "gateway" { "/api/users" } else { "/users" };
+        let path = if svc == "gateway" {
+            "/api/users"
+        } else {
+            "/users"
+        };
         let r = host.send("POST", svc, path, Some(&big)).await;
         assert_error(&r, 413);
     }
@@ -70,7 +140,9 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     assert_eq!(host.get("/api/products").await.json, products_before);
     assert_eq!(host.get("/api/orders").await.json, orders_before);
     // Rejected requests consumed no id.
-    let next = host.post("/api/users", &json!({"name": "B", "email": "b@mail.com"})).await;
+    let next = host
+        .post("/api/users", &json!({"name": "B", "email": "b@mail.com"}))
+        .await;
     assert_eq!(next.json["id"], 2);
 }
 
@@ -81,8 +153,11 @@ async fn fifty_parallel_creations_get_fifty_distinct_ids() {
     for i in 0..50 {
         let host = host.clone();
         tasks.push(tokio::spawn(async move {
-            host.post("/api/users", &json!({"name": format!("P{i}"), "email": format!("p{i}@ex.com")}))
-                .await
+            host.post(
+                "/api/users",
+                &json!({"name": format!("P{i}"), "email": format!("p{i}@ex.com")}),
+            )
+            .await
         }));
     }
     let mut ids = HashSet::new();
@@ -92,7 +167,10 @@ async fn fifty_parallel_creations_get_fifty_distinct_ids() {
         ids.insert(r.json["id"].as_u64().unwrap());
     }
     assert_eq!(ids, (1..=50).collect::<HashSet<_>>());
-    assert_eq!(host.get("/api/users").await.json.as_array().unwrap().len(), 50);
+    assert_eq!(
+        host.get("/api/users").await.json.as_array().unwrap().len(),
+        50
+    );
 }
 
 #[tokio::test]
@@ -102,16 +180,30 @@ async fn racing_requests_with_one_email_create_one_user() {
     for i in 0..20 {
         let host = host.clone();
         tasks.push(tokio::spawn(async move {
-            host.post("/api/users", &json!({"name": format!("Twin{i}"), "email": "same@ex.com"}))
-                .await
-                .status
+            host.post(
+                "/api/users",
+                &json!({"name": format!("Twin{i}"), "email": "same@ex.com"}),
+            )
+            .await
+            .status
         }));
     }
     let mut statuses = Vec::new();
     for t in tasks {
         statuses.push(t.await.unwrap());
     }
-    assert_eq!(statuses.iter().filter(|&&s| s == 201).count(), 1, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|&&s| s == 409).count(), 19, "{statuses:?}");
-    assert_eq!(host.get("/api/users").await.json.as_array().unwrap().len(), 1);
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 409).count(),
+        19,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        host.get("/api/users").await.json.as_array().unwrap().len(),
+        1
+    );
 }

@@ -8,18 +8,29 @@ use std::time::{Duration, Instant};
 async fn seed_readme_flow() {
     let host = Host::start().await;
     let r = host
-        .post("/api/users", &json!({"name": "Alice", "email": "alice@mail.com"}))
+        .post(
+            "/api/users",
+            &json!({"name": "Alice", "email": "alice@mail.com"}),
+        )
         .await;
     assert_eq!(r.status, 201, "{:?}", r.json);
-    assert_eq!(r.json, json!({"id": 1, "name": "Alice", "email": "alice@mail.com"}));
+    assert_eq!(
+        r.json,
+        json!({"id": 1, "name": "Alice", "email": "alice@mail.com"})
+    );
     assert_eq!(r.headers["content-type"], "application/json");
 
     // The order's user comes from order-service's cache, filled by the user-created event.
     let start = Instant::now();
     let order = host
-        .eventually("/api/v1/orders/101", Duration::from_secs(1), |r| !r.json["user"].is_null())
+        .eventually("/api/v1/orders/101", Duration::from_secs(1), |r| {
+            !r.json["user"].is_null()
+        })
         .await;
-    assert!(start.elapsed() < Duration::from_secs(1), "cache not filled within a second");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "cache not filled within a second"
+    );
     assert_eq!(
         order.json,
         json!({"id": 101, "userId": 1, "productId": 1, "quantity": 1,
@@ -28,7 +39,10 @@ async fn seed_readme_flow() {
 
     let dash = host.get("/api/v1/dashboard").await;
     assert_eq!(dash.status, 200);
-    assert_eq!(dash.json["users"], json!([{"id": 1, "name": "Alice", "email": "alice@mail.com"}]));
+    assert_eq!(
+        dash.json["users"],
+        json!([{"id": 1, "name": "Alice", "email": "alice@mail.com"}])
+    );
     let products = dash.json["products"].as_array().unwrap();
     assert!(products.iter().any(|p| p["id"] == 1) && products.iter().any(|p| p["id"] == 2));
     assert_eq!(host.get("/api/dashboard").await.json, dash.json);
@@ -41,17 +55,36 @@ async fn order_before_the_event_shows_null_user_then_orders_flow() {
     assert_eq!(r.status, 200);
     assert!(r.json["user"].is_null());
 
-    let u = host.post("/api/v1/users", &json!({"name": "Bob", "email": "bob@x.io"})).await;
-    assert_eq!(u.status, 201);
-    host.eventually("/api/orders/101", Duration::from_secs(5), |r| !r.json["user"].is_null())
+    let u = host
+        .post(
+            "/api/v1/users",
+            &json!({"name": "Bob", "email": "bob@x.io"}),
+        )
         .await;
+    assert_eq!(u.status, 201);
+    host.eventually("/api/orders/101", Duration::from_secs(5), |r| {
+        !r.json["user"].is_null()
+    })
+    .await;
     let o = host
-        .post("/api/orders", &json!({"userId": 1, "productId": 2, "quantity": 3}))
+        .post(
+            "/api/orders",
+            &json!({"userId": 1, "productId": 2, "quantity": 3}),
+        )
         .await;
     assert_eq!(o.status, 201, "{:?}", o.json);
-    assert_eq!(o.json, json!({"id": 102, "userId": 1, "productId": 2, "quantity": 3}));
+    assert_eq!(
+        o.json,
+        json!({"id": 102, "userId": 1, "productId": 2, "quantity": 3})
+    );
     let all = host.get("/api/orders").await;
-    let ids: Vec<_> = all.json.as_array().unwrap().iter().map(|o| o["id"].clone()).collect();
+    let ids: Vec<_> = all
+        .json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].clone())
+        .collect();
     assert_eq!(ids, [json!(101), json!(102)]);
     assert_eq!(all.json[1]["user"]["name"], "Bob");
 }
@@ -62,7 +95,12 @@ async fn services_answer_on_their_own_ports() {
     let r = host.send("GET", "user", "/users", None).await;
     assert_eq!((r.status, r.json.clone()), (200, json!([])));
     let p = host
-        .send("POST", "product", "/products", Some(r#"{"name":"Desk","price":99.5}"#))
+        .send(
+            "POST",
+            "product",
+            "/products",
+            Some(r#"{"name":"Desk","price":99.5}"#),
+        )
         .await;
     assert_eq!(p.status, 201, "{:?}", p.json);
     assert_eq!(p.json, json!({"id": 3, "name": "Desk", "price": 99.5}));
@@ -77,21 +115,35 @@ async fn everything_survives_a_crash_and_restart() {
     let host = Host::start().await;
     for i in 0..5 {
         let r = host
-            .post("/api/users", &json!({"name": format!("U{i}"), "email": format!("u{i}@ex.com")}))
+            .post(
+                "/api/users",
+                &json!({"name": format!("U{i}"), "email": format!("u{i}@ex.com")}),
+            )
             .await;
         assert_eq!(r.status, 201);
     }
-    let p = host.post("/api/products", &json!({"name": "Mug", "price": 7})).await;
-    assert_eq!(p.status, 201);
-    host.eventually("/api/orders/101", Duration::from_secs(5), |r| !r.json["user"].is_null())
+    let p = host
+        .post("/api/products", &json!({"name": "Mug", "price": 7}))
         .await;
+    assert_eq!(p.status, 201);
+    host.eventually("/api/orders/101", Duration::from_secs(5), |r| {
+        !r.json["user"].is_null()
+    })
+    .await;
     let o = host
-        .post("/api/orders", &json!({"userId": 5, "productId": 3, "quantity": 1}))
+        .post(
+            "/api/orders",
+            &json!({"userId": 5, "productId": 3, "quantity": 1}),
+        )
         .await;
     // User 5's event may still be in flight: the order service answers 422 until it arrives.
     let o = if o.status == 422 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        host.post("/api/orders", &json!({"userId": 5, "productId": 3, "quantity": 1})).await
+        host.post(
+            "/api/orders",
+            &json!({"userId": 5, "productId": 3, "quantity": 1}),
+        )
+        .await
     } else {
         o
     };
@@ -103,9 +155,14 @@ async fn everything_survives_a_crash_and_restart() {
     let host = Host::start_with(Some(&data), &[]).await;
     assert_eq!(host.get("/api/users").await.json, users_before);
     assert_eq!(host.get("/api/products/3").await.json["name"], "Mug");
-    assert_eq!(host.get("/api/orders/102").await.json["user"]["email"], "u4@ex.com");
+    assert_eq!(
+        host.get("/api/orders/102").await.json["user"]["email"],
+        "u4@ex.com"
+    );
     // Ids continue after the restart instead of starting over.
-    let next = host.post("/api/users", &json!({"name": "N", "email": "n@ex.com"})).await;
+    let next = host
+        .post("/api/users", &json!({"name": "N", "email": "n@ex.com"}))
+        .await;
     assert_eq!(next.json["id"], 6);
     drop(keep);
 }
@@ -116,7 +173,10 @@ async fn users_created_right_before_a_crash_still_reach_the_order_cache() {
     let mut ids = Vec::new();
     for i in 0..20 {
         let r = host
-            .post("/api/users", &json!({"name": "X", "email": format!("x{i}@ex.com")}))
+            .post(
+                "/api/users",
+                &json!({"name": "X", "email": format!("x{i}@ex.com")}),
+            )
             .await;
         ids.push(r.json["id"].as_u64().unwrap());
     }
@@ -130,15 +190,26 @@ async fn users_created_right_before_a_crash_still_reach_the_order_cache() {
     assert_eq!(r.status, 200);
     for id in [1, 10, 20] {
         let o = host
-            .post("/api/orders", &json!({"userId": id, "productId": 1, "quantity": 1}))
+            .post(
+                "/api/orders",
+                &json!({"userId": id, "productId": 1, "quantity": 1}),
+            )
             .await;
         let o = if o.status == 422 {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            host.post("/api/orders", &json!({"userId": id, "productId": 1, "quantity": 1})).await
+            host.post(
+                "/api/orders",
+                &json!({"userId": id, "productId": 1, "quantity": 1}),
+            )
+            .await
         } else {
             o
         };
-        assert_eq!(o.status, 201, "user {id} never reached the order cache: {:?}", o.json);
+        assert_eq!(
+            o.status, 201,
+            "user {id} never reached the order cache: {:?}",
+            o.json
+        );
     }
     assert_eq!(ids, (1..=20).collect::<Vec<_>>());
     drop(keep);

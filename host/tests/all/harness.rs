@@ -71,7 +71,16 @@ impl Host {
             .arg("--compile-cache")
             .arg(cache)
             .args(["--admin-addr", &admin, "--max-instances", "128"])
-            .args(["--gateway-port", "0", "--user-port", "0", "--product-port", "0", "--order-port", "0"])
+            .args([
+                "--gateway-port",
+                "0",
+                "--user-port",
+                "0",
+                "--product-port",
+                "0",
+                "--order-port",
+                "0",
+            ])
             .args(["--retry-backoff", "20ms", "--retry-backoff-max", "100ms"])
             .args(extra)
             .env("RUST_LOG", "info")
@@ -105,14 +114,26 @@ impl Host {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("host exited with {status} during start-up; log:\n{}", self.log());
+                panic!(
+                    "host exited with {status} during start-up; log:\n{}",
+                    self.log()
+                );
             }
-            if let Ok(r) = self.http.get(format!("http://{}/readyz", self.admin)).send().await {
+            if let Ok(r) = self
+                .http
+                .get(format!("http://{}/readyz", self.admin))
+                .send()
+                .await
+            {
                 if r.status() == 200 {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "host not ready in time; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "host not ready in time; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -126,7 +147,12 @@ impl Host {
     }
 
     pub async fn admin_get(&self, path: &str) -> Reply {
-        let r = self.http.get(format!("http://{}{path}", self.admin)).send().await.unwrap();
+        let r = self
+            .http
+            .get(format!("http://{}{path}", self.admin))
+            .send()
+            .await
+            .unwrap();
         reply(r).await
     }
 
@@ -147,11 +173,17 @@ impl Host {
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> Reply {
-        self.send("POST", "gateway", path, Some(&body.to_string())).await
+        self.send("POST", "gateway", path, Some(&body.to_string()))
+            .await
     }
 
     /// Polls `path` on the gateway until `done` holds or `within` passes.
-    pub async fn eventually(&self, path: &str, within: Duration, done: impl Fn(&Reply) -> bool) -> Reply {
+    pub async fn eventually(
+        &self,
+        path: &str,
+        within: Duration,
+        done: impl Fn(&Reply) -> bool,
+    ) -> Reply {
         let deadline = Instant::now() + within;
         loop {
             let r = self.get(path).await;
@@ -182,7 +214,11 @@ pub async fn reply(r: reqwest::Response) -> Reply {
     let headers = r.headers().clone();
     let text = r.text().await.unwrap();
     let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Reply { status, headers, json }
+    Reply {
+        status,
+        headers,
+        json,
+    }
 }
 
 /// Asserts the `{"error": ...}` shape and content type of an error reply.

@@ -5,10 +5,18 @@ use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn calls_outside_the_allowlist_are_refused_with_a_clear_error() {
-    let host = Host::start_with(None, &["--outbound-allow", "gateway=user,product;order=product"]).await;
+    let host = Host::start_with(
+        None,
+        &["--outbound-allow", "gateway=user,product;order=product"],
+    )
+    .await;
     let r = host.get("/api/orders/101").await;
     assert_error(&r, 502);
-    assert!(r.json["error"].as_str().unwrap().contains("order-service"), "{:?}", r.json);
+    assert!(
+        r.json["error"].as_str().unwrap().contains("order-service"),
+        "{:?}",
+        r.json
+    );
     assert_eq!(host.get("/api/users").await.status, 200);
     assert!(host.log().contains("allowlist refused"));
 }
@@ -21,8 +29,14 @@ async fn dashboard_calls_run_in_parallel() {
     let r = host.get("/api/v1/dashboard").await;
     let took = start.elapsed();
     assert_eq!(r.status, 200, "{:?}", r.json);
-    assert!(took >= Duration::from_secs(1), "latency not injected? {took:?}");
-    assert!(took < Duration::from_millis(1900), "upstream calls did not overlap: {took:?}");
+    assert!(
+        took >= Duration::from_secs(1),
+        "latency not injected? {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1900),
+        "upstream calls did not overlap: {took:?}"
+    );
 }
 
 #[tokio::test]

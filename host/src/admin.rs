@@ -60,6 +60,13 @@ fn route(platform: &Platform, method: &Method, path: &str) -> Resp {
             )
         }
         (&Method::GET, "/components") => json(StatusCode::OK, components(platform)),
+        (method, path) if path.starts_with("/components/") && path.ends_with("/rollback") => {
+            let name = &path["/components/".len()..path.len() - "/rollback".len()];
+            if method != Method::POST {
+                return json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+            }
+            rollback(platform, name)
+        }
         (_, "/healthz" | "/readyz" | "/components") => {
             json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
@@ -82,8 +89,33 @@ fn components(platform: &Platform) -> Value {
                 "calls": s.spec.calls,
                 "subscribes": s.spec.subscribes,
                 "produces": s.spec.produces,
+                "generation": s.generation(),
+                "last_rejected": s.rejected().map(|r| json!({
+                    "sha256": r.sha256,
+                    "error": r.error,
+                    "at": humantime::format_rfc3339_millis(r.at).to_string(),
+                })),
             })
         })
         .collect();
     Value::Array(list)
+}
+
+fn rollback(platform: &Platform, name: &str) -> Resp {
+    let Some(service) = platform.service(name) else {
+        return json_error(StatusCode::NOT_FOUND, &format!("no service named {name:?}"));
+    };
+    match service.rollback() {
+        Some((generation, loaded)) => {
+            tracing::info!(service = name, generation, sha256 = %loaded.sha256, "rolled back");
+            json(
+                StatusCode::OK,
+                json!({ "name": name, "generation": generation, "sha256": loaded.sha256 }),
+            )
+        }
+        None => json_error(
+            StatusCode::CONFLICT,
+            &format!("{name} has no previous version to roll back to"),
+        ),
+    }
 }

@@ -47,6 +47,10 @@ pub struct Args {
     #[arg(long, env = "COMPILE_CACHE", default_value = "build/compile-cache")]
     pub compile_cache: PathBuf,
 
+    /// Swap a service's component when its file in the components dir changes.
+    #[arg(long, env = "WATCH_COMPONENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub watch: bool,
+
     /// Keep all state in memory instead of DATA_DIR (lost at exit; for tests and demos).
     #[arg(long, env = "STATE_IN_MEMORY")]
     pub in_memory: bool,

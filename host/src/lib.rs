@@ -9,3 +9,4 @@ pub mod messaging;
 pub mod platform;
 pub mod registry;
 pub mod state;
+pub mod watch;

@@ -5,8 +5,9 @@ use crate::invocation::Ctx;
 use crate::messaging::{embedded::Embedded, Backend, Outbox, RetryPolicy};
 use crate::registry::{self, Service};
 use crate::state::{CommitError, Db, Txn};
-use crate::{admin, http, messaging};
+use crate::{admin, http, messaging, watch};
 use anyhow::{Context as _, Result};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub struct Platform {
     pub services: OnceLock<Vec<Arc<Service>>>,
     pub ready: AtomicBool,
     pub outbound_timeout: Duration,
+    pub compile_cache: PathBuf,
     pub retry: RetryPolicy,
 }
 
@@ -72,6 +74,7 @@ pub async fn run(args: Args) -> Result<()> {
         services: OnceLock::new(),
         ready: AtomicBool::new(false),
         outbound_timeout: args.outbound_timeout,
+        compile_cache: args.compile_cache.clone(),
         retry: RetryPolicy {
             max_attempts: args.retry_max_attempts.max(1),
             base: args.retry_backoff,
@@ -127,6 +130,11 @@ pub async fn run(args: Args) -> Result<()> {
     for (listener, service) in listeners.into_iter().zip(platform.services()) {
         tokio::spawn(http::serve(listener, platform.clone(), service.clone()));
     }
+    let _watcher = if args.watch {
+        Some(watch::spawn(platform.clone(), &args.components_dir)?)
+    } else {
+        None
+    };
     platform.ready.store(true, Ordering::Release);
     tracing::info!("ready");
 

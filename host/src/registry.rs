@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -74,9 +74,30 @@ pub struct Loaded {
 pub struct Service {
     pub spec: ServiceSpec,
     /// Cheap to read on every request; replaced as a whole when the component changes.
+    /// In-flight invocations keep the `Arc` they started with, so they finish on that version.
     pub loaded: ArcSwap<Loaded>,
     pub name: Arc<str>,
+    swaps: Mutex<Swaps>,
 }
+
+/// A file that was offered as a new version and refused.
+#[derive(Clone, Debug)]
+pub struct Rejected {
+    pub sha256: String,
+    pub error: String,
+    pub at: SystemTime,
+}
+
+#[derive(Default)]
+struct Swaps {
+    generation: u64,
+    /// Versions replaced by swaps, oldest first, for rollback.
+    previous: Vec<Arc<Loaded>>,
+    rejected: Option<Rejected>,
+}
+
+/// How many replaced versions are kept for rollback.
+const HISTORY: usize = 8;
 
 impl Service {
     pub fn new(spec: ServiceSpec, loaded: Loaded) -> Service {
@@ -84,7 +105,49 @@ impl Service {
             name: spec.name.into(),
             spec,
             loaded: ArcSwap::from_pointee(loaded),
+            swaps: Mutex::new(Swaps {
+                generation: 1,
+                ..Swaps::default()
+            }),
         }
+    }
+
+    /// 1 for the version loaded at start-up, +1 per swap or rollback.
+    pub fn generation(&self) -> u64 {
+        self.swaps.lock().unwrap().generation
+    }
+
+    pub fn rejected(&self) -> Option<Rejected> {
+        self.swaps.lock().unwrap().rejected.clone()
+    }
+
+    /// Makes `new` the version new invocations use.
+    pub fn install(&self, new: Loaded) -> u64 {
+        let mut swaps = self.swaps.lock().unwrap();
+        let old = self.loaded.swap(Arc::new(new));
+        swaps.previous.push(old);
+        if swaps.previous.len() > HISTORY {
+            swaps.previous.remove(0);
+        }
+        swaps.generation += 1;
+        swaps.generation
+    }
+
+    pub fn reject(&self, sha256: String, error: String) {
+        self.swaps.lock().unwrap().rejected = Some(Rejected {
+            sha256,
+            error,
+            at: SystemTime::now(),
+        });
+    }
+
+    /// Goes back to the version before the current one; `None` if there is none.
+    pub fn rollback(&self) -> Option<(u64, Arc<Loaded>)> {
+        let mut swaps = self.swaps.lock().unwrap();
+        let prev = swaps.previous.pop()?;
+        self.loaded.store(prev.clone());
+        swaps.generation += 1;
+        Some((swaps.generation, prev))
     }
 }
 
@@ -96,11 +159,28 @@ pub async fn load(
     spec: &ServiceSpec,
     cache_dir: &Path,
 ) -> Result<Loaded> {
-    let path = spec.file.clone();
-    let bytes = tokio::fs::read(&path)
+    let (bytes, sha256) = read(&spec.file).await?;
+    prepare(engine, linker, spec, bytes, sha256, cache_dir).await
+}
+
+/// The file's bytes and their sha256 (hex).
+pub async fn read(path: &Path) -> Result<(Vec<u8>, String)> {
+    let bytes = tokio::fs::read(path)
         .await
         .with_context(|| format!("reading {}", path.display()))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
+    Ok((bytes, sha256))
+}
+
+pub async fn prepare(
+    engine: &Engine,
+    linker: &Linker<Ctx>,
+    spec: &ServiceSpec,
+    bytes: Vec<u8>,
+    sha256: String,
+    cache_dir: &Path,
+) -> Result<Loaded> {
+    let path = spec.file.clone();
     let (engine2, sha, cache) = (engine.clone(), sha256.clone(), cache_dir.to_path_buf());
     let component =
         tokio::task::spawn_blocking(move || compile_cached(&engine2, &bytes, &sha, &cache))

@@ -83,10 +83,7 @@ pub fn positive_int_field(obj: &Map<String, Value>, name: &str) -> Result<u64, R
 
 /// A field that must be a finite JSON number ≥ 0. The `Number` is returned as sent so that
 /// integers stay integers in the stored record.
-pub fn non_negative_number_field(
-    obj: &Map<String, Value>,
-    name: &str,
-) -> Result<Number, Response> {
+pub fn non_negative_number_field(obj: &Map<String, Value>, name: &str) -> Result<Number, Response> {
     match obj.get(name) {
         None | Some(Value::Null) => Err(missing(name)),
         Some(Value::Number(n)) => match n.as_f64() {
@@ -255,7 +252,16 @@ mod tests {
     #[test]
     fn json_object_rejects_non_objects() {
         assert!(json_object(br#"{"a":1}"#).is_ok());
-        for bad in [&b""[..], b"  ", b"[]", b"null", b"\"x\"", b"{", b"{\"a\":}", b"\xff"] {
+        for bad in [
+            &b""[..],
+            b"  ",
+            b"[]",
+            b"null",
+            b"\"x\"",
+            b"{",
+            b"{\"a\":}",
+            b"\xff",
+        ] {
             let r = json_object(bad).unwrap_err();
             assert_eq!(r.status, 400, "{:?}", String::from_utf8_lossy(bad));
         }
@@ -274,11 +280,21 @@ mod tests {
 
         assert_eq!(positive_int_field(&obj, "n"), Ok(3));
         for bad in ["z", "neg", "fl", "f", "str", "nul", "absent", "big"] {
-            assert_eq!(positive_int_field(&obj, bad).unwrap_err().status, 400, "{bad}");
+            assert_eq!(
+                positive_int_field(&obj, bad).unwrap_err().status,
+                400,
+                "{bad}"
+            );
         }
 
-        assert_eq!(non_negative_number_field(&obj, "f").unwrap().as_f64(), Some(1.5));
-        assert_eq!(non_negative_number_field(&obj, "z").unwrap().as_u64(), Some(0));
+        assert_eq!(
+            non_negative_number_field(&obj, "f").unwrap().as_f64(),
+            Some(1.5)
+        );
+        assert_eq!(
+            non_negative_number_field(&obj, "z").unwrap().as_u64(),
+            Some(0)
+        );
         assert!(non_negative_number_field(&obj, "big").is_ok());
         for bad in ["neg", "str", "nul", "absent"] {
             assert_eq!(

@@ -29,3 +29,26 @@ pub mod store;
 
 pub use http::{fetch, fetch_all, serve, OutboundError, OutboundErrorKind, OutboundRequest};
 pub use message::{Request, Response};
+
+/// Exports `route` (a `fn(Request) -> Response`) as the component's
+/// `wasi:http/incoming-handler`. Only on wasm32, so that components' unit tests link natively.
+#[macro_export]
+macro_rules! http_service {
+    ($route:path) => {
+        #[cfg(target_arch = "wasm32")]
+        mod __http_service {
+            struct HttpService;
+
+            impl $crate::wasi::exports::http::incoming_handler::Guest for HttpService {
+                fn handle(
+                    request: $crate::wasi::http::types::IncomingRequest,
+                    response_out: $crate::wasi::http::types::ResponseOutparam,
+                ) {
+                    $crate::serve(request, response_out, $route);
+                }
+            }
+
+            $crate::wasi::http::proxy::export!(HttpService);
+        }
+    };
+}

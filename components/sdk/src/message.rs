@@ -19,12 +19,15 @@ pub struct Request {
 impl Request {
     /// First value of a header, matched case-insensitively.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.header_values(name).next()
+        find_header(&self.headers, name)
     }
 
     /// Every value of a header, matched case-insensitively, in order.
     pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        find_headers(&self.headers, name)
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// Path segments for route matching; see [`crate::input::segments`].
@@ -55,26 +58,27 @@ impl Response {
     /// `value` serialized as JSON. Takes `&serde_json::Value` as well as any `Serialize` type.
     pub fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Self {
         match serde_json::to_vec(value) {
-            Ok(body) => Response::new(
-                status,
-                vec![("content-type".into(), CONTENT_TYPE_JSON.into())],
-                body,
-            ),
+            Ok(body) => Response::json_bytes(status, body),
             // Only possible for types that refuse to serialize (e.g. maps with non-string keys):
             // a bug on our side, so a 500 rather than a panic.
             Err(e) => Response::error(500, format!("could not serialize response: {e}")),
         }
     }
 
-    /// `{"error": message}` with the given status.
-    pub fn error(status: u16, message: impl Into<String>) -> Self {
-        let body = serde_json::json!({ "error": message.into() });
+    /// A body that is already JSON, labelled as such.
+    pub fn json_bytes(status: u16, body: Vec<u8>) -> Self {
         Response::new(
             status,
             vec![("content-type".into(), CONTENT_TYPE_JSON.into())],
-            // Serializing a `Value` holding only a string cannot fail.
-            serde_json::to_vec(&body).unwrap_or_default(),
+            body,
         )
+    }
+
+    /// `{"error": message}` with the given status.
+    pub fn error(status: u16, message: impl Into<String>) -> Self {
+        let body = serde_json::json!({ "error": message.into() });
+        // Serializing a `Value` holding only a string cannot fail.
+        Response::json_bytes(status, serde_json::to_vec(&body).unwrap_or_default())
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -113,7 +117,7 @@ impl Response {
 
     /// First value of a header, matched case-insensitively.
     pub fn header(&self, name: &str) -> Option<&str> {
-        find_headers(&self.headers, name).next()
+        find_header(&self.headers, name)
     }
 
     pub fn is_success(&self) -> bool {
@@ -126,13 +130,10 @@ impl Response {
     }
 }
 
-fn find_headers<'a>(
-    headers: &'a [(String, String)],
-    name: &'a str,
-) -> impl Iterator<Item = &'a str> + 'a {
+fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
         .iter()
-        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_str())
 }
 

@@ -136,7 +136,10 @@ mod tests {
 
         let long_a = format!("{}@example.com", "a".repeat(242));
         let long_b = format!("{}@example.org", "a".repeat(242));
-        let (ka, kb) = (bounded_key("email:", &long_a), bounded_key("email:", &long_b));
+        let (ka, kb) = (
+            bounded_key("email:", &long_a),
+            bounded_key("email:", &long_b),
+        );
         assert!(ka.len() <= MAX_KEY_BYTES && kb.len() <= MAX_KEY_BYTES);
         assert!(ka.starts_with("email:aaaa"));
         assert_ne!(ka, kb);

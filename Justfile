@@ -3,6 +3,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 components := "gateway user product order"
 out := env_var_or_default("COMPONENTS_DIR", "build/components")
+fixtures := "build/fixtures"
 
 # Build the four components and the host (release).
 build: build-components
@@ -24,19 +25,58 @@ _install name:
     cp target/wasm32-wasip2/release/{{name}}.wasm {{out}}/.{{name}}.wasm.tmp
     mv {{out}}/.{{name}}.wasm.tmp {{out}}/{{name}}.wasm
 
+# Test fixtures: tagged builds of user/order (header x-build: a|b), and components to refuse.
+build-fixtures:
+    mkdir -p {{fixtures}}
+    for tag in a b; do \
+        COMPONENT_BUILD_TAG=$tag cargo build --release --target wasm32-wasip2 -p user -p order; \
+        for c in user order; do cp target/wasm32-wasip2/release/$c.wasm {{fixtures}}/$c-$tag.wasm; done; \
+    done
+    cargo build --release --target wasm32-wasip2 -p fixture-no-http -p fixture-bad-import
+    cp target/wasm32-wasip2/release/fixture_no_http.wasm {{fixtures}}/no-http.wasm
+    cp target/wasm32-wasip2/release/fixture_bad_import.wasm {{fixtures}}/bad-import.wasm
+
 # Run the host on :3000-:3003 (admin on 127.0.0.1:3999). Extra flags go to the host.
 run *flags:
     ./target/release/host {{flags}}
 
-# Build everything, then run every test (unit + integration against the real host).
-test: build
+# Run the host against Kafka on localhost:9092 (start one with `just kafka-up`).
+run-kafka *flags:
+    KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:9092} ./target/release/host {{flags}}
+
+# Start a single-node Kafka (KRaft) in Docker on localhost:9092.
+kafka-up:
+    docker compose up -d kafka
+
+# Stop what docker-compose.yml started.
+kafka-down:
+    docker compose --profile full down
+
+# Build everything, then run all tests (Kafka tests start their own tansu broker).
+test: build build-fixtures _tansu
     cargo test --release -p host -p sdk -p gateway -p user -p product -p order
 
 # Formatting and lints for the host and the components.
 lint:
     cargo fmt --all --check
     cargo clippy --release -p host --all-targets -- -D warnings
-    cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -- -D warnings
+    cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -p fixture-no-http -p fixture-bad-import -- -D warnings
+
+_tansu:
+    command -v tansu >/dev/null || cargo install tansu --locked --features dynostore
+
+# Rebuild components when their source or the WIT changes; a running host swaps them in.
+watch:
+    #!/usr/bin/env bash
+    set -uo pipefail
+    stamp=$(mktemp); trap 'rm -f $stamp' EXIT
+    echo "watching components/ and wit/ (Ctrl-C to stop)"
+    while sleep 1; do
+        if [ -n "$(find components wit -newer "$stamp" \( -name '*.rs' -o -name '*.wit' -o -name Cargo.toml \) | head -1)" ]; then
+            touch "$stamp"
+            just build-components || echo "build failed; the host keeps the running versions"
+        fi
+    done
 
 # Remove build outputs and local data.
 clean:

@@ -55,6 +55,7 @@ fn route(platform: &Platform, method: &Method, path: &str) -> Resp {
                 json!({
                     "ready": ready,
                     "messaging": platform.backend.describe(),
+                    "messaging_reachable": platform.backend_up.load(std::sync::atomic::Ordering::Acquire),
                     "outbox_depth": platform.outbox.depth().ok(),
                 }),
             )

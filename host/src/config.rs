@@ -75,6 +75,31 @@ pub struct Args {
     #[arg(long, env = "INJECT_LATENCY", default_value = "")]
     pub inject_latency: String,
 
+    /// Kafka bootstrap servers (`host:port,...`). Without it, messaging uses the embedded backend.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    /// Partitions of the Kafka topics the host creates.
+    #[arg(long, env = "KAFKA_PARTITIONS", default_value_t = 3)]
+    pub kafka_partitions: i32,
+
+    /// Replication factor of the Kafka topics the host creates.
+    #[arg(long, env = "KAFKA_REPLICATION", default_value_t = 1)]
+    pub kafka_replication: i32,
+
+    /// Longest the broker may hold a consumer fetch open (fetch.wait.max.ms).
+    #[arg(long, env = "KAFKA_FETCH_WAIT", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub kafka_fetch_wait: Duration,
+
+    /// Records per Kafka produce batch. 1 keeps every offset resumable on brokers that cannot
+    /// start a fetch inside a batch (tansu); raise it on Apache Kafka for throughput.
+    #[arg(long, env = "KAFKA_BATCH_MESSAGES", default_value_t = 1)]
+    pub kafka_batch_messages: u32,
+
+    /// Consumer group of each subscribing service, as `service=group,...` (default `<name>-service`).
+    #[arg(long, env = "CONSUMER_GROUPS", default_value = "")]
+    pub consumer_groups: String,
+
     /// Attempts at handling one message before it is dead-lettered to `<topic>.dlq`.
     #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value_t = 5)]
     pub retry_max_attempts: u32,
@@ -111,7 +136,15 @@ pub const USER_CREATED: &str = "user-created";
 impl Args {
     pub fn services(&self) -> Result<Vec<ServiceSpec>> {
         let mut allow = parse_allow(&self.outbound_allow)?;
-        let mut latency = parse_latency(&self.inject_latency)?;
+        let mut latency = parse_rules("INJECT_LATENCY", &self.inject_latency)?
+            .into_iter()
+            .map(|(name, d)| {
+                humantime::parse_duration(&d)
+                    .with_context(|| format!("INJECT_LATENCY duration {d:?}"))
+                    .map(|d| (name, d))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let mut groups = parse_rules("CONSUMER_GROUPS", &self.consumer_groups)?;
         let port = |name: &str| match name {
             "gateway" => self.gateway_port,
             "user" => self.user_port,
@@ -129,7 +162,9 @@ impl Args {
                     "order" => vec![USER_CREATED.to_string()],
                     _ => vec![],
                 },
-                group: format!("{name}-service"),
+                group: groups
+                    .remove(name)
+                    .unwrap_or_else(|| format!("{name}-service")),
                 produces: match name {
                     "user" => vec![USER_CREATED.to_string()],
                     _ => vec![],
@@ -162,20 +197,38 @@ fn parse_allow(spec: &str) -> Result<BTreeMap<String, Vec<String>>> {
     Ok(out)
 }
 
-fn parse_latency(spec: &str) -> Result<BTreeMap<String, Duration>> {
+/// `service=value,...` with known service names.
+fn parse_rules(what: &str, spec: &str) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for rule in spec.split(',').map(str::trim).filter(|r| !r.is_empty()) {
-        let (name, delay) = rule
+        let (name, value) = rule
             .split_once('=')
-            .with_context(|| format!("INJECT_LATENCY rule {rule:?} is not service=duration"))?;
-        if !SERVICES.contains(&name) {
-            bail!("INJECT_LATENCY names unknown service {name:?}");
+            .with_context(|| format!("{what} rule {rule:?} is not service=value"))?;
+        if !SERVICES.contains(&name) || value.is_empty() {
+            bail!("{what} rule {rule:?}: unknown service or empty value");
         }
-        let delay = humantime::parse_duration(delay)
-            .with_context(|| format!("INJECT_LATENCY duration {delay:?}"))?;
-        out.insert(name.to_string(), delay);
+        out.insert(name.to_string(), value.to_string());
     }
     Ok(out)
+}
+
+impl Args {
+    /// Every topic the services use, with the dead-letter topics of subscribed ones.
+    pub fn topics(specs: &[ServiceSpec]) -> Vec<String> {
+        let mut topics: Vec<String> = specs
+            .iter()
+            .flat_map(|s| {
+                s.produces.iter().cloned().chain(
+                    s.subscribes
+                        .iter()
+                        .flat_map(|t| [t.clone(), crate::messaging::dlq_topic(t)]),
+                )
+            })
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
 }
 
 #[cfg(test)]
@@ -204,11 +257,26 @@ mod tests {
     }
 
     #[test]
-    fn latency_rules_parse() {
-        let l = parse_latency("user=200ms, product=1s").unwrap();
-        assert_eq!(l["user"], Duration::from_millis(200));
-        assert_eq!(l["product"], Duration::from_secs(1));
-        assert!(parse_latency("user=soon").is_err());
-        assert!(parse_latency("billing=1s").is_err());
+    fn latency_and_group_rules_parse() {
+        let args = Args::parse_from([
+            "host",
+            "--inject-latency",
+            "user=200ms, product=1s",
+            "--consumer-groups",
+            "order=orders-v2",
+        ]);
+        let services = args.services().unwrap();
+        assert_eq!(services[1].latency, Some(Duration::from_millis(200)));
+        assert_eq!(services[2].latency, Some(Duration::from_secs(1)));
+        assert_eq!(services[3].group, "orders-v2");
+        assert_eq!(services[0].group, "gateway-service");
+        assert_eq!(
+            Args::topics(&services),
+            ["user-created", "user-created.dlq"]
+        );
+        let bad = |flag: &str, v: &str| Args::parse_from(["host", flag, v]).services().is_err();
+        assert!(bad("--inject-latency", "user=soon"));
+        assert!(bad("--inject-latency", "billing=1s"));
+        assert!(bad("--consumer-groups", "order="));
     }
 }

@@ -9,4 +9,5 @@ pub mod messaging;
 pub mod platform;
 pub mod registry;
 pub mod state;
+pub mod testing;
 pub mod watch;

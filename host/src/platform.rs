@@ -2,6 +2,7 @@
 
 use crate::config::Args;
 use crate::invocation::Ctx;
+use crate::messaging::kafka::{Kafka, KafkaConfig};
 use crate::messaging::{embedded::Embedded, Backend, Outbox, RetryPolicy};
 use crate::registry::{self, Service};
 use crate::state::{CommitError, Db, Txn};
@@ -24,6 +25,8 @@ pub struct Platform {
     /// Set once every component is loaded; the admin listener runs before that.
     pub services: OnceLock<Vec<Arc<Service>>>,
     pub ready: AtomicBool,
+    /// Last result of the messaging backend's health check.
+    pub backend_up: AtomicBool,
     pub outbound_timeout: Duration,
     pub compile_cache: PathBuf,
     pub retry: RetryPolicy,
@@ -63,7 +66,32 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let engine = registry::engine(args.max_instances)?;
     let linker = registry::linker(&engine)?;
-    let backend: Arc<dyn Backend> = Arc::new(Embedded::new(db.clone()));
+    let backend: Arc<dyn Backend> = match &args.kafka_brokers {
+        Some(brokers) => {
+            let kafka = Kafka::new(KafkaConfig {
+                brokers: brokers.clone(),
+                partitions: args.kafka_partitions,
+                replication: args.kafka_replication,
+                fetch_wait: args.kafka_fetch_wait,
+                batch_messages: args.kafka_batch_messages,
+            })?;
+            let topics = Args::topics(&specs);
+            // A broker that is down at start-up must not stop the host: events wait in the
+            // outbox, and topic creation is retried until it works.
+            if let Err(e) = kafka.ensure_topics(&topics).await {
+                tracing::warn!(error = %format!("{e:#}"), "could not create Kafka topics yet; retrying in the background");
+                let kafka = Kafka::new(kafka.config().clone())?;
+                tokio::spawn(async move {
+                    while let Err(e) = kafka.ensure_topics(&topics).await {
+                        tracing::debug!(error = %format!("{e:#}"), "creating Kafka topics");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                });
+            }
+            Arc::new(kafka)
+        }
+        None => Arc::new(Embedded::new(db.clone())),
+    };
     tracing::info!(backend = %backend.describe(), "messaging backend");
     let platform = Arc::new(Platform {
         engine,
@@ -73,6 +101,7 @@ pub async fn run(args: Args) -> Result<()> {
         backend,
         services: OnceLock::new(),
         ready: AtomicBool::new(false),
+        backend_up: AtomicBool::new(true),
         outbound_timeout: args.outbound_timeout,
         compile_cache: args.compile_cache.clone(),
         retry: RetryPolicy {
@@ -118,6 +147,7 @@ pub async fn run(args: Args) -> Result<()> {
     let _ = platform.services.set(services);
 
     tokio::spawn(platform.outbox.clone().drain(platform.backend.clone()));
+    tokio::spawn(watch_backend(platform.clone()));
     for service in platform.services() {
         for topic in &service.spec.subscribes {
             tokio::spawn(messaging::consumer::run(
@@ -141,6 +171,29 @@ pub async fn run(args: Args) -> Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// Keeps `backend_up` current and says in the log when the backend goes away or comes back.
+async fn watch_backend(platform: Arc<Platform>) {
+    loop {
+        let up = match platform.backend.health().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "messaging backend health check failed");
+                false
+            }
+        };
+        let was = platform.backend_up.swap(up, Ordering::AcqRel);
+        if was != up {
+            let waiting = platform.outbox.depth().unwrap_or(0);
+            if up {
+                tracing::info!(backend = %platform.backend.describe(), waiting, "messaging backend reachable again");
+            } else {
+                tracing::warn!(backend = %platform.backend.describe(), waiting, "messaging backend unreachable; events wait in the outbox");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 async fn shutdown_signal() {

@@ -75,6 +75,10 @@ fn send_response(out: ResponseOutparam, response: &Response) {
         "content-length",
         &[response.body.len().to_string().into_bytes()],
     );
+    // Lets a caller tell two builds of one service apart (hot-swap tests, canaries).
+    if let Some(tag) = option_env!("COMPONENT_BUILD_TAG") {
+        let _ = headers.set("x-build", &[tag.as_bytes().to_vec()]);
+    }
     let outgoing = OutgoingResponse::new(headers);
     if outgoing.set_status_code(response.status).is_err() {
         let _ = outgoing.set_status_code(500);

@@ -7,6 +7,7 @@
 
 pub mod consumer;
 pub mod embedded;
+pub mod kafka;
 pub mod outbox;
 
 use crate::bindings::producer::{self as wit, SendError};
@@ -53,6 +54,10 @@ pub trait Backend: Send + Sync + 'static {
     async fn publish(&self, messages: &[Message]) -> Result<()>;
     /// Starts reading `topic` for consumer group `group`, after its last committed record.
     async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn Subscription>>;
+    /// Whether the backend is reachable now (for readiness and logs).
+    async fn health(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -143,10 +148,18 @@ pub mod tests {
     }
 
     async fn next(sub: &mut Box<dyn Subscription>) -> Delivery {
-        tokio::time::timeout(Duration::from_secs(20), sub.next())
+        let started = std::time::Instant::now();
+        let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
             .await
-            .expect("no record within 20 s")
-            .unwrap()
+            .expect("no record within 30 s")
+            .unwrap();
+        eprintln!(
+            "record at {}/{} after {:?}",
+            d.partition,
+            d.offset,
+            started.elapsed()
+        );
+        d
     }
 
     /// The behaviour every backend must have. `topic` must be fresh for each run.

@@ -130,23 +130,8 @@ async fn everything_survives_a_crash_and_restart() {
         !r.json["user"].is_null()
     })
     .await;
-    let o = host
-        .post(
-            "/api/orders",
-            &json!({"userId": 5, "productId": 3, "quantity": 1}),
-        )
-        .await;
     // User 5's event may still be in flight: the order service answers 422 until it arrives.
-    let o = if o.status == 422 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        host.post(
-            "/api/orders",
-            &json!({"userId": 5, "productId": 3, "quantity": 1}),
-        )
-        .await
-    } else {
-        o
-    };
+    let o = host.order_when_cached(5, 3, Duration::from_secs(10)).await;
     assert_eq!(o.status, 201, "{:?}", o.json);
     let users_before = host.get("/api/users").await.json;
     let data = host.data.clone();
@@ -189,27 +174,8 @@ async fn users_created_right_before_a_crash_still_reach_the_order_cache() {
         .await;
     assert_eq!(r.status, 200);
     for id in [1, 10, 20] {
-        let o = host
-            .post(
-                "/api/orders",
-                &json!({"userId": id, "productId": 1, "quantity": 1}),
-            )
-            .await;
-        let o = if o.status == 422 {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            host.post(
-                "/api/orders",
-                &json!({"userId": id, "productId": 1, "quantity": 1}),
-            )
-            .await
-        } else {
-            o
-        };
-        assert_eq!(
-            o.status, 201,
-            "user {id} never reached the order cache: {:?}",
-            o.json
-        );
+        let o = host.order_when_cached(id, 1, Duration::from_secs(10)).await;
+        assert_eq!(o.status, 201, "user {id}: {:?}", o.json);
     }
     assert_eq!(ids, (1..=20).collect::<Vec<_>>());
     drop(keep);

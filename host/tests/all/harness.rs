@@ -18,6 +18,27 @@ pub fn components_dir() -> PathBuf {
     dir
 }
 
+/// Test fixtures built by `just build-fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    let file = components_dir().join("../fixtures").join(name);
+    assert!(
+        file.exists(),
+        "no fixture {}: run `just build-fixtures`",
+        file.display()
+    );
+    file
+}
+
+/// A private copy of the built components, for tests that replace files in it.
+pub fn components_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["gateway", "user", "product", "order"] {
+        let file = format!("{name}.wasm");
+        std::fs::copy(components_dir().join(&file), dir.path().join(&file)).unwrap();
+    }
+    dir
+}
+
 pub struct Host {
     child: Child,
     pub admin: String,
@@ -48,6 +69,11 @@ impl Host {
 
     /// `data`: reuse a data dir (for restarts); `extra`: more command-line flags.
     pub async fn start_with(data: Option<&Path>, extra: &[&str]) -> Host {
+        Host::start_in(&components_dir(), data, extra).await
+    }
+
+    /// Like `start_with`, loading the components from `components`.
+    pub async fn start_in(components: &Path, data: Option<&Path>, extra: &[&str]) -> Host {
         let (tmp, data) = match data {
             Some(d) => (None, d.to_path_buf()),
             None => {
@@ -65,7 +91,7 @@ impl Host {
         let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("compile-cache");
         let child = Command::new(env!("CARGO_BIN_EXE_host"))
             .arg("--components-dir")
-            .arg(components_dir())
+            .arg(components)
             .arg("--data-dir")
             .arg(&data)
             .arg("--compile-cache")
@@ -191,6 +217,30 @@ impl Host {
                 return r;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Places an order of `product_id` for `user_id`, retrying while order-service answers 422 because the
+    /// user's event has not reached its cache yet. Panics after `within`.
+    pub async fn order_when_cached(
+        &self,
+        user_id: u64,
+        product_id: u64,
+        within: Duration,
+    ) -> Reply {
+        let deadline = Instant::now() + within;
+        loop {
+            let body =
+                serde_json::json!({"userId": user_id, "productId": product_id, "quantity": 1});
+            let r = self.post("/api/orders", &body).await;
+            if r.status != 422 {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "user {user_id} never reached order-service's cache"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

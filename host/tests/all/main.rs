@@ -5,4 +5,6 @@ mod admin;
 mod api;
 mod flows;
 mod harness;
+mod kafka;
 mod resilience;
+mod swap;

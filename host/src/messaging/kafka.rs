@@ -1,0 +1,240 @@
+//! Kafka messaging backend (rdkafka with its bundled librdkafka): the `Backend` contract on a
+//! real broker. Idempotent producer with `acks=all`; one consumer group per subscribing
+//! service with manual offset commits.
+
+use super::{Backend, Delivery, Message, Subscription};
+use anyhow::{anyhow, bail, Context as _, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub partitions: i32,
+    pub replication: i32,
+    /// How long the broker may hold a fetch open; low, because some brokers answer a fetch
+    /// only when it expires.
+    pub fetch_wait: Duration,
+    /// Records per produce batch (librdkafka `batch.num.messages`).
+    pub batch_messages: u32,
+}
+
+pub struct Kafka {
+    config: KafkaConfig,
+    producer: Arc<FutureProducer>,
+}
+
+impl Kafka {
+    pub fn new(config: KafkaConfig) -> Result<Kafka> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            // Some Kafka-protocol brokers (tansu 0.6) cannot resume a consumer from an offset
+            // inside a multi-record batch; one record per batch keeps every offset resumable.
+            .set("batch.num.messages", config.batch_messages.to_string())
+            .set("socket.nagle.disable", "true")
+            // A batch that cannot be delivered fails after this; the outbox keeps it and the
+            // drainer tries again, so an outage delays events but never drops them.
+            .set("message.timeout.ms", "5000")
+            .create()
+            .context("creating the Kafka producer")?;
+        Ok(Kafka {
+            config,
+            producer: Arc::new(producer),
+        })
+    }
+
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    /// Creates the topics that do not exist yet.
+    pub async fn ensure_topics(&self, topics: &[String]) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .create()
+            .context("creating the Kafka admin client")?;
+        let new: Vec<NewTopic> = topics
+            .iter()
+            .map(|t| {
+                NewTopic::new(
+                    t,
+                    self.config.partitions,
+                    TopicReplication::Fixed(self.config.replication),
+                )
+            })
+            .collect();
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(10)));
+        for result in admin.create_topics(&new, &opts).await? {
+            match result {
+                Ok(topic) => tracing::info!(
+                    topic,
+                    partitions = self.config.partitions,
+                    "created Kafka topic"
+                ),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => bail!("creating topic {topic}: {code}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Kafka {
+    fn describe(&self) -> String {
+        format!("kafka ({})", self.config.brokers)
+    }
+
+    async fn publish(&self, messages: &[Message]) -> Result<()> {
+        // Enqueue everything first so the batch goes out together, then wait for each ack.
+        let mut acks = Vec::with_capacity(messages.len());
+        for m in messages {
+            let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
+            for (key, value) in &m.headers {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            let mut record = FutureRecord::to(&m.topic)
+                .payload(m.payload.as_slice())
+                .headers(headers);
+            if let Some(key) = &m.key {
+                record = record.key(key.as_str());
+            }
+            let ack = self
+                .producer
+                .send_result(record)
+                .map_err(|(e, _)| anyhow!("enqueueing to {}: {e}", m.topic))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            match ack.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(anyhow!("Kafka did not take the record: {e}")),
+                Err(_) => bail!("the Kafka producer went away"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn Subscription>> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set(
+                "fetch.wait.max.ms",
+                self.config.fetch_wait.as_millis().to_string(),
+            )
+            .set("socket.nagle.disable", "true")
+            .set("session.timeout.ms", "10000")
+            .create()
+            .context("creating the Kafka consumer")?;
+        consumer.subscribe(&[topic])?;
+        Ok(Box::new(KafkaSubscription {
+            consumer: Arc::new(consumer),
+        }))
+    }
+
+    async fn health(&self) -> Result<()> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .map(|_| ())
+        })
+        .await??;
+        Ok(())
+    }
+}
+
+struct KafkaSubscription {
+    consumer: Arc<StreamConsumer>,
+}
+
+#[async_trait::async_trait]
+impl Subscription for KafkaSubscription {
+    async fn next(&mut self) -> Result<Delivery> {
+        let msg = self.consumer.recv().await?;
+        let headers = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                        (h.key.to_string(), value.into_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Delivery {
+            message: Message {
+                topic: msg.topic().to_string(),
+                key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: msg.payload().unwrap_or_default().to_vec(),
+                headers,
+            },
+            partition: msg.partition() as u32,
+            offset: msg.offset() as u64,
+        })
+    }
+
+    async fn commit(&mut self, delivery: &Delivery) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(
+            &delivery.message.topic,
+            delivery.partition as i32,
+            Offset::Offset(delivery.offset as i64 + 1),
+        )?;
+        // Synchronous, so that "committed" means the broker has it; off the async workers
+        // because it waits for the broker's answer.
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await??;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Broker;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn contract_on_a_real_broker() {
+        let broker = Broker::start().expect("a Kafka-protocol broker is required for this test");
+        let kafka = Kafka::new(KafkaConfig {
+            brokers: broker.addr.clone(),
+            partitions: 3,
+            replication: 1,
+            fetch_wait: Duration::from_millis(10),
+            batch_messages: 1,
+        })
+        .unwrap();
+        kafka
+            .ensure_topics(&["contract".to_string()])
+            .await
+            .unwrap();
+        // Creating it again is not an error.
+        kafka
+            .ensure_topics(&["contract".to_string()])
+            .await
+            .unwrap();
+        crate::messaging::tests::contract(Arc::new(kafka), "contract").await;
+    }
+}

@@ -1,0 +1,239 @@
+//! Kafka mode end to end, against a real Kafka-protocol broker (tansu) started per test.
+//! These tests fail, never skip, when no broker can be started.
+
+use crate::harness::Host;
+use host::testing::Broker;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde_json::json;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+fn broker() -> Broker {
+    Broker::start()
+        .expect("the Kafka tests need tansu: cargo install tansu --locked --features dynostore")
+}
+
+async fn kafka_host(broker: &Broker, data: Option<&std::path::Path>) -> Host {
+    Host::start_with(data, &["--kafka-brokers", &broker.addr]).await
+}
+
+/// Reads `n` records of `topic` from the beginning, with their headers.
+async fn read_topic(
+    broker: &Broker,
+    topic: &str,
+    n: usize,
+) -> Vec<(Option<String>, String, HashMap<String, String>)> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .set("group.id", format!("test-reader-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} records on {topic}", out.len()))
+            .unwrap();
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((
+            m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+            headers,
+        ));
+    }
+    out
+}
+
+async fn wait_cached(host: &Host, user_id: u64, within: Duration) {
+    let r = host.order_when_cached(user_id, 1, within).await;
+    assert_eq!(r.status, 201, "{:?}", r.json);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_flow_over_kafka_with_keys_and_headers() {
+    let broker = broker();
+    let host = kafka_host(&broker, None).await;
+    let ready = host.admin_get("/readyz").await.json;
+    assert!(
+        ready["messaging"].as_str().unwrap().starts_with("kafka"),
+        "{ready}"
+    );
+
+    let r = host
+        .send(
+            "POST",
+            "gateway",
+            "/api/users",
+            Some(r#"{"name":"Alice","email":"alice@mail.com"}"#),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let order = host
+        .eventually("/api/v1/orders/101", Duration::from_secs(10), |r| {
+            !r.json["user"].is_null()
+        })
+        .await;
+    assert_eq!(order.json["user"]["name"], "Alice");
+
+    let records = read_topic(&broker, "user-created", 1).await;
+    let (key, value, headers) = &records[0];
+    assert_eq!(key.as_deref(), Some("1"));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(value).unwrap(),
+        json!({"id":1,"name":"Alice","email":"alice@mail.com"})
+    );
+    assert_eq!(headers["event-id"], "user-created-1");
+    assert_eq!(
+        headers["x-request-id"],
+        r.headers["x-request-id"].to_str().unwrap()
+    );
+    assert!(host.log().contains("created Kafka topic"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_outage_delays_events_but_loses_none() {
+    let broker = broker();
+    let host = kafka_host(&broker, None).await;
+    let r = host
+        .post(
+            "/api/users",
+            &json!({"name": "Before", "email": "before@ex.com"}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    wait_cached(&host, 1, Duration::from_secs(20)).await;
+
+    broker.freeze();
+    for i in 2..=6 {
+        let start = Instant::now();
+        let r = host
+            .post(
+                "/api/users",
+                &json!({"name": format!("During{i}"), "email": format!("d{i}@ex.com")}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "users are stored while the broker is down");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "POST waited for the broker"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while host.admin_get("/readyz").await.json["messaging_reachable"] != false {
+        assert!(
+            Instant::now() < deadline,
+            "readiness never reported the broker down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        host.admin_get("/readyz").await.json["outbox_depth"]
+            .as_u64()
+            .unwrap()
+            >= 5
+    );
+    assert!(host.log().contains("events wait in the outbox"));
+    broker.thaw();
+
+    for id in 2..=6 {
+        wait_cached(&host, id, Duration::from_secs(60)).await;
+    }
+    // Every event reached the topic, in order per key (each key once or more, never missing).
+    let records = read_topic(&broker, "user-created", 6).await;
+    let mut keys: Vec<String> = records.iter().filter_map(|r| r.0.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys, ["1", "2", "3", "4", "5", "6"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_record_goes_to_the_dead_letter_topic_and_consumption_moves_on() {
+    let broker = broker();
+    let host = kafka_host(&broker, None).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to("user-created")
+                .key("9")
+                .payload("this is not json"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let r = host
+        .post(
+            "/api/users",
+            &json!({"name": "After", "email": "after@ex.com"}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    wait_cached(&host, 1, Duration::from_secs(30)).await;
+
+    let dlq = read_topic(&broker, "user-created.dlq", 1).await;
+    let (key, value, headers) = &dlq[0];
+    assert_eq!(key.as_deref(), Some("9"));
+    assert_eq!(value, "this is not json");
+    assert!(!headers["dlq-error"].is_empty());
+    assert_eq!(headers["dlq-topic"], "user-created");
+    assert_eq!(headers["dlq-service"], "order");
+    assert!(headers["dlq-attempts"].parse::<u32>().unwrap() >= 1);
+    assert!(headers.contains_key("dlq-partition") && headers.contains_key("dlq-offset"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_resumes_from_committed_offsets_without_loss_or_replay_effects() {
+    let broker = broker();
+    let host = kafka_host(&broker, None).await;
+    for i in 1..=5 {
+        let r = host
+            .post(
+                "/api/users",
+                &json!({"name": format!("R{i}"), "email": format!("r{i}@ex.com")}),
+            )
+            .await;
+        assert_eq!(r.status, 201);
+    }
+    for id in 1..=5 {
+        wait_cached(&host, id, Duration::from_secs(30)).await;
+    }
+    let orders_before = host.get("/api/orders").await.json;
+    let data = host.data.clone();
+    let keep = host.kill();
+
+    let host = kafka_host(&broker, Some(&data)).await;
+    assert_eq!(host.get("/api/orders").await.json, orders_before);
+    let r = host
+        .post("/api/users", &json!({"name": "R6", "email": "r6@ex.com"}))
+        .await;
+    assert_eq!(r.json["id"], 6);
+    wait_cached(&host, 6, Duration::from_secs(30)).await;
+    let orders = host.get("/api/orders").await.json;
+    let orders = orders.as_array().unwrap();
+    assert_eq!(orders.len(), 7);
+    for o in &orders[1..] {
+        assert_eq!(o["user"]["id"], o["userId"]);
+    }
+    drop(keep);
+}

@@ -25,14 +25,15 @@ _install name:
     cp target/wasm32-wasip2/release/{{name}}.wasm {{out}}/.{{name}}.wasm.tmp
     mv {{out}}/.{{name}}.wasm.tmp {{out}}/{{name}}.wasm
 
-# Test fixtures: tagged builds of user/order (header x-build: a|b), and components to refuse.
+# Test fixtures: tagged builds of user/order (x-build: a|b), components to refuse, a misbehaving one.
 build-fixtures:
     mkdir -p {{fixtures}}
     for tag in a b; do \
         COMPONENT_BUILD_TAG=$tag cargo build --release --target wasm32-wasip2 -p user -p order; \
         for c in user order; do cp target/wasm32-wasip2/release/$c.wasm {{fixtures}}/$c-$tag.wasm; done; \
     done
-    cargo build --release --target wasm32-wasip2 -p fixture-no-http -p fixture-bad-import
+    cargo build --release --target wasm32-wasip2 -p fixture-no-http -p fixture-bad-import -p fixture-misbehave
+    cp target/wasm32-wasip2/release/fixture_misbehave.wasm {{fixtures}}/misbehave.wasm
     cp target/wasm32-wasip2/release/fixture_no_http.wasm {{fixtures}}/no-http.wasm
     cp target/wasm32-wasip2/release/fixture_bad_import.wasm {{fixtures}}/bad-import.wasm
 
@@ -56,11 +57,27 @@ kafka-down:
 test: build build-fixtures _tansu
     cargo test --release -p host -p sdk -p gateway -p user -p product -p order
 
+# Benchmarks (not tests): measures on this machine and rewrites BENCHMARKS.md.
+bench: build _tansu
+    #!/usr/bin/env bash
+    set -euo pipefail
+    table=$(cargo bench -p host --bench e2e)
+    {
+        echo "# Benchmarks"
+        echo
+        echo "Produced by \`just bench\` (\`cargo bench -p host --bench e2e\`) on $(nproc) cores,"
+        echo "commit $(git rev-parse --short HEAD), $(date -u +%Y-%m-%d). One run; medians and"
+        echo "percentiles of that run. Figures drift between machines: compare within one run."
+        echo
+        echo "$table"
+    } > BENCHMARKS.md
+    cat BENCHMARKS.md
+
 # Formatting and lints for the host and the components.
 lint:
     cargo fmt --all --check
     cargo clippy --release -p host --all-targets -- -D warnings
-    cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -p fixture-no-http -p fixture-bad-import -- -D warnings
+    cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -- -D warnings
 
 _tansu:
     command -v tansu >/dev/null || cargo install tansu --locked --features dynostore

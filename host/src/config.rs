@@ -63,6 +63,28 @@ pub struct Args {
     )]
     pub outbound_allow: String,
 
+    /// Largest linear memory one instance may have (e.g. 64MiB); growing past it fails that
+    /// request with 500.
+    #[arg(long, env = "MEMORY_LIMIT", default_value = "64MiB", value_parser = parse_size)]
+    pub memory_limit: u64,
+
+    /// Guest compute time one request or message may use before it is stopped (504).
+    #[arg(long, env = "CPU_DEADLINE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub cpu_deadline: Duration,
+
+    /// Requests in flight per service; beyond it 503 with Retry-After (0 = 64 per core).
+    #[arg(long, env = "MAX_CONCURRENT", default_value_t = 0)]
+    pub max_concurrent: usize,
+
+    /// Per-service overrides of the three limits above, as
+    /// `service=memory:32MiB/cpu:1s/concurrency:16,service=...`.
+    #[arg(long, env = "SERVICE_LIMITS", default_value = "")]
+    pub service_limits: String,
+
+    /// On SIGTERM/Ctrl-C, how long in-flight requests and handlers may take to finish.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// Component instances that may exist at once (pooling allocator slots).
     #[arg(long, env = "MAX_INSTANCES", default_value_t = 512)]
     pub max_instances: u32,
@@ -128,6 +150,15 @@ pub struct ServiceSpec {
     pub produces: Vec<String>,
     /// Injected delay before each in-process call into it (testing aid).
     pub latency: Option<Duration>,
+    pub limits: Limits,
+}
+
+/// What one service's invocations may use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub memory: u64,
+    pub cpu: Duration,
+    pub concurrency: usize,
 }
 
 pub const SERVICES: [&str; 4] = ["gateway", "user", "product", "order"];
@@ -145,33 +176,50 @@ impl Args {
             })
             .collect::<Result<BTreeMap<_, _>>>()?;
         let mut groups = parse_rules("CONSUMER_GROUPS", &self.consumer_groups)?;
+        let mut overrides = parse_rules("SERVICE_LIMITS", &self.service_limits)?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let defaults = Limits {
+            memory: self.memory_limit,
+            cpu: self.cpu_deadline,
+            concurrency: if self.max_concurrent == 0 {
+                64 * cores
+            } else {
+                self.max_concurrent
+            },
+        };
         let port = |name: &str| match name {
             "gateway" => self.gateway_port,
             "user" => self.user_port,
             "product" => self.product_port,
             _ => self.order_port,
         };
-        Ok(SERVICES
+        SERVICES
             .iter()
-            .map(|&name| ServiceSpec {
-                name,
-                port: port(name),
-                file: self.components_dir.join(format!("{name}.wasm")),
-                calls: allow.remove(name).unwrap_or_default(),
-                subscribes: match name {
-                    "order" => vec![USER_CREATED.to_string()],
-                    _ => vec![],
-                },
-                group: groups
-                    .remove(name)
-                    .unwrap_or_else(|| format!("{name}-service")),
-                produces: match name {
-                    "user" => vec![USER_CREATED.to_string()],
-                    _ => vec![],
-                },
-                latency: latency.remove(name),
+            .map(|&name| -> Result<ServiceSpec> {
+                Ok(ServiceSpec {
+                    name,
+                    port: port(name),
+                    file: self.components_dir.join(format!("{name}.wasm")),
+                    calls: allow.remove(name).unwrap_or_default(),
+                    subscribes: match name {
+                        "order" => vec![USER_CREATED.to_string()],
+                        _ => vec![],
+                    },
+                    group: groups
+                        .remove(name)
+                        .unwrap_or_else(|| format!("{name}-service")),
+                    produces: match name {
+                        "user" => vec![USER_CREATED.to_string()],
+                        _ => vec![],
+                    },
+                    latency: latency.remove(name),
+                    limits: match overrides.remove(name) {
+                        Some(spec) => parse_limits(&defaults, &spec)?,
+                        None => defaults.clone(),
+                    },
+                })
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -195,6 +243,41 @@ fn parse_allow(spec: &str) -> Result<BTreeMap<String, Vec<String>>> {
         out.insert(caller.trim().to_string(), callees);
     }
     Ok(out)
+}
+
+/// `memory:32MiB/cpu:1s/concurrency:16`, any subset, over `defaults`.
+fn parse_limits(defaults: &Limits, spec: &str) -> Result<Limits> {
+    let mut limits = defaults.clone();
+    for part in spec.split('/').map(str::trim).filter(|p| !p.is_empty()) {
+        let (what, value) = part
+            .split_once(':')
+            .with_context(|| format!("SERVICE_LIMITS item {part:?} is not kind:value"))?;
+        match what {
+            "memory" => limits.memory = parse_size(value).map_err(anyhow::Error::msg)?,
+            "cpu" => limits.cpu = humantime::parse_duration(value)?,
+            "concurrency" => limits.concurrency = value.parse()?,
+            _ => bail!("SERVICE_LIMITS: unknown limit {what:?} (memory, cpu, concurrency)"),
+        }
+    }
+    Ok(limits)
+}
+
+/// `64MiB`, `512KiB`, `1GiB` or plain bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 64MiB"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// `service=value,...` with known service names.
@@ -247,6 +330,46 @@ mod tests {
             services[0].file,
             PathBuf::from("build/components/gateway.wasm")
         );
+    }
+
+    #[test]
+    fn limits_have_defaults_and_per_service_overrides() {
+        let args = Args::parse_from([
+            "host",
+            "--memory-limit",
+            "32MiB",
+            "--max-concurrent",
+            "7",
+            "--service-limits",
+            "product=cpu:250ms/memory:1GiB",
+        ]);
+        let s = args.services().unwrap();
+        assert_eq!(
+            s[0].limits,
+            Limits {
+                memory: 32 << 20,
+                cpu: Duration::from_secs(5),
+                concurrency: 7
+            }
+        );
+        assert_eq!(
+            s[2].limits,
+            Limits {
+                memory: 1 << 30,
+                cpu: Duration::from_millis(250),
+                concurrency: 7
+            }
+        );
+        let bad = |v: &str| {
+            Args::parse_from(["host", "--service-limits", v])
+                .services()
+                .is_err()
+        };
+        assert!(bad("product=speed:1"));
+        assert!(bad("product=memory:lots"));
+        assert!(bad("product=cpu"));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert!(parse_size("12 parsecs").is_err());
     }
 
     #[test]

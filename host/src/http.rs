@@ -11,6 +11,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +59,14 @@ pub fn request_id(headers: &hyper::HeaderMap) -> String {
 }
 
 /// Accepts connections on a service's port forever.
-pub async fn serve(listener: TcpListener, platform: Arc<Platform>, service: Arc<Service>) {
+/// Accepts connections on a service's port until aborted; `connections` lets shutdown finish
+/// their in-flight requests and close them.
+pub async fn serve(
+    listener: TcpListener,
+    platform: Arc<Platform>,
+    service: Arc<Service>,
+    connections: Arc<GracefulShutdown>,
+) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
@@ -71,6 +79,7 @@ pub async fn serve(listener: TcpListener, platform: Arc<Platform>, service: Arc<
         };
         let _ = stream.set_nodelay(true);
         let (platform, service) = (platform.clone(), service.clone());
+        let watcher = connections.watcher();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let (platform, service) = (platform.clone(), service.clone());
@@ -81,7 +90,7 @@ pub async fn serve(listener: TcpListener, platform: Arc<Platform>, service: Arc<
                 .header_read_timeout(Duration::from_secs(10))
                 .max_headers(100)
                 .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });

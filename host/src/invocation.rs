@@ -7,6 +7,7 @@ use crate::bindings::{self, HandleError};
 use crate::http::{json_error, Outbound, Resp};
 use crate::messaging::{Delivery, ProducerView};
 use crate::platform::Platform;
+use crate::registry::EPOCH_TICK;
 use crate::registry::{Loaded, Service};
 use crate::state::{CommitError, StateView, Txn};
 use anyhow::{anyhow, Result};
@@ -15,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
 use std::sync::Arc;
 use wasmtime::component::ResourceTable;
-use wasmtime::Store;
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -33,6 +34,7 @@ pub struct Ctx {
     platform: Arc<Platform>,
     service: Arc<Service>,
     request_id: String,
+    limits: StoreLimits,
     pub txn: Txn,
 }
 
@@ -83,11 +85,27 @@ fn new_store(platform: &Arc<Platform>, service: &Arc<Service>, request_id: &str)
         platform: platform.clone(),
         service: service.clone(),
         request_id: request_id.to_string(),
+        limits: StoreLimitsBuilder::new()
+            .memory_size(usize::try_from(service.spec.limits.memory).unwrap_or(usize::MAX))
+            .build(),
         txn: Txn::new(service.name.clone()),
     };
     let mut store = Store::new(&platform.engine, ctx);
-    // Yield to the executor at every epoch tick so a busy guest cannot hog a worker thread.
-    store.epoch_deadline_async_yield_and_update(1);
+    store.limiter(|ctx| &mut ctx.limits);
+    // The callback runs once per epoch tick the guest spends computing (waiting in host calls
+    // does not tick it), so counting calls measures guest compute time. Each tick also yields
+    // to the executor, so a busy guest cannot hog a worker thread.
+    let budget = service.spec.limits.cpu.as_millis() / EPOCH_TICK.as_millis().max(1);
+    let mut ticks = 0u128;
+    store.epoch_deadline_callback(move |_| {
+        ticks += 1;
+        if ticks > budget {
+            Err(wasmtime::Trap::Interrupt.into())
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    store.set_epoch_deadline(1);
     store
 }
 
@@ -108,6 +126,13 @@ pub async fn http(
     req: HttpRequest,
     request_id: &str,
 ) -> Resp {
+    let Ok(_permit) = service.permits.try_acquire() else {
+        tracing::warn!(service = %service.name, request_id, "concurrency limit reached");
+        return busy(&format!(
+            "{}-service is at its concurrency limit; retry",
+            service.name
+        ));
+    };
     for _ in 0..MAX_CONFLICT_RETRIES {
         let loaded = service.loaded.load_full();
         let mut store = new_store(platform, service, request_id);
@@ -128,6 +153,16 @@ pub async fn http(
             {
                 tracing::warn!(service = %service.name, request_id, "all instance slots busy");
                 return busy("all instance slots are busy; retry");
+            }
+            Err(e)
+                if e.chain()
+                    .any(|c| c.downcast_ref() == Some(&wasmtime::Trap::Interrupt)) =>
+            {
+                tracing::error!(service = %service.name, request_id, deadline = ?service.spec.limits.cpu, "component computed past its CPU deadline; stopped");
+                return json_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!("{}-service computed past its deadline", service.name),
+                );
             }
             Err(e) => {
                 let cause = e.root_cause().to_string();

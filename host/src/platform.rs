@@ -8,6 +8,7 @@ use crate::registry::{self, Service};
 use crate::state::{CommitError, Db, Txn};
 use crate::{admin, http, messaging, watch};
 use anyhow::{Context as _, Result};
+use hyper_util::server::graceful::GracefulShutdown;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -64,7 +65,12 @@ pub async fn run(args: Args) -> Result<()> {
     } else {
         Db::open(&args.data_dir)?
     };
-    let engine = registry::engine(args.max_instances)?;
+    let max_memory = specs
+        .iter()
+        .map(|s| s.limits.memory)
+        .max()
+        .unwrap_or(64 << 20);
+    let engine = registry::engine(args.max_instances, max_memory)?;
     let linker = registry::linker(&engine)?;
     let backend: Arc<dyn Backend> = match &args.kafka_brokers {
         Some(brokers) => {
@@ -148,17 +154,27 @@ pub async fn run(args: Args) -> Result<()> {
 
     tokio::spawn(platform.outbox.clone().drain(platform.backend.clone()));
     tokio::spawn(watch_backend(platform.clone()));
+    let (stop_consumers, stopping) = tokio::sync::watch::channel(false);
+    let mut consumers = Vec::new();
     for service in platform.services() {
         for topic in &service.spec.subscribes {
-            tokio::spawn(messaging::consumer::run(
+            consumers.push(tokio::spawn(messaging::consumer::run(
                 platform.clone(),
                 service.clone(),
                 topic.clone(),
-            ));
+                stopping.clone(),
+            )));
         }
     }
+    let connections = Arc::new(GracefulShutdown::new());
+    let mut accepting = Vec::new();
     for (listener, service) in listeners.into_iter().zip(platform.services()) {
-        tokio::spawn(http::serve(listener, platform.clone(), service.clone()));
+        accepting.push(tokio::spawn(http::serve(
+            listener,
+            platform.clone(),
+            service.clone(),
+            connections.clone(),
+        )));
     }
     let _watcher = if args.watch {
         Some(watch::spawn(platform.clone(), &args.components_dir)?)
@@ -168,8 +184,44 @@ pub async fn run(args: Args) -> Result<()> {
     platform.ready.store(true, Ordering::Release);
     tracing::info!("ready");
 
-    shutdown_signal().await;
-    tracing::info!("shutting down");
+    let mut signals = Signals::new()?;
+    signals.next().await;
+    tracing::info!(grace = ?args.shutdown_grace, "shutting down: no new connections; finishing in-flight work");
+    platform.ready.store(false, Ordering::Release);
+    for task in &accepting {
+        task.abort();
+    }
+    for task in accepting {
+        let _ = task.await;
+    }
+    let _ = stop_consumers.send(true);
+    let drained = async {
+        // Finishes the request in flight on each connection, then closes it.
+        if let Some(connections) = Arc::into_inner(connections) {
+            connections.shutdown().await;
+        }
+        // In-process calls and anything else still running hold a permit of their service.
+        while platform
+            .services()
+            .iter()
+            .any(|s| s.permits.available_permits() < s.spec.limits.concurrency)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for consumer in consumers {
+            let _ = consumer.await;
+        }
+        // Give the outbox a chance to reach the broker; what stays waits on disk.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while platform.outbox.depth().unwrap_or(0) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        _ = drained => tracing::info!(outbox = platform.outbox.depth().unwrap_or(0), "stopped cleanly"),
+        _ = tokio::time::sleep(args.shutdown_grace) => tracing::warn!("grace period over; stopping with work in flight (committed data is safe)"),
+        _ = signals.next() => tracing::warn!("second signal: stopping now (committed data is safe)"),
+    }
     Ok(())
 }
 
@@ -196,11 +248,25 @@ async fn watch_backend(platform: Arc<Platform>) {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGTERM and Ctrl-C.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }

@@ -14,14 +14,14 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-/// Largest linear memory one instance may grow to.
-const MAX_MEMORY: usize = 64 << 20;
 /// How often the epoch advances: the granularity at which running guests yield.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// One engine for all services, with instance slots reserved up front (pooling allocator) so
 /// that a fresh instance per request costs a few microseconds.
-pub fn engine(max_instances: u32) -> Result<Engine> {
+/// `max_memory` is the largest memory limit of any service: the per-store limiter enforces each
+/// service's own.
+pub fn engine(max_instances: u32, max_memory: u64) -> Result<Engine> {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(max_instances)
         // A Rust component is a handful of core modules; only the main one has a memory.
@@ -29,7 +29,7 @@ pub fn engine(max_instances: u32) -> Result<Engine> {
         .total_memories(max_instances)
         .total_tables(max_instances * 8)
         .total_stacks(max_instances)
-        .max_memory_size(MAX_MEMORY);
+        .max_memory_size(usize::try_from(max_memory)?);
     let mut config = Config::new();
     config
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
@@ -77,6 +77,8 @@ pub struct Service {
     /// In-flight invocations keep the `Arc` they started with, so they finish on that version.
     pub loaded: ArcSwap<Loaded>,
     pub name: Arc<str>,
+    /// One per request in flight; none left means 503.
+    pub permits: Arc<tokio::sync::Semaphore>,
     swaps: Mutex<Swaps>,
 }
 
@@ -103,6 +105,7 @@ impl Service {
     pub fn new(spec: ServiceSpec, loaded: Loaded) -> Service {
         Service {
             name: spec.name.into(),
+            permits: Arc::new(tokio::sync::Semaphore::new(spec.limits.concurrency)),
             spec,
             loaded: ArcSwap::from_pointee(loaded),
             swaps: Mutex::new(Swaps {

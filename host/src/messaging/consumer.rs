@@ -11,13 +11,19 @@ use anyhow::Result;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub async fn run(platform: Arc<Platform>, service: Arc<Service>, topic: String) {
-    loop {
+/// Consumes until `stopping` turns true; a record being handled is finished and committed first.
+pub async fn run(
+    platform: Arc<Platform>,
+    service: Arc<Service>,
+    topic: String,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    while !*stopping.borrow() {
         let group = &service.spec.group;
         match platform.backend.subscribe(group, &topic).await {
             Ok(mut sub) => {
                 tracing::info!(service = %service.name, topic, group, "consuming");
-                if let Err(e) = consume(&platform, &service, sub.as_mut()).await {
+                if let Err(e) = consume(&platform, &service, sub.as_mut(), &mut stopping).await {
                     tracing::warn!(service = %service.name, topic, error = %format!("{e:#}"), "consumer stopped; resubscribing");
                 }
             }
@@ -25,7 +31,10 @@ pub async fn run(platform: Arc<Platform>, service: Arc<Service>, topic: String) 
                 tracing::warn!(service = %service.name, topic, error = %format!("{e:#}"), "subscribe failed")
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stopping.changed() => {}
+        }
     }
 }
 
@@ -33,10 +42,14 @@ async fn consume(
     platform: &Arc<Platform>,
     service: &Arc<Service>,
     sub: &mut dyn Subscription,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     let policy = &platform.retry;
     loop {
-        let delivery = sub.next().await?;
+        let delivery = tokio::select! {
+            d = sub.next() => d?,
+            _ = stopping.changed() => return Ok(()),
+        };
         let mut attempt = 1;
         let failure = loop {
             match invocation::message(platform, service, &delivery, attempt).await {

@@ -244,6 +244,22 @@ impl Host {
         }
     }
 
+    /// SIGTERM, then waits for the exit (at most 30 s).
+    pub fn terminate(mut self) -> (std::process::ExitStatus, Option<tempfile::TempDir>) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, self._tmp.take());
+            }
+            assert!(Instant::now() < deadline, "host did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: what a crash looks like to the data dir.
     pub fn kill(mut self) -> Option<tempfile::TempDir> {
         self.child.kill().unwrap();

@@ -6,5 +6,7 @@ mod api;
 mod flows;
 mod harness;
 mod kafka;
+mod limits;
 mod resilience;
+mod shutdown;
 mod swap;

@@ -1,0 +1,118 @@
+//! Limits: a misbehaving component fails its own request and nothing else.
+//! The `misbehave` fixture stands in for product-service.
+
+use crate::harness::{assert_error, components_copy, fixture, Host};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+async fn host_with_misbehaving_product(limits: &str) -> (Arc<Host>, tempfile::TempDir) {
+    let comps = components_copy();
+    std::fs::copy(fixture("misbehave.wasm"), comps.path().join("product.wasm")).unwrap();
+    let host = Host::start_in(comps.path(), None, &["--service-limits", limits]).await;
+    (Arc::new(host), comps)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runaway_loop_gets_504_while_everything_else_answers() {
+    let (host, _comps) = host_with_misbehaving_product("product=cpu:1s").await;
+    let looping = {
+        let host = host.clone();
+        tokio::spawn(async move {
+            let began = Instant::now();
+            (
+                host.send("GET", "product", "/loop", None).await,
+                began.elapsed(),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // While it spins: other services, and the same service, still answer at once.
+    for _ in 0..5 {
+        let began = Instant::now();
+        assert_eq!(host.send("GET", "user", "/users", None).await.status, 200);
+        assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
+        assert!(
+            began.elapsed() < Duration::from_millis(800),
+            "stalled for {:?}",
+            began.elapsed()
+        );
+    }
+    let (r, took) = looping.await.unwrap();
+    assert_error(&r, 504);
+    assert!(
+        took >= Duration::from_secs(1),
+        "stopped before its deadline: {took:?}"
+    );
+    assert!(host.log().contains("CPU deadline"));
+    assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
+}
+
+#[tokio::test]
+async fn memory_hogs_traps_and_panics_fail_only_their_request() {
+    let (host, _comps) = host_with_misbehaving_product("product=memory:16MiB").await;
+    for path in ["/alloc", "/trap", "/panic"] {
+        let r = host
+            .http
+            .get(host.url("product", path))
+            .header(
+                "x-request-id",
+                format!("req{}", path.trim_start_matches('/')),
+            )
+            .send()
+            .await
+            .unwrap();
+        let r = crate::harness::reply(r).await;
+        assert_error(&r, 500);
+        assert!(
+            r.json["error"]
+                .as_str()
+                .unwrap()
+                .contains("product-service"),
+            "{:?}",
+            r.json
+        );
+        assert_eq!(
+            host.send("GET", "product", "/ok", None).await.status,
+            200,
+            "after {path}"
+        );
+        assert_eq!(host.send("GET", "user", "/users", None).await.status, 200);
+    }
+    let log = host.log();
+    for id in ["reqalloc", "reqtrap", "reqpanic"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(id) && l.contains("product") && l.contains("component failed")),
+            "no log line for {id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn calling_a_service_outside_the_allowlist_is_refused() {
+    let (host, _comps) = host_with_misbehaving_product("product=cpu:5s").await;
+    let r = host.send("GET", "product", "/forbidden", None).await;
+    assert_error(&r, 502);
+    assert!(
+        r.json["error"].as_str().unwrap().contains("user-service"),
+        "{:?}",
+        r.json
+    );
+    assert!(host.log().contains("allowlist refused"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn beyond_the_concurrency_limit_requests_get_503_with_retry_after() {
+    let (host, _comps) = host_with_misbehaving_product("product=concurrency:1/cpu:1s").await;
+    let busy = {
+        let host = host.clone();
+        tokio::spawn(async move { host.send("GET", "product", "/loop", None).await.status })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = host.send("GET", "product", "/ok", None).await;
+    assert_error(&r, 503);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(host.send("GET", "user", "/users", None).await.status, 200);
+    assert_eq!(busy.await.unwrap(), 504);
+    assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
+}

@@ -6,6 +6,7 @@
 //! Run with `just bench` (or `cargo bench -p host --bench e2e`); prints a markdown table.
 //! Not a test: nothing here asserts a speed.
 
+use host::testing::free_port;
 use host::testing::Broker;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -14,14 +15,6 @@ use std::time::{Duration, Instant};
 
 const STARTS: usize = 15;
 const EVENTS: usize = 200;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn components() -> PathBuf {
     std::env::var_os("COMPONENTS_DIR")

@@ -61,6 +61,19 @@ fn route(platform: &Platform, method: &Method, path: &str) -> Resp {
             )
         }
         (&Method::GET, "/components") => json(StatusCode::OK, components(platform)),
+        (&Method::GET, "/metrics") => {
+            crate::metrics::get()
+                .outbox_depth
+                .set(platform.outbox.depth().unwrap_or(0) as i64);
+            let mut resp = hyper::Response::new(Full::new(Bytes::from(crate::metrics::render())));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
         (method, path) if path.starts_with("/components/") && path.ends_with("/rollback") => {
             let name = &path["/components/".len()..path.len() - "/rollback".len()];
             if method != Method::POST {
@@ -68,7 +81,7 @@ fn route(platform: &Platform, method: &Method, path: &str) -> Resp {
             }
             rollback(platform, name)
         }
-        (_, "/healthz" | "/readyz" | "/components") => {
+        (_, "/healthz" | "/readyz" | "/components" | "/metrics") => {
             json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => json_error(StatusCode::NOT_FOUND, "no such admin route"),
@@ -108,6 +121,10 @@ fn rollback(platform: &Platform, name: &str) -> Resp {
     };
     match service.rollback() {
         Some((generation, loaded)) => {
+            crate::metrics::get()
+                .swaps
+                .get_or_create(&crate::metrics::labels([("service", name)]))
+                .inc();
             tracing::info!(service = name, generation, sha256 = %loaded.sha256, "rolled back");
             json(
                 StatusCode::OK,

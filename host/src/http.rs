@@ -98,6 +98,52 @@ pub async fn serve(
 }
 
 async fn handle(platform: &Arc<Platform>, service: &Arc<Service>, req: Request<Incoming>) -> Resp {
+    let started = std::time::Instant::now();
+    let route = route_class(req.method(), req.uri().path());
+    let resp = handle_inner(platform, service, req).await;
+    let m = crate::metrics::get();
+    let status = resp.status().as_str().to_string();
+    m.requests
+        .get_or_create(&crate::metrics::labels([
+            ("service", &service.name),
+            ("route", &route),
+            ("status", &status),
+        ]))
+        .inc();
+    m.latency
+        .get_or_create(&crate::metrics::labels([("service", &service.name)]))
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// `GET /users/:id`-style label: known words kept, numbers as `:id`, anything else `:other`,
+/// so that clients cannot grow the metric's label set without bound.
+fn route_class(method: &hyper::Method, path: &str) -> String {
+    const KNOWN: [&str; 6] = ["api", "v1", "users", "products", "orders", "dashboard"];
+    let method = match method.as_str() {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS") => m,
+        _ => "OTHER",
+    };
+    let mut class = String::new();
+    for seg in path.split('/').filter(|s| !s.is_empty()).take(4) {
+        class.push('/');
+        class.push_str(match seg {
+            s if KNOWN.contains(&s) => s,
+            s if s.bytes().all(|b| b.is_ascii_digit()) => ":id",
+            _ => ":other",
+        });
+    }
+    if class.is_empty() {
+        class.push('/');
+    }
+    format!("{method} {class}")
+}
+
+async fn handle_inner(
+    platform: &Arc<Platform>,
+    service: &Arc<Service>,
+    req: Request<Incoming>,
+) -> Resp {
     let rid = request_id(req.headers());
     let (mut parts, body) = req.into_parts();
     let declared = parts
@@ -274,6 +320,22 @@ mod tests {
         assert_eq!(request_id(&h), "abc-123");
         h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
         assert_ne!(request_id(&h), "has space");
+    }
+
+    #[test]
+    fn route_classes_are_bounded() {
+        let get = hyper::Method::GET;
+        assert_eq!(
+            route_class(&get, "/api/v1/users/42"),
+            "GET /api/v1/users/:id"
+        );
+        assert_eq!(route_class(&get, "/"), "GET /");
+        assert_eq!(
+            route_class(&get, "/random/x/y/z/w/v"),
+            "GET /:other/:other/:other/:other"
+        );
+        let odd = hyper::Method::from_bytes(b"BREW").unwrap();
+        assert_eq!(route_class(&odd, "/users"), "OTHER /users");
     }
 
     #[tokio::test]

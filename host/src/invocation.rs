@@ -90,6 +90,10 @@ fn new_store(platform: &Arc<Platform>, service: &Arc<Service>, request_id: &str)
             .build(),
         txn: Txn::new(service.name.clone()),
     };
+    crate::metrics::get()
+        .instances
+        .get_or_create(&crate::metrics::labels([("service", &service.name)]))
+        .inc();
     let mut store = Store::new(&platform.engine, ctx);
     store.limiter(|ctx| &mut ctx.limits);
     // The callback runs once per epoch tick the guest spends computing (waiting in host calls

@@ -6,6 +6,7 @@ pub mod config;
 pub mod http;
 pub mod invocation;
 pub mod messaging;
+pub mod metrics;
 pub mod platform;
 pub mod registry;
 pub mod state;

@@ -5,6 +5,14 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral loopback port")
+}
+
 /// A tansu broker on a free loopback port, killed on drop. The binary is `$TANSU_BIN` or
 /// `tansu` on `PATH` (`cargo install tansu --locked --features dynostore`).
 pub struct Broker {

@@ -7,6 +7,7 @@
 //! version keeps serving. Requests and messages already running finish on the version they
 //! started with (`Service::loaded` hands out `Arc`s).
 
+use crate::metrics;
 use crate::platform::Platform;
 use crate::registry::{self, Service};
 use anyhow::{Context as _, Result};
@@ -95,12 +96,20 @@ pub async fn swap_from_file(platform: &Platform, service: &Service) {
     match prepared {
         Ok(loaded) => {
             let generation = service.install(loaded);
+            metrics::get()
+                .swaps
+                .get_or_create(&metrics::labels([("service", &service.name)]))
+                .inc();
             tracing::info!(service = %service.name, generation, sha256, "component swapped");
         }
         Err(e) => {
             let error = format!("{e:#}");
             tracing::warn!(service = %service.name, sha256, error, "new component rejected; the previous version keeps serving");
             service.reject(sha256, error);
+            metrics::get()
+                .swaps_rejected
+                .get_or_create(&metrics::labels([("service", &service.name)]))
+                .inc();
         }
     }
 }

@@ -5,6 +5,7 @@
 
 use super::{dlq_topic, Delivery, Message, Subscription};
 use crate::invocation::{self, Handled};
+use crate::metrics;
 use crate::platform::Platform;
 use crate::registry::Service;
 use anyhow::Result;
@@ -52,11 +53,19 @@ async fn consume(
         };
         let mut attempt = 1;
         let failure = loop {
+            let labels = metrics::labels([
+                ("service", &service.name),
+                ("topic", &delivery.message.topic),
+            ]);
             match invocation::message(platform, service, &delivery, attempt).await {
-                Handled::Done => break None,
+                Handled::Done => {
+                    metrics::get().consumed.get_or_create(&labels).inc();
+                    break None;
+                }
                 Handled::Reject(why) => break Some(why),
                 Handled::Retry(why) if attempt >= policy.max_attempts => break Some(why),
                 Handled::Retry(why) => {
+                    metrics::get().retried.get_or_create(&labels).inc();
                     let wait = policy.backoff(attempt);
                     tracing::warn!(
                         service = %service.name,
@@ -76,6 +85,16 @@ async fn consume(
             dead_letter(platform, service, &delivery, &why, attempt).await?;
         }
         sub.commit(&delivery).await?;
+        if let Some(lag) = sub.lag() {
+            let labels = metrics::labels([
+                ("group", &service.spec.group),
+                ("topic", &delivery.message.topic),
+            ]);
+            metrics::get()
+                .consumer_lag
+                .get_or_create(&labels)
+                .set(lag as i64);
+        }
     }
 }
 
@@ -103,6 +122,13 @@ async fn dead_letter(
         headers,
     };
     platform.backend.publish(&[record]).await?;
+    metrics::get()
+        .dead_lettered
+        .get_or_create(&metrics::labels([
+            ("service", &service.name),
+            ("topic", &original.topic),
+        ]))
+        .inc();
     tracing::error!(
         service = %service.name,
         topic = %original.topic,

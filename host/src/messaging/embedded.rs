@@ -121,6 +121,19 @@ impl Subscription for EmbeddedSubscription {
         }
     }
 
+    fn lag(&self) -> Option<u64> {
+        let rtx = self.db.redb().begin_read().ok()?;
+        let log = rtx.open_table(LOG).ok()?;
+        let topic = self.topic.as_str();
+        let end = log
+            .range((topic, 0)..=(topic, u64::MAX))
+            .ok()?
+            .next_back()?
+            .ok()
+            .map(|(k, _)| k.value().1 + 1)?;
+        Some(end.saturating_sub(self.cursor))
+    }
+
     async fn commit(&mut self, delivery: &Delivery) -> Result<()> {
         let db = self.db.clone();
         let (group, topic, next) = (self.group.clone(), self.topic.clone(), delivery.offset + 1);

@@ -66,6 +66,10 @@ pub trait Subscription: Send {
     async fn next(&mut self) -> Result<Delivery>;
     /// Marks `delivery` (and everything before it on its partition) as handled by the group.
     async fn commit(&mut self, delivery: &Delivery) -> Result<()>;
+    /// Records after the last delivered one, if the backend can tell cheaply.
+    fn lag(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// How a failing handler is retried before its record goes to `<topic>.dlq`.

@@ -106,6 +106,12 @@ impl Outbox {
             match backend.publish(&messages).await {
                 Ok(()) => {
                     failures = 0;
+                    for m in &messages {
+                        crate::metrics::get()
+                            .produced
+                            .get_or_create(&crate::metrics::labels([("topic", &m.topic)]))
+                            .inc();
+                    }
                     let this = self.clone();
                     match tokio::task::spawn_blocking(move || this.remove_through(last)).await {
                         Ok(Ok(())) => {}

@@ -28,3 +28,58 @@ async fn admin_reports_health_readiness_and_components() {
     assert_eq!(host.get("/components").await.status, 404);
     assert_eq!(host.get("/healthz").await.status, 404);
 }
+
+#[tokio::test]
+async fn metrics_count_requests_instances_and_messages() {
+    let host = Host::start().await;
+    assert_eq!(host.get("/api/users").await.status, 200);
+    assert_eq!(host.get("/api/users/abc").await.status, 400);
+    let r = host
+        .post(
+            "/api/users",
+            &serde_json::json!({"name": "M", "email": "m@ex.com"}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    host.eventually("/api/orders/101", std::time::Duration::from_secs(5), |r| {
+        !r.json["user"].is_null()
+    })
+    .await;
+    let text = host
+        .http
+        .get(format!("http://{}/metrics", host.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |needle: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("no {needle} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(
+        value(r#"host_http_requests_total{service="gateway",route="GET /api/users",status="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(
+            r#"host_http_requests_total{service="gateway",route="GET /api/users/:other",status="400"}"#
+        ),
+        1.0
+    );
+    assert!(value(r#"host_instances_created_total{service="user"}"#) >= 3.0);
+    assert_eq!(
+        value(r#"host_messages_produced_total{topic="user-created"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"host_messages_consumed_total{service="order",topic="user-created"}"#),
+        1.0
+    );
+    assert_eq!(value("host_outbox_depth"), 0.0);
+    assert!(text.contains("host_http_request_duration_seconds_bucket"));
+}

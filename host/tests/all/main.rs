@@ -4,6 +4,7 @@
 mod admin;
 mod api;
 mod flows;
+mod fuzz;
 mod harness;
 mod kafka;
 mod limits;

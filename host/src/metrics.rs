@@ -1,0 +1,121 @@
+//! Prometheus metrics, served as text by the admin listener at `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::LazyLock;
+
+pub type Labels = Vec<(&'static str, String)>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<Labels, Counter>,
+    pub latency: Histograms,
+    pub instances: Family<Labels, Counter>,
+    pub swaps: Family<Labels, Counter>,
+    pub swaps_rejected: Family<Labels, Counter>,
+    pub produced: Family<Labels, Counter>,
+    pub consumed: Family<Labels, Counter>,
+    pub retried: Family<Labels, Counter>,
+    pub dead_lettered: Family<Labels, Counter>,
+    pub outbox_depth: Gauge,
+    pub consumer_lag: Family<Labels, Gauge>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~26 s
+    Histogram::new(exponential_buckets(0.00005, 2.0, 20))
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::with_prefix("host");
+    let m = Metrics {
+        registry: Registry::default(),
+        requests: Family::default(),
+        latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+        instances: Family::default(),
+        swaps: Family::default(),
+        swaps_rejected: Family::default(),
+        produced: Family::default(),
+        consumed: Family::default(),
+        retried: Family::default(),
+        dead_lettered: Family::default(),
+        outbox_depth: Gauge::default(),
+        consumer_lag: Family::default(),
+    };
+    registry.register(
+        "http_requests",
+        "HTTP requests by service, route class and status",
+        m.requests.clone(),
+    );
+    registry.register(
+        "http_request_duration_seconds",
+        "HTTP request latency by service",
+        m.latency.clone(),
+    );
+    registry.register(
+        "instances_created",
+        "Component instances created",
+        m.instances.clone(),
+    );
+    registry.register(
+        "swaps",
+        "Components swapped in (file change or rollback)",
+        m.swaps.clone(),
+    );
+    registry.register(
+        "swaps_rejected",
+        "Component files refused",
+        m.swaps_rejected.clone(),
+    );
+    registry.register(
+        "messages_produced",
+        "Messages the backend accepted from the outbox",
+        m.produced.clone(),
+    );
+    registry.register(
+        "messages_consumed",
+        "Messages handled successfully",
+        m.consumed.clone(),
+    );
+    registry.register(
+        "messages_retried",
+        "Failed handler attempts that were retried",
+        m.retried.clone(),
+    );
+    registry.register(
+        "messages_dead_lettered",
+        "Messages sent to a dead-letter topic",
+        m.dead_lettered.clone(),
+    );
+    registry.register(
+        "outbox_depth",
+        "Messages waiting in the outbox",
+        m.outbox_depth.clone(),
+    );
+    registry.register(
+        "consumer_lag",
+        "Records not yet handled, per group and topic (embedded backend)",
+        m.consumer_lag.clone(),
+    );
+    Metrics { registry, ..m }
+});
+
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+pub fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+/// The Prometheus text exposition of everything above.
+pub fn render() -> String {
+    let mut out = String::new();
+    encode(&mut out, &get().registry).expect("writing to a String");
+    out
+}

@@ -89,6 +89,11 @@ pub struct Args {
     #[arg(long, env = "MAX_INSTANCES", default_value_t = 512)]
     pub max_instances: u32,
 
+    /// Longest a client may take to send a request's headers, and longest an idle keep-alive
+    /// connection is kept.
+    #[arg(long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
     /// Longest a service-to-service call may take before the caller sees a timeout.
     #[arg(long, env = "OUTBOUND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub outbound_timeout: Duration,

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tracing::Instrument;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
 pub type Resp = hyper::Response<Full<Bytes>>;
@@ -80,6 +81,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (platform, service) = (platform.clone(), service.clone());
         let watcher = connections.watcher();
+        let header_timeout = platform.header_timeout;
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let (platform, service) = (platform.clone(), service.clone());
@@ -87,8 +89,10 @@ pub async fn serve(
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                // Also bounds how long an idle keep-alive connection waits for its next request.
+                .header_read_timeout(header_timeout)
                 .max_headers(100)
+                .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -145,6 +149,18 @@ async fn handle_inner(
     req: Request<Incoming>,
 ) -> Resp {
     let rid = request_id(req.headers());
+    let span = tracing::info_span!("request", service = %service.name, request_id = %rid);
+    handle_with_id(platform, service, req, rid)
+        .instrument(span)
+        .await
+}
+
+async fn handle_with_id(
+    platform: &Arc<Platform>,
+    service: &Arc<Service>,
+    req: Request<Incoming>,
+    rid: String,
+) -> Resp {
     let (mut parts, body) = req.into_parts();
     let declared = parts
         .headers
@@ -296,7 +312,12 @@ impl WasiHttpHooks for Outbound {
                     tokio::time::sleep(delay).await;
                 }
                 invocation::http(&platform, &target, req, &rid).await
-            });
+            })
+            .instrument(tracing::info_span!(
+                "call",
+                service = %target.name,
+                request_id = %rid
+            ));
             let resp = tokio::time::timeout(platform.outbound_timeout, call)
                 .await
                 .map_err(|_| HttpError::ConnectionReadTimeout)?;

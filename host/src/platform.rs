@@ -29,6 +29,7 @@ pub struct Platform {
     /// Last result of the messaging backend's health check.
     pub backend_up: AtomicBool,
     pub outbound_timeout: Duration,
+    pub header_timeout: Duration,
     pub compile_cache: PathBuf,
     pub retry: RetryPolicy,
 }
@@ -109,6 +110,7 @@ pub async fn run(args: Args) -> Result<()> {
         ready: AtomicBool::new(false),
         backend_up: AtomicBool::new(true),
         outbound_timeout: args.outbound_timeout,
+        header_timeout: args.header_timeout,
         compile_cache: args.compile_cache.clone(),
         retry: RetryPolicy {
             max_attempts: args.retry_max_attempts.max(1),

@@ -116,3 +116,50 @@ async fn beyond_the_concurrency_limit_requests_get_503_with_retry_after() {
     assert_eq!(busy.await.unwrap(), 504);
     assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
 }
+
+#[tokio::test]
+async fn slow_header_senders_and_idle_connections_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = Host::start_with(None, &["--header-timeout", "500ms"]).await;
+    let addr = format!("127.0.0.1:{}", host.ports["gateway"]);
+
+    // Headers that never finish: the host closes the connection after the timeout.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /api/users HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let began = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "slow client was never cut off");
+    assert!(began.elapsed() >= Duration::from_millis(400));
+
+    // A keep-alive connection that goes quiet after one request is closed too.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /api/products HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    idle.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "idle keep-alive connection was never closed");
+
+    // Too many headers: refused, and the host keeps serving.
+    let mut many = String::from("GET /api/users HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..200 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(many.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    assert_eq!(host.get("/api/users").await.status, 200);
+}

@@ -99,7 +99,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     registry.register(
         "consumer_lag",
-        "Records not yet handled, per group and topic (embedded backend)",
+        "Records not yet handled, per consumer group and topic",
         m.consumer_lag.clone(),
     );
     Metrics { registry, ..m }

@@ -12,8 +12,9 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
 pub struct KafkaConfig {
@@ -148,6 +149,7 @@ impl Backend for Kafka {
         consumer.subscribe(&[topic])?;
         Ok(Box::new(KafkaSubscription {
             consumer: Arc::new(consumer),
+            lag: Arc::new(Mutex::new(Lag::default())),
         }))
     }
 
@@ -166,6 +168,15 @@ impl Backend for Kafka {
 
 struct KafkaSubscription {
     consumer: Arc<StreamConsumer>,
+    lag: Arc<Mutex<Lag>>,
+}
+
+/// Records behind the high watermark, per partition, refreshed at most once a second (asking
+/// the broker costs a round trip).
+#[derive(Default)]
+struct Lag {
+    per_partition: HashMap<i32, u64>,
+    checked: Option<Instant>,
 }
 
 #[async_trait::async_trait]
@@ -205,8 +216,36 @@ impl Subscription for KafkaSubscription {
         // Synchronous, so that "committed" means the broker has it; off the async workers
         // because it waits for the broker's answer.
         let consumer = self.consumer.clone();
-        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await??;
+        let lag = self.lag.clone();
+        let (topic, partition, next) = (
+            delivery.message.topic.clone(),
+            delivery.partition as i32,
+            delivery.offset as i64 + 1,
+        );
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            consumer.commit(&tpl, CommitMode::Sync)?;
+            let mut lag = lag.lock().unwrap();
+            if lag
+                .checked
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+            {
+                lag.checked = Some(Instant::now());
+                if let Ok((_, high)) =
+                    consumer.fetch_watermarks(&topic, partition, Duration::from_millis(500))
+                {
+                    lag.per_partition
+                        .insert(partition, high.saturating_sub(next).max(0) as u64);
+                }
+            }
+            Ok(())
+        })
+        .await??;
         Ok(())
+    }
+
+    fn lag(&self) -> Option<u64> {
+        let lag = self.lag.lock().unwrap();
+        lag.checked.map(|_| lag.per_partition.values().sum())
     }
 }
 

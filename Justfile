@@ -57,11 +57,12 @@ kafka-down:
 test: build build-fixtures _tansu
     cargo test --release -p host -p sdk -p gateway -p user -p product -p order
 
-# Benchmarks (not tests): measures on this machine and rewrites BENCHMARKS.md.
+# Benchmarks (not tests): start-up, event latency, and wrk side by side with the Node seed.
 bench: build _tansu
     #!/usr/bin/env bash
     set -euo pipefail
     table=$(cargo bench -p host --bench e2e)
+    compare=$(host/benches/compare.sh)
     {
         echo "# Benchmarks"
         echo
@@ -69,7 +70,15 @@ bench: build _tansu
         echo "commit $(git rev-parse --short HEAD), $(date -u +%Y-%m-%d). One run; medians and"
         echo "percentiles of that run. Figures drift between machines: compare within one run."
         echo
+        echo "## Start-up and event latency"
+        echo
         echo "$table"
+        echo
+        echo "## Side by side with the Node seed (\`host/benches/compare.sh\`)"
+        echo
+        echo "Same machine, same ports, one after the other; the seed runs without Kafka."
+        echo
+        echo "$compare"
     } > BENCHMARKS.md
     cat BENCHMARKS.md
 

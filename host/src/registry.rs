@@ -29,7 +29,13 @@ pub fn engine(max_instances: u32, max_memory: u64) -> Result<Engine> {
         .total_memories(max_instances)
         .total_tables(max_instances * 8)
         .total_stacks(max_instances)
-        .max_memory_size(usize::try_from(max_memory)?);
+        .max_memory_size(usize::try_from(max_memory)?)
+        // Reset a returned slot's first pages with memset instead of giving them back to the
+        // kernel: unmapping makes every instance page-fault its memory in again and costs TLB
+        // shootdowns across cores (a fifth of all CPU time under load, measured with perf).
+        .linear_memory_keep_resident(2 << 20)
+        .table_keep_resident(64 << 10)
+        .async_stack_keep_resident(256 << 10);
     let mut config = Config::new();
     config
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))

@@ -180,7 +180,7 @@ pub mod tests {
         // Records come in publish order per key (keys may sit on different partitions, so
         // records of different keys may interleave either way), headers intact.
         let mut sub = backend.subscribe("g1", topic).await.unwrap();
-        let first = vec![
+        let first = [
             next(&mut sub).await,
             next(&mut sub).await,
             next(&mut sub).await,

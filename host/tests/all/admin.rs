@@ -45,15 +45,7 @@ async fn metrics_count_requests_instances_and_messages() {
         !r.json["user"].is_null()
     })
     .await;
-    let text = host
-        .http
-        .get(format!("http://{}/metrics", host.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = host.metrics().await;
     let value = |needle: &str| -> f64 {
         let line = text
             .lines()

@@ -175,6 +175,19 @@ impl Host {
         reply(r).await
     }
 
+    /// The admin listener's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.admin);
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn send(&self, method: &str, service: &str, path: &str, body: Option<&str>) -> Reply {
         let mut req = self
             .http

@@ -107,15 +107,7 @@ async fn seed_flow_over_kafka_with_keys_and_headers() {
         r.headers["x-request-id"].to_str().unwrap()
     );
     assert!(host.log().contains("created Kafka topic"));
-    let metrics = host
-        .http
-        .get(format!("http://{}/metrics", host.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = host.metrics().await;
     assert!(
         metrics.contains(r#"host_consumer_lag{group="order-service",topic="user-created"} 0"#),
         "{metrics}"

@@ -25,14 +25,16 @@ _install name:
     cp target/wasm32-wasip2/release/{{name}}.wasm {{out}}/.{{name}}.wasm.tmp
     mv {{out}}/.{{name}}.wasm.tmp {{out}}/{{name}}.wasm
 
-# Test fixtures: tagged builds of user/order (x-build: a|b), components to refuse, a misbehaving one.
+# Test fixtures: tagged builds of user/order (x-build: a|b), components to refuse, a misbehaving
+# one, and the trivial `hello` used by benchmarks.
 build-fixtures:
     mkdir -p {{fixtures}}
     for tag in a b; do \
         COMPONENT_BUILD_TAG=$tag cargo build --release --target wasm32-wasip2 -p user -p order; \
         for c in user order; do cp target/wasm32-wasip2/release/$c.wasm {{fixtures}}/$c-$tag.wasm; done; \
     done
-    cargo build --release --target wasm32-wasip2 -p fixture-no-http -p fixture-bad-import -p fixture-misbehave
+    cargo build --release --target wasm32-wasip2 -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello
+    cp target/wasm32-wasip2/release/fixture_hello.wasm {{fixtures}}/hello.wasm
     cp target/wasm32-wasip2/release/fixture_misbehave.wasm {{fixtures}}/misbehave.wasm
     cp target/wasm32-wasip2/release/fixture_no_http.wasm {{fixtures}}/no-http.wasm
     cp target/wasm32-wasip2/release/fixture_bad_import.wasm {{fixtures}}/bad-import.wasm
@@ -57,36 +59,47 @@ kafka-down:
 test: build build-fixtures _tansu
     cargo test --release -p host -p sdk -p gateway -p user -p product -p order
 
-# Benchmarks (not tests): start-up, event latency, and wrk side by side with the Node seed.
-bench: build _tansu
+# Benchmarks (not tests): start-up, event latency, hot-path micro-benchmarks, and wrk side by
+# side with the Node seed and `wasmtime serve`. Rewrites BENCHMARKS.md.
+bench: build build-fixtures _tansu _wasmtime
     #!/usr/bin/env bash
     set -euo pipefail
     table=$(cargo bench -p host --bench e2e)
+    rm -rf target/criterion
+    cargo bench -p host --bench hot_paths -- --noplot >&2
+    micro=$(python3 host/benches/criterion_table.py target/criterion)
     compare=$(host/benches/compare.sh)
     {
         echo "# Benchmarks"
         echo
-        echo "Produced by \`just bench\` (\`cargo bench -p host --bench e2e\`) on $(nproc) cores,"
+        echo "Produced by \`just bench\` on $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')),"
         echo "commit $(git rev-parse --short HEAD), $(date -u +%Y-%m-%d). One run; medians and"
         echo "percentiles of that run. Figures drift between machines: compare within one run."
         echo
-        echo "## Start-up and event latency"
+        echo "## Side by side with the Node seed (\`host/benches/compare.sh\`)"
+        echo
+        echo "Same machine, same ports, one after the other, each against a fresh tansu broker."
+        echo
+        echo "$compare"
+        echo
+        echo "## Start-up and event latency (\`cargo bench -p host --bench e2e\`)"
         echo
         echo "$table"
         echo
-        echo "## Side by side with the Node seed (\`host/benches/compare.sh\`)"
+        echo "## Hot paths (\`cargo bench -p host --bench hot_paths\`, criterion, in process)"
         echo
-        echo "Same machine, same ports, one after the other; the seed runs without Kafka."
-        echo
-        echo "$compare"
+        echo "$micro"
     } > BENCHMARKS.md
     cat BENCHMARKS.md
+
+_wasmtime:
+    command -v wasmtime >/dev/null || cargo install wasmtime-cli --version 48.0.8 --locked || echo "no wasmtime: its column stays empty" >&2
 
 # Formatting and lints for the host and the components.
 lint:
     cargo fmt --all --check
     cargo clippy --release -p host --all-targets -- -D warnings
-    cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -- -D warnings
+    cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -- -D warnings
 
 _tansu:
     command -v tansu >/dev/null || cargo install tansu --locked --features dynostore

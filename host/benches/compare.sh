@@ -1,55 +1,141 @@
 #!/usr/bin/env bash
-# Side-by-side throughput: the Node seed (../shared/anchors/seed-node) and this host, one after
-# the other on the same ports, same machine, same load (wrk -t1 -c32 -d10s). Prints a markdown
-# table. Run through `just bench`.
+# Side by side, same machine, same load generator (wrk -t1 -c32), one after the other on the
+# same ports:
+#   1. the Node seed (../shared/anchors/seed-node, Express + axios + KafkaJS) against tansu;
+#   2. this host against the same (restarted) broker, fresh instance per request (default);
+#   3. this host with --instance-reuse;
+#   4. per-request overhead on a trivial component (build/fixtures/hello.wasm): this host next
+#      to `wasmtime serve`, each with fresh instances and with reuse.
+# Prints markdown tables. Run through `just bench`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 anchor_src=${ANCHOR_DIR:-../shared/anchors/seed-node}
 duration=${BENCH_DURATION:-10s}
+reuse=${BENCH_REUSE:-1000}
 paths=(":3001/users" ":3000/api/users" ":3000/api/v1/orders/101" ":3000/api/v1/dashboard")
+kport=${BENCH_KAFKA_PORT:-19092}
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } >/dev/null
-wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-# wrk prints "Requests/sec: N" and a latency distribution; keep req/s, p50, p99.
+wait_port() { for _ in $(seq 1 400); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+wait_closed() { for _ in $(seq 1 400); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null || return 0; sleep 0.05; done; }
+# wrk prints "Requests/sec: N" and a latency distribution; keep req/s, p50, p99, errors.
 measure() {
-    local out; out=$(wrk -t1 -c32 -d"$duration" --latency "http://127.0.0.1$1")
+    local url=$1; shift
+    local out; out=$(wrk -t1 -c32 -d"$duration" --latency "$@" "http://127.0.0.1$url")
     local rps p50 p99
-    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
     p50=$(awk '$1=="50%" {print $2}' <<<"$out")
     p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-    local errors; errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
-    echo "$rps $p50 $p99 ${errors:-none}"
+    local errors; errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ' | sed 's/ *$//')
+    echo "$rps $p50 $p99 ${errors:-none}" | tr -s ' '
 }
 rss_mb() { ps -o rss= -p "$1" | awk '{s+=$1} END {printf "%.0f", s/1024}'; }
 seed_user() { curl -sf -XPOST localhost:3000/api/users -H 'content-type: application/json' -d '{"name":"Alice","email":"alice@mail.com"}' >/dev/null; }
 
-declare -A node host
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+# Every POST creates a new user: a unique email per request (one wrk thread, one counter).
+cat >"$work/post.lua" <<'EOF'
+n = 0
+request = function()
+  n = n + 1
+  return wrk.format("POST", "/api/users", {["Content-Type"] = "application/json"},
+    '{"name":"Bench","email":"bench' .. n .. '@ex.com"}')
+end
+EOF
+
+broker=
+start_broker() {
+    tansu broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" >"$work/tansu.log" 2>&1 & broker=$!
+    wait_port "$kport"
+    tansu topic create user-created --partitions 3 >/dev/null 2>&1 || true
+}
+stop_broker() { kill "$broker"; wait "$broker" 2>/dev/null || true; wait_closed "$kport"; }
+
+declare -A res rss
+# run NAME: measures every GET path, then POST /api/users, keeping RSS after the GETs.
+run_all() {
+    local name=$1 pids=$2
+    seed_user; sleep 0.5
+    for p in "${paths[@]}"; do res[$name$p]=$(measure "$p"); done
+    rss[$name]=$(rss_mb "$pids")
+    res[$name:post]=$(measure ":3000/api/users" -s "$work/post.lua")
+}
+
 # --- the Node seed ---
-work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 cp -r "$anchor_src"/. "$work/anchor"
 (cd "$work/anchor" && npm install --silent --no-audit --no-fund >/dev/null)
+start_broker
 pids=()
-for s in user product order gateway; do (cd "$work/anchor" && exec node services.js $s) & pids+=($!); done
+for s in user product order gateway; do (cd "$work/anchor" && KAFKA_BROKERS=127.0.0.1:$kport exec node services.js $s) & pids+=($!); done
 for p in 3000 3001 3002 3003; do wait_port $p; done
-seed_user
-for p in "${paths[@]}"; do node[$p]=$(measure "$p"); done
-node_rss=$(rss_mb "$(IFS=,; echo "${pids[*]}")")
+sleep 2 # KafkaJS connects its producer and joins the consumer group in the background
+run_all node "$(IFS=,; echo "${pids[*]}")"
 kill "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
+stop_broker
+for p in 3000 3001 3002 3003; do wait_closed $p; done
 
-# --- this host ---
-./target/release/host --data-dir "$work/data" --compile-cache build/compile-cache >"$work/host.log" 2>&1 & hp=$!
-wait_port 3999; until curl -sf localhost:3999/readyz >/dev/null; do sleep 0.05; done
-seed_user; sleep 0.5
-for p in "${paths[@]}"; do host[$p]=$(measure "$p"); done
-host_rss=$(rss_mb $hp)
-kill $hp; wait $hp 2>/dev/null || true
-
-echo "| path (wrk -t1 -c32 -d$duration) | Node seed req/s | host req/s | ratio | Node p50 / p99 | host p50 / p99 | errors (Node / host) |"
-echo "|---|---|---|---|---|---|---|"
-for p in "${paths[@]}"; do
-    read -r nr n50 n99 nerr <<<"${node[$p]}"; read -r hr h50 h99 herr <<<"${host[$p]}"
-    ratio=$(awk -v a="$hr" -v b="$nr" 'BEGIN {printf "%.1fx", a/b}')
-    echo "| \`GET $p\` | $nr | $hr | $ratio | $n50 / $n99 | $h50 / $h99 | $nerr / $herr |"
+# --- this host: fresh instances, then reused ones ---
+start_host() { # log-name, flags...
+    local name=$1; shift
+    ./target/release/host --data-dir "$work/data-$name" --compile-cache build/compile-cache "$@" >"$work/host-$name.log" 2>&1 & hp=$!
+    wait_port 3999; until curl -sf localhost:3999/readyz >/dev/null; do sleep 0.05; done
+}
+stop_host() { kill "$hp"; wait "$hp" 2>/dev/null || true; for p in 3000 3001 3002 3003 3999; do wait_closed $p; done; }
+for mode in fresh reuse; do
+    start_broker
+    flags=(--kafka-brokers "127.0.0.1:$kport")
+    [ "$mode" = reuse ] && flags+=(--instance-reuse "$reuse")
+    start_host "$mode" "${flags[@]}"
+    run_all "$mode" "$hp"
+    stop_host
+    stop_broker
 done
+
+# --- trivial component: this host (as product-service) and wasmtime serve ---
+hello=build/fixtures/hello.wasm
+trivial=$work/trivial; mkdir -p "$trivial"; cp build/components/*.wasm "$trivial"/; cp "$hello" "$trivial/product.wasm"
+start_host trivial-fresh --components-dir "$trivial"; res[tf]=$(measure ":3002/"); stop_host
+start_host trivial-reuse --components-dir "$trivial" --instance-reuse "$reuse"; res[tr]=$(measure ":3002/"); stop_host
+wt=${WASMTIME:-$(command -v wasmtime || true)}
+if [ -n "$wt" ]; then
+    "$wt" serve --addr 127.0.0.1:3100 -O pooling-allocator "$hello" >"$work/wt.log" 2>&1 & w=$!
+    wait_port 3100; res[wf]=$(measure ":3100/"); kill $w; wait $w 2>/dev/null || true; wait_closed 3100
+    "$wt" serve --addr 127.0.0.1:3100 -O pooling-allocator --max-instance-reuse-count "$reuse" "$hello" >"$work/wt.log" 2>&1 & w=$!
+    if wait_port 3100 2>/dev/null; then res[wr]=$(measure ":3100/"); kill $w; wait $w 2>/dev/null || true; else res[wr]="n/a - - -"; fi
+    wt_version=$("$wt" --version)
+else
+    res[wf]="n/a - - -"; res[wr]="n/a - - -"; wt_version="wasmtime not installed"
+fi
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0 && a > 0) printf "%.1fx", a/b; else print "-"}'; }
+row() { # label, node-key, then the keys of the host columns
+    local label=$1 nk=$2; shift 2
+    read -r nr n50 n99 nerr <<<"${res[$nk]}"
+    local line="| $label | $nr ($n50 / $n99) |"
+    for k in "$@"; do
+        read -r hr h50 h99 herr <<<"${res[$k]}"
+        line+=" $hr ($h50 / $h99) | $(ratio "$hr" "$nr") |"
+    done
+    echo "$line"
+    for k in "$nk" "$@"; do
+        read -r _ _ _ err <<<"${res[$k]}"
+        [ "$err" = none ] || echo "|  | errors in $k: $err |"
+    done
+}
+echo "wrk -t1 -c32 -d$duration --latency; cells are req/s (p50 / p99)."
 echo
-echo "RSS after the load: Node seed, four processes: ${node_rss} MB; host: ${host_rss} MB."
+echo "| path | Node seed | host, fresh instance per request | ratio | host, --instance-reuse $reuse | ratio |"
+echo "|---|---|---|---|---|---|"
+for p in "${paths[@]}"; do row "\`GET $p\`" "node$p" "fresh$p" "reuse$p"; done
+row "\`POST :3000/api/users\` (Kafka mode, tansu)" node:post fresh:post reuse:post
+echo
+echo "RSS after the GET load: Node seed, four processes: ${rss[node]} MB; host (fresh): ${rss[fresh]} MB; host (reuse): ${rss[reuse]} MB."
+echo
+echo "### Per-request overhead: trivial component (\`components/fixtures/hello\`)"
+echo
+echo "| server | fresh instance per request | instance reuse ($reuse) |"
+echo "|---|---|---|"
+cell() { read -r r a b _ <<<"${res[$1]}"; echo "$r ($a / $b)"; }
+echo "| this host (as product-service, :3002) | $(cell tf) | $(cell tr) |"
+echo "| \`wasmtime serve -O pooling-allocator\` ($wt_version) | $(cell wf) | $(cell wr) |"

@@ -261,6 +261,10 @@ impl Outbound {
         }
     }
 
+    pub fn set_request_id(&mut self, id: &str) {
+        id.clone_into(&mut self.request_id);
+    }
+
     fn resolve(&self, uri: &hyper::Uri) -> Result<Arc<Service>, HttpError> {
         let host = uri.host().unwrap_or_default();
         let target = host

@@ -19,6 +19,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -35,6 +36,9 @@ pub struct Ctx {
     service: Arc<Service>,
     request_id: String,
     limits: StoreLimits,
+    /// Epoch ticks the current invocation has computed for, against `budget`.
+    ticks: u128,
+    budget: u128,
     pub txn: Txn,
 }
 
@@ -72,6 +76,14 @@ impl Ctx {
             request_id: &self.request_id,
         }
     }
+
+    /// Starts a new invocation in this store: a new transaction, request id and CPU budget.
+    fn begin(&mut self, request_id: &str) {
+        request_id.clone_into(&mut self.request_id);
+        self.outbound.set_request_id(request_id);
+        self.txn = Txn::new(self.service.name.clone());
+        self.ticks = 0;
+    }
 }
 
 fn new_store(platform: &Arc<Platform>, service: &Arc<Service>, request_id: &str) -> Store<Ctx> {
@@ -88,6 +100,8 @@ fn new_store(platform: &Arc<Platform>, service: &Arc<Service>, request_id: &str)
         limits: StoreLimitsBuilder::new()
             .memory_size(usize::try_from(service.spec.limits.memory).unwrap_or(usize::MAX))
             .build(),
+        ticks: 0,
+        budget: service.spec.limits.cpu.as_millis() / EPOCH_TICK.as_millis().max(1),
         txn: Txn::new(service.name.clone()),
     };
     crate::metrics::get()
@@ -99,18 +113,62 @@ fn new_store(platform: &Arc<Platform>, service: &Arc<Service>, request_id: &str)
     // The callback runs once per epoch tick the guest spends computing (waiting in host calls
     // does not tick it), so counting calls measures guest compute time. Each tick also yields
     // to the executor, so a busy guest cannot hog a worker thread.
-    let budget = service.spec.limits.cpu.as_millis() / EPOCH_TICK.as_millis().max(1);
-    let mut ticks = 0u128;
-    store.epoch_deadline_callback(move |_| {
-        ticks += 1;
-        if ticks > budget {
+    store.epoch_deadline_callback(|mut ctx| {
+        let ctx = ctx.data_mut();
+        ctx.ticks += 1;
+        if ctx.ticks > ctx.budget {
             Err(wasmtime::Trap::Interrupt.into())
         } else {
             Ok(UpdateDeadline::Yield(1))
         }
     });
-    store.set_epoch_deadline(1);
     store
+}
+
+/// An instantiated component with its store, ready for a request.
+pub struct Warm {
+    store: Store<Ctx>,
+    proxy: Proxy,
+    served: u32,
+}
+
+impl Warm {
+    /// An idle instance of `loaded` if instances are reused and one is free, else a new one.
+    async fn get(
+        platform: &Arc<Platform>,
+        service: &Arc<Service>,
+        loaded: &Loaded,
+    ) -> Result<Warm> {
+        if platform.instance_reuse > 1 {
+            if let Some(warm) = loaded.idle.lock().unwrap().pop() {
+                return Ok(warm);
+            }
+        }
+        let mut store = new_store(platform, service, "");
+        let proxy = loaded.proxy.instantiate_async(&mut store).await?;
+        Ok(Warm {
+            store,
+            proxy,
+            served: 0,
+        })
+    }
+
+    /// Keeps the instance for another request if reuse is on, it has requests left, it ended
+    /// cleanly (no trap, no resource left behind) and its version is still the current one.
+    /// Otherwise dropping it frees its slot and everything the guest left in it.
+    fn release(mut self, platform: &Platform, service: &Service, loaded: &Arc<Loaded>) {
+        self.served += 1;
+        if self.served >= platform.instance_reuse
+            || !self.store.data().table.is_empty()
+            || !Arc::ptr_eq(&service.loaded.load(), loaded)
+        {
+            return;
+        }
+        let mut idle = loaded.idle.lock().unwrap();
+        if idle.len() < platform.idle_max {
+            idle.push(self);
+        }
+    }
 }
 
 /// A buffered HTTP request: buffering lets a conflicting invocation run again.
@@ -137,17 +195,46 @@ pub async fn http(
             service.name
         ));
     };
+    let mut rerunning = None;
     for _ in 0..MAX_CONFLICT_RETRIES {
         let loaded = service.loaded.load_full();
-        let mut store = new_store(platform, service, request_id);
-        let (called, response) = call_http(&mut store, &loaded, &req).await;
-        let txn = std::mem::take(&mut store.data_mut().txn);
-        drop(store); // releases the response sender if the guest never used it
-        let outcome = match called {
-            Ok(()) => response
-                .await
-                .unwrap_or_else(|e| Err(anyhow!("response collector failed: {e}"))),
-            Err(e) => Err(e),
+        let (outcome, txn) = match Warm::get(platform, service, &loaded).await {
+            Ok(mut warm) => {
+                warm.store.data_mut().begin(request_id);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let collect = collect_response(rx);
+                tokio::pin!(collect);
+                let mut collected = None;
+                let called = {
+                    // The guest may block writing a body larger than the pipe until the
+                    // response is read, so the two run side by side.
+                    let call = call_http(&mut warm, &req, tx);
+                    tokio::pin!(call);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            r = &mut call => break r,
+                            r = &mut collect, if collected.is_none() => collected = Some(r),
+                        }
+                    }
+                };
+                let txn = std::mem::take(&mut warm.store.data_mut().txn);
+                let ok = called.is_ok();
+                if ok {
+                    warm.release(platform, service, &loaded);
+                } else {
+                    drop(warm); // a trapped instance may not be entered again
+                }
+                // Releasing or dropping the store closed anything the guest left open, so
+                // the collector cannot wait forever on a body nobody writes.
+                let outcome = match (called, collected) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Some(resp)) => resp,
+                    (Ok(()), None) => collect.await,
+                };
+                (outcome, txn)
+            }
+            Err(e) => (Err(e), Txn::default()),
         };
         let resp = match outcome {
             Ok(resp) => resp,
@@ -180,9 +267,11 @@ pub async fn http(
         if resp.status().is_server_error() {
             return resp; // the service reported a failure: nothing it wrote or sent is kept
         }
-        match platform.commit(txn).await {
+        match platform.commit(txn, rerunning.take()).await {
             Ok(()) => return resp,
-            Err(CommitError::Conflict) => continue,
+            Err(CommitError::Conflict) => {
+                rerunning = Some(service.rerun.clone().lock_owned().await);
+            }
             Err(CommitError::Storage(e)) => {
                 tracing::error!(service = %service.name, request_id, error = %format!("{e:#}"), "commit failed");
                 return json_error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable");
@@ -201,51 +290,46 @@ fn busy(why: &str) -> Resp {
     resp
 }
 
-type Collected = tokio::task::JoinHandle<Result<Resp>>;
+type ResponseSender =
+    tokio::sync::oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>;
+type ResponseReceiver =
+    tokio::sync::oneshot::Receiver<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>;
 
-/// Runs the guest's `handle`. The response is collected by a separate task while the guest
-/// writes it, and is released only after the caller decided to commit.
-async fn call_http(
-    store: &mut Store<Ctx>,
-    loaded: &Loaded,
-    req: &HttpRequest,
-) -> (Result<()>, Collected) {
-    let (tx, rx) =
-        tokio::sync::oneshot::channel::<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>();
-    let collector = tokio::spawn(async move {
-        let resp = match rx.await {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(code)) => return Err(anyhow!("component answered with error {code:?}")),
-            Err(_) => return Err(anyhow!("component did not send a response")),
-        };
-        let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| anyhow!("component's response body failed: {e:?}"))?
-            .to_bytes();
-        Ok(hyper::Response::from_parts(parts, Full::new(body)))
-    });
-    let called = async {
-        let mut builder = hyper::Request::builder()
-            .method(req.method.clone())
-            .uri(req.uri.clone());
-        *builder.headers_mut().unwrap() = req.headers.clone();
-        let request = builder.body(Full::new(req.body.clone()))?;
-        let incoming = store
-            .data_mut()
-            .http()
-            .new_incoming_request(Scheme::Http, request)?;
-        let out = store.data_mut().http().new_response_outparam(tx)?;
-        let proxy = loaded.proxy.instantiate_async(&mut *store).await?;
-        proxy
-            .wasi_http_incoming_handler()
-            .call_handle(&mut *store, incoming, out)
-            .await?;
-        Ok(())
-    }
-    .await;
-    (called, collector)
+/// The guest's response, buffered: it is released only after the caller decided to commit.
+async fn collect_response(rx: ResponseReceiver) -> Result<Resp> {
+    let resp = match rx.await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(code)) => return Err(anyhow!("component answered with error {code:?}")),
+        Err(_) => return Err(anyhow!("component did not send a response")),
+    };
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| anyhow!("component's response body failed: {e:?}"))?
+        .to_bytes();
+    Ok(hyper::Response::from_parts(parts, Full::new(body)))
+}
+
+/// Runs the guest's `handle` on `req`; the response goes to `tx`.
+async fn call_http(warm: &mut Warm, req: &HttpRequest, tx: ResponseSender) -> Result<()> {
+    let mut builder = hyper::Request::builder()
+        .method(req.method.clone())
+        .uri(req.uri.clone());
+    *builder.headers_mut().unwrap() = req.headers.clone();
+    let request = builder.body(Full::new(req.body.clone()))?;
+    let store = &mut warm.store;
+    let incoming = store
+        .data_mut()
+        .http()
+        .new_incoming_request(Scheme::Http, request)?;
+    let out = store.data_mut().http().new_response_outparam(tx)?;
+    store.set_epoch_deadline(1);
+    warm.proxy
+        .wasi_http_incoming_handler()
+        .call_handle(&mut *store, incoming, out)
+        .await?;
+    Ok(())
 }
 
 /// How a delivered message ended.
@@ -293,6 +377,7 @@ pub async fn message(
             ));
         };
         let mut store = new_store(platform, service, &request_id);
+        store.set_epoch_deadline(1);
         let called: Result<Result<(), HandleError>> = async {
             let sub = pre.instantiate_async(&mut store).await?;
             Ok(sub
@@ -307,7 +392,7 @@ pub async fn message(
             Err(e) => return Handled::Retry(format!("trap: {}", e.root_cause())),
             Ok(Err(HandleError::Retry(m))) => return Handled::Retry(m),
             Ok(Err(HandleError::Reject(m))) => return Handled::Reject(m),
-            Ok(Ok(())) => match platform.commit(txn).await {
+            Ok(Ok(())) => match platform.commit_handled(txn).await {
                 Ok(()) => return Handled::Done,
                 Err(CommitError::Conflict) => continue,
                 Err(CommitError::Storage(e)) => {

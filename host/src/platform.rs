@@ -1,6 +1,6 @@
 //! The shared host: engine, linked capabilities, services, state and messaging, wired together.
 
-use crate::config::Args;
+use crate::config::{Args, ServiceSpec};
 use crate::invocation::Ctx;
 use crate::messaging::kafka::{Kafka, KafkaConfig};
 use crate::messaging::{embedded::Embedded, Backend, Outbox, RetryPolicy};
@@ -32,6 +32,10 @@ pub struct Platform {
     pub header_timeout: Duration,
     pub compile_cache: PathBuf,
     pub retry: RetryPolicy,
+    /// Requests per instance (1 = a fresh instance per request).
+    pub instance_reuse: u32,
+    /// Idle instances kept per service when instances are reused.
+    pub idle_max: usize,
 }
 
 impl Platform {
@@ -47,77 +51,131 @@ impl Platform {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Commits an invocation and wakes the outbox drainer if it sent messages.
-    pub async fn commit(&self, txn: Txn) -> Result<(), CommitError> {
+    /// Commits an invocation and wakes the outbox drainer if it sent messages. `serialized`
+    /// (held by re-runs after a conflict) is released as soon as the writes are applied, so the
+    /// next writer does not wait for the disk.
+    pub async fn commit(
+        &self,
+        txn: Txn,
+        serialized: Option<tokio::sync::OwnedMutexGuard<()>>,
+    ) -> Result<(), CommitError> {
+        if txn.is_empty() {
+            return Ok(());
+        }
         let sent = !txn.outbox.is_empty();
-        self.db.commit(txn).await?;
+        self.db.apply(txn).await?;
+        drop(serialized);
+        self.db.durable().await?;
         if sent {
             self.outbox.poke();
         }
+        Ok(())
+    }
+
+    /// Commits a message handler's writes. With the embedded backend the offset commit that
+    /// follows is ordered after them in the same store, so they need not wait for the disk.
+    pub async fn commit_handled(&self, txn: Txn) -> Result<(), CommitError> {
+        if !self.backend.in_state_store() {
+            return self.commit(txn, None).await;
+        }
+        let sent = !txn.outbox.is_empty();
+        self.db.apply(txn).await?;
+        if sent {
+            self.outbox.poke();
+        }
+        Ok(())
+    }
+
+    /// The engine, state and messaging backend `args` ask for; no component loaded yet.
+    pub async fn new(args: &Args, specs: &[ServiceSpec]) -> Result<Arc<Platform>> {
+        let db = if args.in_memory {
+            Db::in_memory()?
+        } else {
+            Db::open(&args.data_dir)?
+        };
+        let max_memory = specs
+            .iter()
+            .map(|s| s.limits.memory)
+            .max()
+            .unwrap_or(64 << 20);
+        let engine = registry::engine(args.max_instances, max_memory)?;
+        let linker = registry::linker(&engine)?;
+        let backend: Arc<dyn Backend> = match &args.kafka_brokers {
+            Some(brokers) => {
+                let kafka = Kafka::new(KafkaConfig {
+                    brokers: brokers.clone(),
+                    partitions: args.kafka_partitions,
+                    replication: args.kafka_replication,
+                    fetch_wait: args.kafka_fetch_wait,
+                    batch_messages: args.kafka_batch_messages,
+                })?;
+                let topics = Args::topics(specs);
+                // A broker that is down at start-up must not stop the host: events wait in the
+                // outbox, and topic creation is retried until it works.
+                if let Err(e) = kafka.ensure_topics(&topics).await {
+                    tracing::warn!(error = %format!("{e:#}"), "could not create Kafka topics yet; retrying in the background");
+                    let kafka = Kafka::new(kafka.config().clone())?;
+                    tokio::spawn(async move {
+                        while let Err(e) = kafka.ensure_topics(&topics).await {
+                            tracing::debug!(error = %format!("{e:#}"), "creating Kafka topics");
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                    });
+                }
+                Arc::new(kafka)
+            }
+            None => Arc::new(Embedded::new(db.clone())),
+        };
+        tracing::info!(backend = %backend.describe(), "messaging backend");
+        let platform = Arc::new(Platform {
+            engine,
+            linker,
+            outbox: Outbox::new(db.clone()),
+            db,
+            backend,
+            services: OnceLock::new(),
+            ready: AtomicBool::new(false),
+            backend_up: AtomicBool::new(true),
+            outbound_timeout: args.outbound_timeout,
+            header_timeout: args.header_timeout,
+            compile_cache: args.compile_cache.clone(),
+            retry: RetryPolicy {
+                max_attempts: args.retry_max_attempts.max(1),
+                base: args.retry_backoff,
+                max: args.retry_backoff_max,
+            },
+            instance_reuse: args.instance_reuse,
+            // Idle instances hold pool slots: leave at least half the slots for fresh ones.
+            idle_max: (args.max_instances as usize / (2 * specs.len().max(1))).min(64),
+        });
+        Ok(platform)
+    }
+
+    /// Compiles (or takes from the cache) and pre-instantiates every service's component.
+    pub async fn load_services(&self, specs: Vec<ServiceSpec>) -> Result<()> {
+        let mut services = Vec::new();
+        for spec in specs {
+            let loaded = registry::load(&self.engine, &self.linker, &spec, &self.compile_cache)
+                .await
+                .with_context(|| format!("loading the {} component", spec.name))?;
+            tracing::info!(
+                service = spec.name,
+                port = spec.port,
+                path = %loaded.path.display(),
+                sha256 = %loaded.sha256,
+                "component loaded"
+            );
+            services.push(Arc::new(Service::new(spec, loaded)));
+        }
+        let _ = self.services.set(services);
         Ok(())
     }
 }
 
 /// Starts everything and serves until Ctrl-C or SIGTERM.
 pub async fn run(args: Args) -> Result<()> {
-    let specs = args.services()?;
-    let db = if args.in_memory {
-        Db::in_memory()?
-    } else {
-        Db::open(&args.data_dir)?
-    };
-    let max_memory = specs
-        .iter()
-        .map(|s| s.limits.memory)
-        .max()
-        .unwrap_or(64 << 20);
-    let engine = registry::engine(args.max_instances, max_memory)?;
-    let linker = registry::linker(&engine)?;
-    let backend: Arc<dyn Backend> = match &args.kafka_brokers {
-        Some(brokers) => {
-            let kafka = Kafka::new(KafkaConfig {
-                brokers: brokers.clone(),
-                partitions: args.kafka_partitions,
-                replication: args.kafka_replication,
-                fetch_wait: args.kafka_fetch_wait,
-                batch_messages: args.kafka_batch_messages,
-            })?;
-            let topics = Args::topics(&specs);
-            // A broker that is down at start-up must not stop the host: events wait in the
-            // outbox, and topic creation is retried until it works.
-            if let Err(e) = kafka.ensure_topics(&topics).await {
-                tracing::warn!(error = %format!("{e:#}"), "could not create Kafka topics yet; retrying in the background");
-                let kafka = Kafka::new(kafka.config().clone())?;
-                tokio::spawn(async move {
-                    while let Err(e) = kafka.ensure_topics(&topics).await {
-                        tracing::debug!(error = %format!("{e:#}"), "creating Kafka topics");
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    }
-                });
-            }
-            Arc::new(kafka)
-        }
-        None => Arc::new(Embedded::new(db.clone())),
-    };
-    tracing::info!(backend = %backend.describe(), "messaging backend");
-    let platform = Arc::new(Platform {
-        engine,
-        linker,
-        outbox: Outbox::new(db.clone()),
-        db,
-        backend,
-        services: OnceLock::new(),
-        ready: AtomicBool::new(false),
-        backend_up: AtomicBool::new(true),
-        outbound_timeout: args.outbound_timeout,
-        header_timeout: args.header_timeout,
-        compile_cache: args.compile_cache.clone(),
-        retry: RetryPolicy {
-            max_attempts: args.retry_max_attempts.max(1),
-            base: args.retry_backoff,
-            max: args.retry_backoff_max,
-        },
-    });
+    let mut specs = args.services()?;
+    let platform = Platform::new(&args, &specs).await?;
 
     let admin_listener = TcpListener::bind(args.admin_addr)
         .await
@@ -127,32 +185,15 @@ pub async fn run(args: Args) -> Result<()> {
 
     // Bind every port before the slow part so a port in use fails the start at once.
     let mut listeners = Vec::new();
-    let mut services = Vec::new();
-    for mut spec in specs {
+    for spec in &mut specs {
         let addr = (args.bind_addr, spec.port);
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {} port {}", spec.name, spec.port))?;
         spec.port = listener.local_addr()?.port();
-        let loaded = registry::load(
-            &platform.engine,
-            &platform.linker,
-            &spec,
-            &args.compile_cache,
-        )
-        .await
-        .with_context(|| format!("loading the {} component", spec.name))?;
-        tracing::info!(
-            service = spec.name,
-            port = spec.port,
-            path = %loaded.path.display(),
-            sha256 = %loaded.sha256,
-            "component loaded"
-        );
-        services.push(Arc::new(Service::new(spec, loaded)));
         listeners.push(listener);
     }
-    let _ = platform.services.set(services);
+    platform.load_services(specs).await?;
 
     tokio::spawn(platform.outbox.clone().drain(platform.backend.clone()));
     tokio::spawn(watch_backend(platform.clone()));

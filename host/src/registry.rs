@@ -75,6 +75,9 @@ pub struct Loaded {
     pub path: PathBuf,
     pub sha256: String,
     pub loaded_at: SystemTime,
+    /// Instances that served a request and may serve another (INSTANCE_REUSE > 1); they belong
+    /// to this version, so a swap never hands a request to an old instance.
+    pub idle: Mutex<Vec<crate::invocation::Warm>>,
 }
 
 pub struct Service {
@@ -85,6 +88,9 @@ pub struct Service {
     pub name: Arc<str>,
     /// One per request in flight; none left means 503.
     pub permits: Arc<tokio::sync::Semaphore>,
+    /// Held by invocations re-running after a commit conflict: under contention (every
+    /// `POST /users` increments one counter) re-runs take turns instead of conflicting again.
+    pub rerun: Arc<tokio::sync::Mutex<()>>,
     swaps: Mutex<Swaps>,
 }
 
@@ -112,6 +118,7 @@ impl Service {
         Service {
             name: spec.name.into(),
             permits: Arc::new(tokio::sync::Semaphore::new(spec.limits.concurrency)),
+            rerun: Arc::default(),
             spec,
             loaded: ArcSwap::from_pointee(loaded),
             swaps: Mutex::new(Swaps {
@@ -134,6 +141,8 @@ impl Service {
     pub fn install(&self, new: Loaded) -> u64 {
         let mut swaps = self.swaps.lock().unwrap();
         let old = self.loaded.swap(Arc::new(new));
+        // Kept for rollback, but its idle instances would only hold pool slots.
+        old.idle.lock().unwrap().clear();
         swaps.previous.push(old);
         if swaps.previous.len() > HISTORY {
             swaps.previous.remove(0);
@@ -234,6 +243,7 @@ pub async fn prepare(
         path,
         sha256,
         loaded_at: SystemTime::now(),
+        idle: Mutex::default(),
     })
 }
 

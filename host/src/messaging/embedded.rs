@@ -28,9 +28,10 @@ impl Embedded {
     }
 }
 
+/// Lazily durable: the outbox entries it replaces are removed after it, in order, so a crash
+/// can at worst publish them again.
 fn append_blocking(db: &Db, messages: &[Message]) -> Result<()> {
-    let wtx = db.redb().begin_write()?;
-    {
+    db.write_lazily(|wtx| {
         let mut log = wtx.open_table(LOG)?;
         for m in messages {
             let next = log
@@ -44,15 +45,18 @@ fn append_blocking(db: &Db, messages: &[Message]) -> Result<()> {
                 postcard::to_allocvec(m)?.as_slice(),
             )?;
         }
-    }
-    wtx.commit()?;
-    Ok(())
+        Ok(())
+    })
 }
 
 #[async_trait::async_trait]
 impl Backend for Embedded {
     fn describe(&self) -> String {
         "embedded (durable log in the data dir)".into()
+    }
+
+    fn in_state_store(&self) -> bool {
+        true
     }
 
     async fn publish(&self, messages: &[Message]) -> Result<()> {
@@ -137,12 +141,14 @@ impl Subscription for EmbeddedSubscription {
     async fn commit(&mut self, delivery: &Delivery) -> Result<()> {
         let db = self.db.clone();
         let (group, topic, next) = (self.group.clone(), self.topic.clone(), delivery.offset + 1);
+        // Lazily durable: losing it in a crash only redelivers records the handler already
+        // committed, which handlers must tolerate anyway (at-least-once).
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let wtx = db.redb().begin_write()?;
-            wtx.open_table(OFFSETS)?
-                .insert((group.as_str(), topic.as_str()), next)?;
-            wtx.commit()?;
-            Ok(())
+            db.write_lazily(|wtx| {
+                wtx.open_table(OFFSETS)?
+                    .insert((group.as_str(), topic.as_str()), next)?;
+                Ok(())
+            })
         })
         .await?
     }

@@ -54,6 +54,12 @@ pub trait Backend: Send + Sync + 'static {
     async fn publish(&self, messages: &[Message]) -> Result<()>;
     /// Starts reading `topic` for consumer group `group`, after its last committed record.
     async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn Subscription>>;
+    /// Whether the backend keeps its log and offsets in the state store. Then a handler's writes
+    /// need not reach the disk before its offset is committed: both go in order, so a crash
+    /// loses the offset with the writes and the record is delivered again.
+    fn in_state_store(&self) -> bool {
+        false
+    }
     /// Whether the backend is reachable now (for readiness and logs).
     async fn health(&self) -> Result<()> {
         Ok(())

@@ -65,17 +65,20 @@ impl Outbox {
             let (k, v) = entry?;
             out.push((k.value(), postcard::from_bytes(v.value())?));
         }
+        if !out.is_empty() {
+            // Commits are visible before they are durable (group commit): never publish a
+            // message whose invocation a crash could still undo.
+            self.db.wait_durable()?;
+        }
         Ok(out)
     }
 
+    /// Lazily durable: after a crash, a batch whose removal was lost is published again.
     fn remove_through(&self, last: u64) -> Result<()> {
-        let wtx = self.db.redb().begin_write()?;
-        {
-            let mut table = wtx.open_table(OUTBOX)?;
-            table.retain_in(..=last, |_, _| false)?;
-        }
-        wtx.commit()?;
-        Ok(())
+        self.db.write_lazily(|wtx| {
+            wtx.open_table(OUTBOX)?.retain_in(..=last, |_, _| false)?;
+            Ok(())
+        })
     }
 
     /// Moves batches to the backend, oldest first, forever. A batch leaves the outbox only

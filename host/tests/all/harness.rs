@@ -188,6 +188,14 @@ impl Host {
             .unwrap()
     }
 
+    /// The value of the metric line starting with `series` (name and labels); 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+    }
+
     pub async fn send(&self, method: &str, service: &str, path: &str, body: Option<&str>) -> Reply {
         let mut req = self
             .http

@@ -9,5 +9,6 @@ mod harness;
 mod kafka;
 mod limits;
 mod resilience;
+mod reuse;
 mod shutdown;
 mod swap;

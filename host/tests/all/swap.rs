@@ -22,7 +22,7 @@ async fn component(host: &Host, name: &str) -> Value {
         .unwrap()
 }
 
-async fn build_tag(host: &Host, service: &str, path: &str) -> Option<String> {
+pub(crate) async fn build_tag(host: &Host, service: &str, path: &str) -> Option<String> {
     let r = host.send("GET", service, path, None).await;
     assert_eq!(r.status, 200, "{:?}", r.json);
     r.headers
@@ -31,7 +31,7 @@ async fn build_tag(host: &Host, service: &str, path: &str) -> Option<String> {
 }
 
 /// Waits until `service` answers with build `tag`.
-async fn wait_for_tag(host: &Host, service: &str, path: &str, tag: &str) {
+pub(crate) async fn wait_for_tag(host: &Host, service: &str, path: &str, tag: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while build_tag(host, service, path).await.as_deref() != Some(tag) {
         assert!(

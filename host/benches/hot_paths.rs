@@ -1,0 +1,199 @@
+//! Criterion micro-benchmarks of the host's hot paths, in process (no sockets):
+//! - a trivial request (the `hello` fixture): fresh instance per request, and reused instance;
+//! - an in-process service call: gateway `/api/users` (gateway -> user) next to user `/users`;
+//! - a state read, and a state write committed to disk (redb, fsync), alone and with 16
+//!   concurrent writers sharing fsyncs (group commit);
+//! - an event publish: committing a write with one outbox message, and the embedded log append.
+//!
+//! Run with `cargo bench -p host --bench hot_paths` after `just build build-fixtures`.
+
+use bytes::Bytes;
+use clap::Parser;
+use criterion::{criterion_group, criterion_main, Criterion};
+use host::config::Args;
+use host::invocation::{self, HttpRequest};
+use host::messaging::{embedded::Embedded, Backend, Message};
+use host::platform::Platform;
+use host::state::{Db, StateView, Txn};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::runtime::Runtime;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The four services from `build/components`, except that product-service runs the `hello`
+/// fixture: the trivial component.
+fn platform(rt: &Runtime, reuse: u32, data: &Path) -> Arc<Platform> {
+    let args = Args::parse_from([
+        "host".into(),
+        "--components-dir".into(),
+        root().join("build/components").into_os_string(),
+        "--compile-cache".into(),
+        root().join("build/compile-cache").into_os_string(),
+        "--data-dir".into(),
+        data.as_os_str().to_owned(),
+        "--instance-reuse".into(),
+        reuse.to_string().into(),
+    ]);
+    let mut specs = args.services().unwrap();
+    for spec in &mut specs {
+        if spec.name == "product" {
+            spec.file = root().join("build/fixtures/hello.wasm");
+        }
+    }
+    rt.block_on(async {
+        let platform = Platform::new(&args, &specs).await.unwrap();
+        platform.load_services(specs).await.unwrap();
+        platform
+    })
+}
+
+fn get(path: &str, host: &str) -> HttpRequest {
+    let mut headers = hyper::HeaderMap::new();
+    headers.insert(hyper::header::HOST, host.parse().unwrap());
+    HttpRequest {
+        method: hyper::Method::GET,
+        uri: path.parse().unwrap(),
+        headers,
+        body: Bytes::new(),
+    }
+}
+
+fn call(rt: &Runtime, platform: &Arc<Platform>, service: &str, req: &HttpRequest) -> u16 {
+    let service = platform.service(service).unwrap().clone();
+    rt.block_on(invocation::http(platform, &service, req.clone(), "bench"))
+        .status()
+        .as_u16()
+}
+
+fn requests(c: &mut Criterion) {
+    let rt = Runtime::new().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let fresh = platform(&rt, 1, &data.path().join("fresh"));
+    let reused = platform(&rt, 1_000_000, &data.path().join("reused"));
+    let hello = get("/", "product-service");
+    let users = get("/users", "user-service");
+    let via_gateway = get("/api/users", "gateway-service");
+    for (p, req, service) in [
+        (&fresh, &hello, "product"),
+        (&fresh, &users, "user"),
+        (&fresh, &via_gateway, "gateway"),
+    ] {
+        assert_eq!(call(&rt, p, service, req), 200, "{service} must answer");
+    }
+
+    let mut g = c.benchmark_group("request");
+    g.bench_function("trivial, fresh instance", |b| {
+        b.iter(|| call(&rt, &fresh, "product", &hello))
+    });
+    g.bench_function("trivial, reused instance", |b| {
+        b.iter(|| call(&rt, &reused, "product", &hello))
+    });
+    g.bench_function("user /users, fresh", |b| {
+        b.iter(|| call(&rt, &fresh, "user", &users))
+    });
+    g.bench_function("gateway /api/users (in-process call to user), fresh", |b| {
+        b.iter(|| call(&rt, &fresh, "gateway", &via_gateway))
+    });
+    g.bench_function(
+        "gateway /api/users (in-process call to user), reused",
+        |b| b.iter(|| call(&rt, &reused, "gateway", &via_gateway)),
+    );
+    g.finish();
+}
+
+fn message(n: u64) -> Message {
+    Message {
+        topic: "user.created".into(),
+        key: Some(n.to_string()),
+        payload: format!(r#"{{"id":{n},"name":"Bench","email":"b{n}@ex.com"}}"#).into_bytes(),
+        headers: vec![("x-request-id".into(), format!("bench-{n}"))],
+    }
+}
+
+/// A transaction of user-service that writes 64 bytes under `bucket/key`.
+fn write(db: &Db, bucket: &str, key: String) -> Txn {
+    let mut txn = Txn::new("user".into());
+    StateView { db, txn: &mut txn }
+        .put(bucket.into(), key, Some(vec![7; 64]))
+        .unwrap();
+    txn
+}
+
+fn state(c: &mut Criterion) {
+    let rt = Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).unwrap();
+    db.commit_blocking(&write(&db, "users", "1".into()))
+        .unwrap();
+
+    let mut g = c.benchmark_group("state");
+    g.bench_function("read one key", |b| {
+        b.iter(|| {
+            let mut txn = Txn::new("user".into());
+            let v = StateView {
+                db: &db,
+                txn: &mut txn,
+            }
+            .get_value("users", "1")
+            .unwrap();
+            assert!(v.is_some());
+        })
+    });
+    let mut n = 0u64;
+    g.bench_function("write one key and commit (fsync)", |b| {
+        b.iter(|| {
+            n += 1;
+            rt.block_on(db.commit(write(&db, "bench", n.to_string())))
+                .unwrap();
+        })
+    });
+    // Group commit: writers that arrive while an fsync runs share the next one.
+    g.bench_function(
+        "write one key and commit, 16 concurrent writers (time per write)",
+        |b| {
+            b.iter_custom(|iters| {
+                let began = std::time::Instant::now();
+                let writers: Vec<_> = (0..16u64)
+                    .map(|w| {
+                        let db = db.clone();
+                        std::thread::spawn(move || {
+                            for i in (w..iters).step_by(16) {
+                                let txn = write(&db, "concurrent", i.to_string());
+                                db.commit_blocking(&txn).unwrap();
+                            }
+                        })
+                    })
+                    .collect();
+                for w in writers {
+                    w.join().unwrap();
+                }
+                began.elapsed()
+            })
+        },
+    );
+    g.finish();
+
+    let mut g = c.benchmark_group("event");
+    g.bench_function("publish: commit a write with one outbox message", |b| {
+        b.iter(|| {
+            n += 1;
+            let mut txn = write(&db, "bench", n.to_string());
+            txn.outbox.push(message(n));
+            rt.block_on(db.commit(txn)).unwrap();
+        })
+    });
+    let log = Embedded::new(db.clone());
+    g.bench_function("embedded log: append one message", |b| {
+        b.iter(|| {
+            n += 1;
+            rt.block_on(log.publish(&[message(n)])).unwrap();
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, requests, state);
+criterion_main!(benches);

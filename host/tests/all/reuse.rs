@@ -1,0 +1,78 @@
+//! Instance reuse (`--instance-reuse N`): one instance serves many requests, is thrown away
+//! when it traps, and is never handed a request after its component was swapped.
+
+use crate::harness::{assert_error, components_copy, fixture, Host};
+use crate::swap::{build_tag, wait_for_tag};
+
+const PRODUCT_INSTANCES: &str = r#"host_instances_created_total{service="product"}"#;
+
+async fn host_with_misbehaving_product(extra: &[&str]) -> (Host, tempfile::TempDir) {
+    let comps = components_copy();
+    std::fs::copy(fixture("misbehave.wasm"), comps.path().join("product.wasm")).unwrap();
+    let host = Host::start_in(comps.path(), None, extra).await;
+    (host, comps)
+}
+
+#[tokio::test]
+async fn by_default_every_request_gets_a_fresh_instance() {
+    let (host, _comps) = host_with_misbehaving_product(&[]).await;
+    for _ in 0..10 {
+        assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
+    }
+    assert_eq!(host.metric(PRODUCT_INSTANCES).await, 10.0);
+}
+
+#[tokio::test]
+async fn a_reused_instance_serves_until_its_quota_and_a_trap_discards_it() {
+    let (host, _comps) = host_with_misbehaving_product(&["--instance-reuse", "25"]).await;
+    for _ in 0..20 {
+        assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
+    }
+    assert_eq!(
+        host.metric(PRODUCT_INSTANCES).await,
+        1.0,
+        "one instance, reused"
+    );
+    for _ in 0..10 {
+        assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
+    }
+    assert_eq!(
+        host.metric(PRODUCT_INSTANCES).await,
+        2.0,
+        "the first instance retired after 25 requests"
+    );
+    assert_error(&host.send("GET", "product", "/trap", None).await, 500);
+    assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
+    assert_eq!(
+        host.metric(PRODUCT_INSTANCES).await,
+        3.0,
+        "the trapped instance was not reused"
+    );
+}
+
+#[tokio::test]
+async fn after_a_swap_no_request_reaches_an_instance_of_the_old_version() {
+    let comps = components_copy();
+    let user_file = comps.path().join("user.wasm");
+    std::fs::copy(fixture("user-a.wasm"), &user_file).unwrap();
+    let host = Host::start_in(comps.path(), None, &["--instance-reuse", "1000000"]).await;
+    // Requests in parallel leave several idle instances of version a behind.
+    let get = || host.send("GET", "gateway", "/api/users", None);
+    let (r1, r2, r3, r4) = tokio::join!(get(), get(), get(), get());
+    assert!([r1, r2, r3, r4].iter().all(|r| r.status == 200));
+    assert_eq!(
+        build_tag(&host, "user", "/users").await.as_deref(),
+        Some("a")
+    );
+    let tmp = comps.path().join(".user.wasm.tmp");
+    std::fs::copy(fixture("user-b.wasm"), &tmp).unwrap();
+    std::fs::rename(&tmp, &user_file).unwrap();
+    wait_for_tag(&host, "user", "/users", "b").await;
+    for _ in 0..50 {
+        assert_eq!(
+            build_tag(&host, "user", "/users").await.as_deref(),
+            Some("b"),
+            "an instance of the old version answered"
+        );
+    }
+}

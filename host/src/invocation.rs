@@ -104,10 +104,7 @@ fn new_store(platform: &Arc<Platform>, service: &Arc<Service>, request_id: &str)
         budget: service.spec.limits.cpu.as_millis() / EPOCH_TICK.as_millis().max(1),
         txn: Txn::new(service.name.clone()),
     };
-    crate::metrics::get()
-        .instances
-        .get_or_create(&crate::metrics::labels([("service", &service.name)]))
-        .inc();
+    service.instances.inc();
     let mut store = Store::new(&platform.engine, ctx);
     store.limiter(|ctx| &mut ctx.limits);
     // The callback runs once per epoch tick the guest spends computing (waiting in host calls

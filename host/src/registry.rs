@@ -91,6 +91,9 @@ pub struct Service {
     /// Held by invocations re-running after a commit conflict: under contention (every
     /// `POST /users` increments one counter) re-runs take turns instead of conflicting again.
     pub rerun: Arc<tokio::sync::Mutex<()>>,
+    /// This service's request latency histogram, looked up once instead of per request.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
+    pub instances: prometheus_client::metrics::counter::Counter,
     swaps: Mutex<Swaps>,
 }
 
@@ -119,6 +122,14 @@ impl Service {
             name: spec.name.into(),
             permits: Arc::new(tokio::sync::Semaphore::new(spec.limits.concurrency)),
             rerun: Arc::default(),
+            latency: crate::metrics::get()
+                .latency
+                .get_or_create(&crate::metrics::labels([("service", spec.name)]))
+                .clone(),
+            instances: crate::metrics::get()
+                .instances
+                .get_or_create(&crate::metrics::labels([("service", spec.name)]))
+                .clone(),
             spec,
             loaded: ArcSwap::from_pointee(loaded),
             swaps: Mutex::new(Swaps {

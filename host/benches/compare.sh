@@ -48,7 +48,7 @@ broker=
 start_broker() {
     tansu broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" >"$work/tansu.log" 2>&1 & broker=$!
     wait_port "$kport"
-    tansu topic create user-created --partitions 3 >/dev/null 2>&1 || true
+    tansu topic create user-created --broker "tcp://127.0.0.1:$kport" --partitions 3 >/dev/null 2>&1 || true
 }
 stop_broker() { kill "$broker"; wait "$broker" 2>/dev/null || true; wait_closed "$kport"; }
 
@@ -99,9 +99,9 @@ start_host trivial-fresh --components-dir "$trivial"; res[tf]=$(measure ":3002/"
 start_host trivial-reuse --components-dir "$trivial" --instance-reuse "$reuse"; res[tr]=$(measure ":3002/"); stop_host
 wt=${WASMTIME:-$(command -v wasmtime || true)}
 if [ -n "$wt" ]; then
-    "$wt" serve --addr 127.0.0.1:3100 -O pooling-allocator "$hello" >"$work/wt.log" 2>&1 & w=$!
+    "$wt" serve --addr 127.0.0.1:3100 -O pooling-allocator -S cli "$hello" >"$work/wt.log" 2>&1 & w=$!
     wait_port 3100; res[wf]=$(measure ":3100/"); kill $w; wait $w 2>/dev/null || true; wait_closed 3100
-    "$wt" serve --addr 127.0.0.1:3100 -O pooling-allocator --max-instance-reuse-count "$reuse" "$hello" >"$work/wt.log" 2>&1 & w=$!
+    "$wt" serve --addr 127.0.0.1:3100 -O pooling-allocator -S cli --max-instance-reuse-count "$reuse" "$hello" >"$work/wt.log" 2>&1 & w=$!
     if wait_port 3100 2>/dev/null; then res[wr]=$(measure ":3100/"); kill $w; wait $w 2>/dev/null || true; else res[wr]="n/a - - -"; fi
     wt_version=$("$wt" --version)
 else
@@ -138,4 +138,4 @@ echo "| server | fresh instance per request | instance reuse ($reuse) |"
 echo "|---|---|---|"
 cell() { read -r r a b _ <<<"${res[$1]}"; echo "$r ($a / $b)"; }
 echo "| this host (as product-service, :3002) | $(cell tf) | $(cell tr) |"
-echo "| \`wasmtime serve -O pooling-allocator\` ($wt_version) | $(cell wf) | $(cell wr) |"
+echo "| \`wasmtime serve -O pooling-allocator -S cli\` ($wt_version) | $(cell wf) | $(cell wr) |"

@@ -12,7 +12,7 @@ use crate::bindings::state::{self as wit, Error as WitError};
 use crate::messaging::{outbox, Message};
 use anyhow::{Context as _, Result};
 use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -30,11 +30,16 @@ pub const MAX_VALUE: usize = 1 << 20;
 #[derive(Clone)]
 pub struct Db(Arc<Inner>);
 
+/// (service, bucket, key) of an id sequence.
+type SequenceKey = (Arc<str>, String, String);
+
 struct Inner {
     db: Database,
     /// Write transactions begun so far, counted inside each (under redb's writer lock), so
     /// that a durable commit knows which writes it covers.
     written: AtomicU64,
+    /// Last id handed out per (service, bucket, key) sequence, ahead of what is committed.
+    sequences: Mutex<HashMap<SequenceKey, u64>>,
     sync: Mutex<Syncs>,
     synced: Condvar,
 }
@@ -67,6 +72,7 @@ impl Db {
         Db(Arc::new(Inner {
             db,
             written: AtomicU64::new(0),
+            sequences: Mutex::default(),
             sync: Mutex::default(),
             synced: Condvar::new(),
         }))
@@ -180,6 +186,20 @@ impl Db {
                 }
                 .map_err(anyhow::Error::from)?;
             }
+            // Not validated: ids were handed out under the sequences lock, so the stored value
+            // only has to move forward.
+            for ((bucket, key), id) in &txn.sequences {
+                let k = (&*txn.service, bucket.as_str(), key.as_str());
+                let stored = table
+                    .get(k)
+                    .map_err(anyhow::Error::from)?
+                    .map(|v| sequence_value(v.value()));
+                if stored.is_none_or(|s| s.is_ok_and(|s| s < *id)) {
+                    table
+                        .insert(k, id.to_le_bytes().as_slice())
+                        .map_err(anyhow::Error::from)?;
+                }
+            }
         }
         outbox::append(&wtx, &txn.outbox)?;
         wtx.commit().map_err(anyhow::Error::from)?;
@@ -266,6 +286,8 @@ pub struct Txn {
     reads: Vec<(String, String, Option<Vec<u8>>)>,
     lists: Vec<(String, String, Vec<String>)>,
     writes: BTreeMap<(String, String), Option<Vec<u8>>>,
+    /// Highest id taken per sequence.
+    sequences: BTreeMap<(String, String), u64>,
     pub outbox: Vec<Message>,
 }
 
@@ -279,7 +301,7 @@ impl Txn {
 
     /// Nothing to commit: read-only invocations skip the write lock entirely.
     pub fn is_empty(&self) -> bool {
-        self.writes.is_empty() && self.outbox.is_empty()
+        self.writes.is_empty() && self.sequences.is_empty() && self.outbox.is_empty()
     }
 }
 
@@ -344,7 +366,46 @@ impl StateView<'_> {
     }
 }
 
+/// A sequence is stored as 8 little-endian bytes, like a counter.
+fn sequence_value(bytes: &[u8]) -> Result<u64, WitError> {
+    let arr: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| WitError::NotACounter(format!("a sequence holds {} bytes", bytes.len())))?;
+    Ok(u64::from_le_bytes(arr))
+}
+
+impl StateView<'_> {
+    pub fn next_id_value(&mut self, bucket: String, key: String) -> Result<u64, WitError> {
+        check_name("bucket", &bucket)?;
+        check_name("key", &key)?;
+        let mut sequences = self.db.0.sequences.lock().unwrap();
+        let slot = (self.txn.service.clone(), bucket, key);
+        let last = match sequences.get(&slot) {
+            Some(&last) => last,
+            None => match self
+                .db
+                .read_value(&slot.0, &slot.1, &slot.2)
+                .map_err(storage)?
+            {
+                None => 0,
+                Some(bytes) => sequence_value(&bytes)?,
+            },
+        };
+        let id = last
+            .checked_add(1)
+            .ok_or_else(|| WitError::NotACounter("sequence exhausted".into()))?;
+        sequences.insert(slot.clone(), id);
+        let taken = self.txn.sequences.entry((slot.1, slot.2)).or_insert(0);
+        *taken = (*taken).max(id);
+        Ok(id)
+    }
+}
+
 impl wit::Host for StateView<'_> {
+    fn next_id(&mut self, bucket: String, key: String) -> Result<u64, WitError> {
+        self.next_id_value(bucket, key)
+    }
+
     fn get(&mut self, bucket: String, key: String) -> Result<Option<Vec<u8>>, WitError> {
         self.get_value(&bucket, &key)
     }
@@ -403,6 +464,34 @@ mod tests {
 
     fn view<'a>(db: &'a Db, txn: &'a mut Txn) -> StateView<'a> {
         StateView { db, txn }
+    }
+
+    #[test]
+    fn ids_never_repeat_never_conflict_and_skip_only_after_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let take =
+            |db: &Db, txn: &mut Txn| view(db, txn).next_id("m".into(), "seq".into()).unwrap();
+        // Two invocations in flight at once get different ids, and both commit.
+        let (mut a, mut b) = (Txn::new("user".into()), Txn::new("user".into()));
+        assert_eq!((take(&db, &mut a), take(&db, &mut b)), (1, 2));
+        db.commit_blocking(&b).unwrap();
+        db.commit_blocking(&a).unwrap();
+        // One that fails (never commits) leaves a gap; the next one moves on.
+        let mut failed = Txn::new("user".into());
+        assert_eq!(take(&db, &mut failed), 3);
+        drop(failed);
+        let mut c = Txn::new("user".into());
+        assert_eq!(take(&db, &mut c), 4);
+        db.commit_blocking(&c).unwrap();
+        // After a restart the sequence continues from what was committed.
+        drop(db);
+        let db = Db::open(dir.path()).unwrap();
+        let mut d = Txn::new("user".into());
+        assert_eq!(take(&db, &mut d), 5);
+        // Sequences are per service, like everything else.
+        let mut other = Txn::new("order".into());
+        assert_eq!(take(&db, &mut other), 1);
     }
 
     #[test]

@@ -151,7 +151,7 @@ fn create_order(body: &[u8]) -> Outcome {
     }
     check_product(product_id)?;
 
-    let id = SEED.id + store::next_counter(NEXT_ID)?;
+    let id = SEED.id + store::next_id(NEXT_ID)?;
     let order = Order {
         id,
         user_id,

@@ -69,7 +69,7 @@ fn create_product(body: &[u8]) -> Outcome {
         .map_err(Response::bad_request)?;
     let price = input::non_negative_number_field(&fields, "price")?;
 
-    let id = SEED_COUNT + store::next_counter(NEXT_ID)?;
+    let id = SEED_COUNT + store::next_id(NEXT_ID)?;
     let product = Product { id, name, price };
     store::put_json(PRODUCTS, &store::record_key(id), &product)?;
     Ok(Response::json(201, &product))

@@ -105,15 +105,11 @@ pub fn list_json<T: DeserializeOwned>(bucket: &str) -> Result<Vec<T>, StoreError
     Ok(out)
 }
 
-/// Next value (1, 2, ...) of the counter `key` in [`META_BUCKET`]. Call it only once the
-/// request is known to succeed, so that rejected requests leave no gaps.
-pub fn next_counter(key: &str) -> Result<u64, StoreError> {
-    let n = state::increment(META_BUCKET, key, 1)
-        .map_err(|e| failed("increment", META_BUCKET, key, e))?;
-    u64::try_from(n)
-        .ok()
-        .filter(|&n| n > 0)
-        .ok_or_else(|| StoreError(format!("counter {META_BUCKET}/{key} returned {n}")))
+/// Next id (1, 2, ...) of the sequence `key` in [`META_BUCKET`]. Concurrent requests get
+/// distinct ids without conflicting; a request that fails after taking one leaves a gap, so
+/// call it only once the request is known to succeed.
+pub fn next_id(key: &str) -> Result<u64, StoreError> {
+    state::next_id(META_BUCKET, key).map_err(|e| failed("next-id", META_BUCKET, key, e))
 }
 
 #[cfg(test)]

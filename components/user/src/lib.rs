@@ -61,7 +61,7 @@ fn create_user(body: &[u8]) -> Outcome {
     }
 
     // Only now, so that rejected requests leave no gaps in the ids.
-    let id = store::next_counter(NEXT_ID)?;
+    let id = store::next_id(NEXT_ID)?;
     let user = User {
         id,
         name,

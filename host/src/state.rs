@@ -82,14 +82,6 @@ impl Db {
         &self.0.db
     }
 
-    /// Runs `f` in a write transaction and returns once its changes are on disk (group commit).
-    /// Blocking.
-    pub fn write<R>(&self, f: impl FnOnce(&WriteTransaction) -> Result<R>) -> Result<R> {
-        let r = self.write_lazily(f)?;
-        self.wait_durable()?;
-        Ok(r)
-    }
-
     /// Runs `f` in a write transaction that reaches the disk with the next durable commit: for
     /// bookkeeping whose loss in a crash only causes a redelivery. Blocking.
     pub fn write_lazily<R>(&self, f: impl FnOnce(&WriteTransaction) -> Result<R>) -> Result<R> {

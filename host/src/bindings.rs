@@ -3,8 +3,9 @@
 wasmtime::component::bindgen!({
     world: "subscriber",
     path: "../wit",
+    imports: { "microsvc:platform/services.call": async },
     exports: { default: async },
 });
 
 pub use exports::microsvc::platform::handler::{Delivery, HandleError};
-pub use microsvc::platform::{producer, state};
+pub use microsvc::platform::{producer, services, state};

@@ -3,6 +3,7 @@
 use crate::invocation::{self, HttpRequest};
 use crate::platform::Platform;
 use crate::registry::Service;
+use crate::services::{Caller, Refused, HOST_SUFFIX};
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -26,8 +27,6 @@ pub type Resp = hyper::Response<Full<Bytes>>;
 /// Largest request body a service accepts; larger ones get 413 before they are read.
 pub const MAX_BODY: usize = 1 << 20;
 pub const REQUEST_ID: &str = "x-request-id";
-/// Services are addressed by other services as `http://<name>-service/...`.
-const HOST_SUFFIX: &str = "-service";
 
 pub fn json_error(status: StatusCode, message: &str) -> Resp {
     let body = serde_json::json!({ "error": message }).to_string();
@@ -243,87 +242,43 @@ async fn read_body(mut body: Incoming, declared: Option<u64>) -> Body {
     }
 }
 
-/// `wasi:http/outgoing-handler` for a component: calls to `http://<name>-service/` run the
-/// named service in this process, if the caller may call it. Nothing else is reachable.
-pub struct Outbound {
-    platform: Arc<Platform>,
-    caller: Arc<Service>,
-    request_id: String,
-}
-
-impl Outbound {
-    pub fn new(platform: Arc<Platform>, caller: Arc<Service>, request_id: String) -> Outbound {
-        Outbound {
-            platform,
-            caller,
-            request_id,
-        }
-    }
-
-    pub fn set_request_id(&mut self, id: &str) {
-        id.clone_into(&mut self.request_id);
-    }
-
-    fn resolve(&self, uri: &hyper::Uri) -> Result<Arc<Service>, HttpError> {
-        let host = uri.host().unwrap_or_default();
-        let target = host
-            .strip_suffix(HOST_SUFFIX)
-            .and_then(|name| self.platform.service(name));
-        let Some(target) = target else {
-            tracing::warn!(caller = %self.caller.name, destination = host, request_id = %self.request_id, "outbound call to an unknown destination refused");
-            return Err(HttpError::DestinationNotFound);
-        };
-        if !self.caller.spec.calls.iter().any(|c| **c == *target.name) {
-            tracing::warn!(caller = %self.caller.name, destination = host, request_id = %self.request_id, "outbound call not in the caller's allowlist refused");
-            return Err(HttpError::HttpRequestDenied);
-        }
-        Ok(target.clone())
-    }
-}
-
 type Sent = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
 
-impl WasiHttpHooks for Outbound {
+/// `wasi:http/outgoing-handler` for a component: calls to `http://<name>-service/` run the
+/// named service in this process, if the caller may call it. Nothing else is reachable.
+/// (`services` is the cheaper way to the same place.)
+impl WasiHttpHooks for Caller {
     fn send_request(
         &mut self,
         request: hyper::Request<WasiBody>,
         _options: Option<RequestOptions>,
         _fut: Sent,
     ) -> Box<dyn Future<Output = Result<(hyper::Response<WasiBody>, Sent), HttpError>> + Send> {
-        let target = self.resolve(request.uri());
-        let platform = self.platform.clone();
-        let rid = self.request_id.clone();
+        let target = self
+            .resolve(request.uri().host().unwrap_or_default())
+            .map_err(|r| match r {
+                Refused::NotFound(_) => HttpError::DestinationNotFound,
+                Refused::Denied(_) => HttpError::HttpRequestDenied,
+            });
+        let caller = self.clone();
         Box::new(async move {
             let target = target?;
-            let (mut parts, body) = request.into_parts();
+            let (parts, body) = request.into_parts();
             let body = Limited::new(body, MAX_BODY)
                 .collect()
                 .await
                 .map_err(|_| HttpError::HttpRequestBodySize(None))?
                 .to_bytes();
-            if let Ok(v) = HeaderValue::from_str(&rid) {
-                parts.headers.insert(REQUEST_ID, v);
-            }
             let req = HttpRequest {
                 method: parts.method,
                 uri: parts.uri,
                 headers: parts.headers,
                 body,
             };
-            let call = Box::pin(async {
-                if let Some(delay) = target.spec.latency {
-                    tokio::time::sleep(delay).await;
-                }
-                invocation::http(&platform, &target, req, &rid).await
-            })
-            .instrument(tracing::debug_span!(
-                "call",
-                service = %target.name,
-                request_id = %rid
-            ));
-            let resp = tokio::time::timeout(platform.outbound_timeout, call)
+            let resp = caller
+                .call(&target, req)
                 .await
-                .map_err(|_| HttpError::ConnectionReadTimeout)?;
+                .ok_or(HttpError::ConnectionReadTimeout)?;
             let resp = resp.map(|b| b.map_err(HttpError::from).boxed_unsync());
             Ok((resp, Box::new(async { Ok(()) }) as Sent))
         })

@@ -4,11 +4,12 @@
 //! delivered messages. The store and its transaction live exactly as long as the call.
 
 use crate::bindings::{self, HandleError};
-use crate::http::{json_error, Outbound, Resp};
+use crate::http::{json_error, Resp};
 use crate::messaging::{Delivery, ProducerView};
 use crate::platform::Platform;
 use crate::registry::EPOCH_TICK;
 use crate::registry::{Loaded, Service};
+use crate::services::{Caller, ServicesView};
 use crate::state::{CommitError, StateView, Txn};
 use anyhow::{anyhow, Result};
 use bytes::Bytes;
@@ -31,10 +32,8 @@ pub struct Ctx {
     table: ResourceTable,
     wasi: WasiCtx,
     http: WasiHttpCtx,
-    outbound: Outbound,
-    platform: Arc<Platform>,
-    service: Arc<Service>,
-    request_id: String,
+    /// The platform, this service and the request being served: what calls out need.
+    caller: Caller,
     limits: StoreLimits,
     /// Epoch ticks the current invocation has computed for, against `budget`.
     ticks: u128,
@@ -56,7 +55,7 @@ impl WasiHttpView for Ctx {
         WasiHttpCtxView {
             ctx: &mut self.http,
             table: &mut self.table,
-            hooks: &mut self.outbound,
+            hooks: &mut self.caller,
         }
     }
 }
@@ -64,24 +63,29 @@ impl WasiHttpView for Ctx {
 impl Ctx {
     pub fn state(&mut self) -> StateView<'_> {
         StateView {
-            db: &self.platform.db,
+            db: &self.caller.platform.db,
             txn: &mut self.txn,
+        }
+    }
+
+    pub fn services(&mut self) -> ServicesView<'_> {
+        ServicesView {
+            caller: &self.caller,
         }
     }
 
     pub fn producer(&mut self) -> ProducerView<'_> {
         ProducerView {
             txn: &mut self.txn,
-            allowed_topics: &self.service.spec.produces,
-            request_id: &self.request_id,
+            allowed_topics: &self.caller.service.spec.produces,
+            request_id: &self.caller.request_id,
         }
     }
 
     /// Starts a new invocation in this store: a new transaction, request id and CPU budget.
     fn begin(&mut self, request_id: &str) {
-        request_id.clone_into(&mut self.request_id);
-        self.outbound.set_request_id(request_id);
-        self.txn = Txn::new(self.service.name.clone());
+        request_id.clone_into(&mut self.caller.request_id);
+        self.txn = Txn::new(self.caller.service.name.clone());
         self.ticks = 0;
     }
 }
@@ -93,10 +97,11 @@ fn new_store(platform: &Arc<Platform>, service: &Arc<Service>, request_id: &str)
         // through wasi:http (to the services it may call) and the platform interfaces.
         wasi: WasiCtx::builder().inherit_stderr().build(),
         http: WasiHttpCtx::new(),
-        outbound: Outbound::new(platform.clone(), service.clone(), request_id.to_string()),
-        platform: platform.clone(),
-        service: service.clone(),
-        request_id: request_id.to_string(),
+        caller: Caller {
+            platform: platform.clone(),
+            service: service.clone(),
+            request_id: request_id.to_string(),
+        },
         limits: StoreLimitsBuilder::new()
             .memory_size(usize::try_from(service.spec.limits.memory).unwrap_or(usize::MAX))
             .build(),
@@ -169,7 +174,7 @@ impl Warm {
 }
 
 /// A buffered HTTP request: buffering lets a conflicting invocation run again.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct HttpRequest {
     pub method: hyper::Method,
     pub uri: hyper::Uri,

@@ -9,6 +9,7 @@ pub mod messaging;
 pub mod metrics;
 pub mod platform;
 pub mod registry;
+pub mod services;
 pub mod state;
 pub mod testing;
 pub mod watch;

@@ -69,6 +69,10 @@ pub fn linker(engine: &Engine) -> Result<Linker<Ctx>> {
         &mut linker,
         Ctx::producer,
     )?;
+    bindings::services::add_to_linker::<Ctx, crate::services::ServicesData>(
+        &mut linker,
+        Ctx::services,
+    )?;
     Ok(linker)
 }
 

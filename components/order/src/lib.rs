@@ -13,6 +13,7 @@ wit_bindgen::generate!({
     with: {
         "microsvc:platform/state@0.1.0": sdk::state,
         "microsvc:platform/producer@0.1.0": sdk::producer,
+        "microsvc:platform/services@0.1.0": sdk::services,
     },
 });
 

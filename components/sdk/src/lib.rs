@@ -5,7 +5,8 @@
 //!   `subscriber` and point its `with` at these modules, so there is one copy of each type.
 //! - [`Request`] / [`Response`]: plain HTTP values that handlers work with; [`serve`] moves them
 //!   in and out of `wasi:http`.
-//! - [`fetch`] / [`fetch_all`]: outbound calls to other services.
+//! - [`fetch`] / [`fetch_all`]: outbound calls to other services (through [`services`] when
+//!   the URL names one, else `wasi:http`).
 //! - [`input`]: path and JSON-body parsing that turns bad client input into 400s.
 //! - [`store`]: JSON records in host state.
 //!
@@ -19,7 +20,7 @@ mod bindings {
     });
 }
 
-pub use bindings::microsvc::platform::{producer, state};
+pub use bindings::microsvc::platform::{producer, services, state};
 pub use wasi;
 
 pub mod http;
@@ -27,7 +28,9 @@ pub mod input;
 pub mod message;
 pub mod store;
 
-pub use http::{fetch, fetch_all, serve, OutboundError, OutboundErrorKind, OutboundRequest};
+pub use http::{
+    fetch, fetch_all, fetch_via_wasi_http, serve, OutboundError, OutboundErrorKind, OutboundRequest,
+};
 pub use message::{Request, Response};
 
 /// Exports `route` (a `fn(Request) -> Response`) as the component's

@@ -10,5 +10,6 @@ mod kafka;
 mod limits;
 mod resilience;
 mod reuse;
+mod services;
 mod shutdown;
 mod swap;

@@ -43,7 +43,10 @@ pub fn engine(max_instances: u32, max_memory: u64) -> Result<Engine> {
     let mut config = Config::new();
     config
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-        .epoch_interruption(true);
+        .epoch_interruption(true)
+        // Nothing here uses the component model's async ABI (wasip3); without it every store
+        // and every host call skips wasmtime's task bookkeeping for concurrent guests.
+        .concurrency_support(false);
     let engine = Engine::new(&config)?;
     // One ticker per engine, never per request.
     let weak = engine.weak();

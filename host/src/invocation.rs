@@ -3,7 +3,7 @@
 //! Used for HTTP requests (from a listener or from another service in-process) and for
 //! delivered messages. The store and its transaction live exactly as long as the call.
 
-use crate::bindings::{self, HandleError};
+use crate::bindings::{self, services, HandleError};
 use crate::http::{json_error, Resp};
 use crate::messaging::{Delivery, ProducerView};
 use crate::platform::Platform;
@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
 use std::sync::Arc;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{ResourceTable, TypedFunc};
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
@@ -127,10 +127,14 @@ fn new_store(platform: &Arc<Platform>, service: &Arc<Service>, request_id: &str)
     store
 }
 
+/// `microsvc:platform/http-handler#handle`.
+type Handle = TypedFunc<(services::Request,), (services::Response,)>;
+
 /// An instantiated component with its store, ready for a request.
 pub struct Warm {
     store: Store<Ctx>,
     proxy: Proxy,
+    handle: Option<Handle>,
     served: u32,
 }
 
@@ -147,23 +151,31 @@ impl Warm {
             }
         }
         let mut store = new_store(platform, service, "");
-        let proxy = loaded.proxy.instantiate_async(&mut store).await?;
+        let instance = loaded
+            .proxy
+            .instance_pre()
+            .instantiate_async(&mut store)
+            .await?;
+        let proxy = Proxy::new(&mut store, &instance)?;
+        // An export of another shape than ours is simply not used: wasi:http still works.
+        let handle = loaded
+            .handler
+            .and_then(|i| instance.get_typed_func(&mut store, i).ok());
         Ok(Warm {
             store,
             proxy,
+            handle,
             served: 0,
         })
     }
 
-    /// Keeps the instance for another request if reuse is on, it has requests left, it ended
-    /// cleanly (no trap, no resource left behind) and its version is still the current one.
+    /// Keeps the instance for another request if reuse is on, it has requests left and its
+    /// version is still the current one (the caller checked that it ended cleanly: no trap, no
+    /// resource left behind).
     /// Otherwise dropping it frees its slot and everything the guest left in it.
     fn release(mut self, platform: &Platform, service: &Service, loaded: &Arc<Loaded>) {
         self.served += 1;
-        if self.served >= platform.instance_reuse
-            || !self.store.data().table.is_empty()
-            || !Arc::ptr_eq(&service.loaded.load(), loaded)
-        {
+        if self.served >= platform.instance_reuse || !Arc::ptr_eq(&service.loaded.load(), loaded) {
             return;
         }
         let mut idle = loaded.idle.lock().unwrap();
@@ -203,37 +215,14 @@ pub async fn http(
         let (outcome, txn) = match Warm::get(platform, service, &loaded).await {
             Ok(mut warm) => {
                 warm.store.data_mut().begin(request_id);
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let collect = collect_response(rx);
-                tokio::pin!(collect);
-                let mut collected = None;
-                let called = {
-                    // The guest may block writing a body larger than the pipe until the
-                    // response is read, so the two run side by side.
-                    let call = call_http(&mut warm, &req, tx);
-                    tokio::pin!(call);
-                    loop {
-                        tokio::select! {
-                            biased;
-                            r = &mut call => break r,
-                            r = &mut collect, if collected.is_none() => collected = Some(r),
-                        }
-                    }
+                let (reusable, outcome) = match warm.handle {
+                    Some(handle) => call_handler(&mut warm.store, handle, &req).await,
+                    None => call_wasi_http(&mut warm, &req).await,
                 };
                 let txn = std::mem::take(&mut warm.store.data_mut().txn);
-                let ok = called.is_ok();
-                if ok {
+                if reusable {
                     warm.release(platform, service, &loaded);
-                } else {
-                    drop(warm); // a trapped instance may not be entered again
-                }
-                // Releasing or dropping the store closed anything the guest left open, so
-                // the collector cannot wait forever on a body nobody writes.
-                let outcome = match (called, collected) {
-                    (Err(e), _) => Err(e),
-                    (Ok(()), Some(resp)) => resp,
-                    (Ok(()), None) => collect.await,
-                };
+                } // else dropped: a trapped instance may not be entered again
                 (outcome, txn)
             }
             Err(e) => (Err(e), Txn::default()),
@@ -311,6 +300,65 @@ async fn collect_response(rx: ResponseReceiver) -> Result<Resp> {
         .map_err(|e| anyhow!("component's response body failed: {e:?}"))?
         .to_bytes();
     Ok(hyper::Response::from_parts(parts, Full::new(body)))
+}
+
+/// Runs the guest's `wasi:http` handler on `req`: whether the instance may serve again, and the
+/// response.
+async fn call_wasi_http(warm: &mut Warm, req: &HttpRequest) -> (bool, Result<Resp>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let collect = collect_response(rx);
+    tokio::pin!(collect);
+    let mut collected = None;
+    let called = {
+        // The guest may block writing a body larger than the pipe until the response is read,
+        // so the two run side by side.
+        let call = call_http(warm, req, tx);
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut call => break r,
+                r = &mut collect, if collected.is_none() => collected = Some(r),
+            }
+        }
+    };
+    let reusable = called.is_ok() && warm.store.data().table.is_empty();
+    // Closes anything the guest left open, so that the collector cannot wait forever on a body
+    // nobody writes.
+    warm.store.data_mut().table = ResourceTable::new();
+    let outcome = match (called, collected) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(resp)) => resp,
+        (Ok(()), None) => collect.await,
+    };
+    (reusable, outcome)
+}
+
+/// Runs the guest's `http-handler` on `req`: whether the instance may serve again, and the
+/// response.
+async fn call_handler(
+    store: &mut Store<Ctx>,
+    handle: Handle,
+    req: &HttpRequest,
+) -> (bool, Result<Resp>) {
+    let request = services::Request {
+        method: req.method.as_str().to_string(),
+        path_with_query: req
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
+        headers: crate::services::header_list(&req.headers),
+        body: req.body.to_vec(),
+    };
+    store.set_epoch_deadline(1);
+    match handle.call_async(&mut *store, (request,)).await {
+        Ok((resp,)) => (
+            store.data().table.is_empty(),
+            crate::services::to_response(resp).map_err(|e| anyhow!("component answered with {e}")),
+        ),
+        Err(e) => (false, Err(e.into())),
+    }
 }
 
 /// Runs the guest's `handle` on `req`; the response goes to `tx`.

@@ -10,7 +10,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, ComponentExportIndex, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
@@ -79,9 +79,14 @@ pub fn linker(engine: &Engine) -> Result<Linker<Ctx>> {
     Ok(linker)
 }
 
+const HTTP_HANDLER: &str = "microsvc:platform/http-handler@0.1.0";
+
 /// A component ready to be instantiated per request.
 pub struct Loaded {
     pub proxy: ProxyPre<Ctx>,
+    /// `microsvc:platform/http-handler#handle`, if the component exports it: HTTP requests then
+    /// go through it instead of `wasi:http` (same request, far fewer host calls).
+    pub handler: Option<ComponentExportIndex>,
     pub subscriber: Option<SubscriberPre<Ctx>>,
     pub path: PathBuf,
     pub sha256: String,
@@ -259,8 +264,12 @@ pub async fn prepare(
                 })?,
         )
     };
+    let handler = component
+        .get_export_index(None, HTTP_HANDLER)
+        .and_then(|i| component.get_export_index(Some(&i), "handle"));
     Ok(Loaded {
         proxy,
+        handler,
         subscriber,
         path,
         sha256,

@@ -1,4 +1,5 @@
-//! `microsvc:platform/services`: calls from one service to another, run in the caller's task.
+//! `microsvc:platform/services`: calls from one service to another, run in the caller's task;
+//! and the request and response values that `http-handler` shares with it.
 //!
 //! `wasi:http`'s outgoing-handler (see `http::Outbound`) reaches the same services, but it
 //! spawns two tasks per call and moves the bodies through streams; here the callee's
@@ -11,7 +12,8 @@ use crate::platform::Platform;
 use crate::registry::Service;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::header::{HeaderName, HeaderValue, HOST};
+use http_body_util::Full;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use std::sync::Arc;
 use tracing::Instrument;
 
@@ -109,19 +111,48 @@ impl Caller {
             .unwrap_or_default();
         Ok(wit::Response {
             status: parts.status.as_u16(),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
+            headers: header_list(&parts.headers),
             body: body.into(),
         })
     }
+}
+
+/// Headers as the WIT gives them to a guest: values decoded lossily, as the sdk does too.
+pub fn header_list(headers: &hyper::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Headers from a guest. Malformed ones are an error; hop-by-hop ones and those that frame the
+/// body (which the host sets itself) are left out.
+fn header_map(list: Vec<(String, String)>) -> Result<hyper::HeaderMap, String> {
+    let mut headers = hyper::HeaderMap::with_capacity(list.len() + 2);
+    for (name, value) in list {
+        let bad = || format!("header {name:?}");
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad())?;
+        let value = HeaderValue::from_str(&value).map_err(|_| bad())?;
+        if !FORBIDDEN.contains(&name.as_str()) && name != CONTENT_LENGTH {
+            headers.append(name, value);
+        }
+    }
+    Ok(headers)
+}
+
+/// A guest's `http-handler` response, as the host sends it on.
+pub fn to_response(r: wit::Response) -> Result<Resp, String> {
+    let status =
+        hyper::StatusCode::from_u16(r.status).map_err(|_| format!("status {}", r.status))?;
+    let mut resp = hyper::Response::new(Full::new(Bytes::from(r.body)));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = header_map(r.headers)?;
+    Ok(resp)
 }
 
 fn to_request(host: &str, r: wit::Request) -> Result<HttpRequest, String> {
@@ -142,15 +173,7 @@ fn to_request(host: &str, r: wit::Request) -> Result<HttpRequest, String> {
             r.body.len()
         ));
     }
-    let mut headers = hyper::HeaderMap::with_capacity(r.headers.len() + 2);
-    for (name, value) in r.headers {
-        let bad = || format!("header {name:?}");
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad())?;
-        let value = HeaderValue::from_str(&value).map_err(|_| bad())?;
-        if !FORBIDDEN.contains(&name.as_str()) {
-            headers.append(name, value);
-        }
-    }
+    let mut headers = header_map(r.headers)?;
     headers.insert(
         HOST,
         HeaderValue::from_str(host).map_err(|_| format!("service {host:?}"))?,
@@ -233,5 +256,36 @@ mod tests {
         assert!(bad(request("GET", "/users", &[("bad name", "v")], 0)).contains("header"));
         assert!(bad(request("GET", "/users", &[("x", "a\nb")], 0)).contains("header"));
         assert!(bad(request("POST", "/users", &[], MAX_BODY + 1)).contains("1 MiB"));
+    }
+
+    #[test]
+    fn guest_responses_are_checked_and_framed_by_the_host() {
+        let response = |status, headers: &[(&str, &str)]| wit::Response {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: b"hi".to_vec(),
+        };
+        let r = to_response(response(
+            201,
+            &[
+                ("content-type", "text/plain"),
+                ("content-length", "99"),
+                ("transfer-encoding", "chunked"),
+            ],
+        ))
+        .unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(r.headers()["content-type"], "text/plain");
+        assert!(!r.headers().contains_key("content-length"));
+        assert!(!r.headers().contains_key("transfer-encoding"));
+        assert!(to_response(response(1000, &[]))
+            .unwrap_err()
+            .contains("status"));
+        assert!(to_response(response(200, &[("x", "a\rb")]))
+            .unwrap_err()
+            .contains("header"));
     }
 }

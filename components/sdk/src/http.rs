@@ -37,20 +37,67 @@ pub fn serve(
     send_response(response_out, &response);
 }
 
-fn read_request(request: &IncomingRequest) -> Result<Request, Response> {
-    let method = method_name(&request.method());
-    let path_with_query = request.path_with_query().unwrap_or_else(|| "/".into());
-    let (path, query) = match path_with_query.split_once('?') {
+/// [`serve`] for the host's `microsvc:platform/http-handler` export: the same request and
+/// response as plain values, with no `wasi:http` resources or streams to go through.
+pub fn serve_values(
+    request: services::Request,
+    handler: impl FnOnce(Request) -> Response,
+) -> services::Response {
+    let services::Request {
+        method,
+        path_with_query,
+        headers,
+        body,
+    } = request;
+    let response = if body.len() > MAX_REQUEST_BODY_BYTES {
+        too_large()
+    } else {
+        let (path, query) = split_path(path_with_query);
+        handler(Request {
+            method,
+            path,
+            query,
+            headers,
+            body,
+        })
+    };
+    let mut headers = response.headers;
+    if let Some(tag) = BUILD_TAG {
+        headers.retain(|(name, _)| !name.eq_ignore_ascii_case("x-build"));
+        headers.push(("x-build".into(), tag.into()));
+    }
+    services::Response {
+        status: response.status,
+        headers,
+        body: response.body,
+    }
+}
+
+/// Lets a caller tell two builds of one service apart (hot-swap tests, canaries).
+const BUILD_TAG: Option<&str> = option_env!("COMPONENT_BUILD_TAG");
+
+fn too_large() -> Response {
+    Response::error(
+        413,
+        format!("request body is larger than {MAX_REQUEST_BODY_BYTES} bytes"),
+    )
+}
+
+/// `/users?limit=1` → (`/users`, `Some("limit=1")`).
+fn split_path(path_with_query: String) -> (String, Option<String>) {
+    match path_with_query.split_once('?') {
         Some((p, q)) => (p.to_string(), Some(q.to_string())),
         None => (path_with_query, None),
-    };
+    }
+}
+
+fn read_request(request: &IncomingRequest) -> Result<Request, Response> {
+    let method = method_name(&request.method());
+    let (path, query) = split_path(request.path_with_query().unwrap_or_else(|| "/".into()));
     let headers = header_list(&request.headers());
     let body = match request.consume() {
         Ok(body) => read_body(body, Some(MAX_REQUEST_BODY_BYTES)).map_err(|e| match e {
-            BodyError::TooLarge => Response::error(
-                413,
-                format!("request body is larger than {MAX_REQUEST_BODY_BYTES} bytes"),
-            ),
+            BodyError::TooLarge => too_large(),
             BodyError::Failed { detail, .. } => {
                 Response::bad_request(format!("could not read request body: {detail}"))
             }
@@ -79,8 +126,7 @@ fn send_response(out: ResponseOutparam, response: &Response) {
         "content-length",
         &[response.body.len().to_string().into_bytes()],
     );
-    // Lets a caller tell two builds of one service apart (hot-swap tests, canaries).
-    if let Some(tag) = option_env!("COMPONENT_BUILD_TAG") {
+    if let Some(tag) = BUILD_TAG {
         let _ = headers.set("x-build", &[tag.as_bytes().to_vec()]);
     }
     let outgoing = OutgoingResponse::new(headers);
@@ -607,6 +653,34 @@ mod tests {
             .as_str()
             .unwrap()
             .starts_with("x-service: timed out"));
+    }
+
+    #[test]
+    fn values_in_and_out_of_the_http_handler() {
+        let request = |path: &str, body: usize| services::Request {
+            method: "POST".into(),
+            path_with_query: path.into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: vec![b'x'; body],
+        };
+        let seen = std::cell::RefCell::new(None);
+        let echo = |req: Request| {
+            *seen.borrow_mut() = Some(req.clone());
+            Response::new(201, vec![("a".into(), "b".into())], req.body)
+        };
+        let out = serve_values(request("/users?limit=1", 2), echo);
+        assert_eq!(out.status, 201);
+        assert_eq!(out.body, b"xx");
+        assert!(out.headers.contains(&("a".into(), "b".into())));
+        let req = seen.take().unwrap();
+        assert_eq!((req.method.as_str(), req.path.as_str()), ("POST", "/users"));
+        assert_eq!(req.query.as_deref(), Some("limit=1"));
+        assert_eq!(req.header("Content-Type"), Some("application/json"));
+
+        let out = serve_values(request("/users", MAX_REQUEST_BODY_BYTES + 1), |_| {
+            unreachable!("an oversized body never reaches the handler")
+        });
+        assert_eq!(out.status, 413);
     }
 
     #[test]

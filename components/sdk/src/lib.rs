@@ -12,11 +12,16 @@
 //!
 //! Everything except [`http`] and [`store`] is plain Rust, so it can be unit-tested natively.
 
+/// Generated bindings of world `http-service`; public for [`http_service!`] only.
+#[doc(hidden)]
 #[allow(clippy::all)]
-mod bindings {
+pub mod bindings {
     wit_bindgen::generate!({
-        world: "service",
+        world: "http-service",
         path: "../../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_http_handler",
+        default_bindings_module: "$crate::bindings",
     });
 }
 
@@ -29,12 +34,15 @@ pub mod message;
 pub mod store;
 
 pub use http::{
-    fetch, fetch_all, fetch_via_wasi_http, serve, OutboundError, OutboundErrorKind, OutboundRequest,
+    fetch, fetch_all, fetch_via_wasi_http, serve, serve_values, OutboundError, OutboundErrorKind,
+    OutboundRequest,
 };
 pub use message::{Request, Response};
 
 /// Exports `route` (a `fn(Request) -> Response`) as the component's
-/// `wasi:http/incoming-handler`. Only on wasm32, so that components' unit tests link natively.
+/// `wasi:http/incoming-handler`, for any host, and as `microsvc:platform/http-handler`, which this
+/// host calls instead because it is cheaper. Only on wasm32, so that components' unit tests link
+/// natively.
 #[macro_export]
 macro_rules! http_service {
     ($route:path) => {
@@ -52,6 +60,14 @@ macro_rules! http_service {
             }
 
             $crate::wasi::http::proxy::export!(HttpService);
+
+            impl $crate::bindings::exports::microsvc::platform::http_handler::Guest for HttpService {
+                fn handle(request: $crate::services::Request) -> $crate::services::Response {
+                    $crate::serve_values(request, $route)
+                }
+            }
+
+            $crate::bindings::export_http_handler!(HttpService);
         }
     };
 }

@@ -26,15 +26,16 @@ _install name:
     mv {{out}}/.{{name}}.wasm.tmp {{out}}/{{name}}.wasm
 
 # Test fixtures: tagged builds of user/order (x-build: a|b), components to refuse, a misbehaving
-# one, and the trivial `hello` used by benchmarks.
+# one, and the trivial `hello` (sdk, and wasi:http alone) used by benchmarks.
 build-fixtures:
     mkdir -p {{fixtures}}
     for tag in a b; do \
         COMPONENT_BUILD_TAG=$tag cargo build --release --target wasm32-wasip2 -p user -p order; \
         for c in user order; do cp target/wasm32-wasip2/release/$c.wasm {{fixtures}}/$c-$tag.wasm; done; \
     done
-    cargo build --release --target wasm32-wasip2 -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello
+    cargo build --release --target wasm32-wasip2 -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -p fixture-hello-wasi
     cp target/wasm32-wasip2/release/fixture_hello.wasm {{fixtures}}/hello.wasm
+    cp target/wasm32-wasip2/release/fixture_hello_wasi.wasm {{fixtures}}/hello-wasi.wasm
     cp target/wasm32-wasip2/release/fixture_misbehave.wasm {{fixtures}}/misbehave.wasm
     cp target/wasm32-wasip2/release/fixture_no_http.wasm {{fixtures}}/no-http.wasm
     cp target/wasm32-wasip2/release/fixture_bad_import.wasm {{fixtures}}/bad-import.wasm
@@ -99,7 +100,7 @@ _wasmtime:
 lint:
     cargo fmt --all --check
     cargo clippy --release -p host --all-targets -- -D warnings
-    cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -- -D warnings
+    cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -p fixture-hello-wasi -- -D warnings
 
 _tansu:
     command -v tansu >/dev/null || cargo install tansu --locked --features dynostore

@@ -92,21 +92,26 @@ for mode in fresh reuse; do
     stop_broker
 done
 
-# --- trivial component: this host (as product-service) and wasmtime serve ---
-hello=build/fixtures/hello.wasm
-trivial=$work/trivial; mkdir -p "$trivial"; cp build/components/*.wasm "$trivial"/; cp "$hello" "$trivial/product.wasm"
-start_host trivial-fresh --components-dir "$trivial"; res[tf]=$(measure ":3002/"); stop_host
-start_host trivial-reuse --components-dir "$trivial" --instance-reuse "$reuse"; res[tr]=$(measure ":3002/"); stop_host
+# --- trivial components: this host (as product-service) and wasmtime serve ---
+# `hello` is built with the sdk, so it also exports microsvc:platform/http-handler, which this
+# host calls; `wasmtime serve` runs its wasi:http export. `hello-wasi` has wasi:http alone, so
+# both servers run the same guest code path.
 wt=${WASMTIME:-$(command -v wasmtime || true)}
-if [ -n "$wt" ]; then
-    "$wt" serve --addr 127.0.0.1:3100 -O pooling-allocator -S cli "$hello" >"$work/wt.log" 2>&1 & w=$!
-    wait_port 3100; res[wf]=$(measure ":3100/"); kill $w; wait $w 2>/dev/null || true; wait_closed 3100
-    "$wt" serve --addr 127.0.0.1:3100 -O pooling-allocator -S cli --max-instance-reuse-count "$reuse" "$hello" >"$work/wt.log" 2>&1 & w=$!
-    if wait_port 3100 2>/dev/null; then res[wr]=$(measure ":3100/"); kill $w; wait $w 2>/dev/null || true; else res[wr]="n/a - - -"; fi
-    wt_version=$("$wt" --version)
-else
-    res[wf]="n/a - - -"; res[wr]="n/a - - -"; wt_version="wasmtime not installed"
-fi
+[ -n "$wt" ] && wt_version=$("$wt" --version) || wt_version="wasmtime not installed"
+for fixture in hello hello-wasi; do
+    trivial=$work/$fixture; mkdir -p "$trivial"; cp build/components/*.wasm "$trivial"/
+    cp "build/fixtures/$fixture.wasm" "$trivial/product.wasm"
+    start_host "$fixture-fresh" --components-dir "$trivial"; res[$fixture:hf]=$(measure ":3002/"); stop_host
+    start_host "$fixture-reuse" --components-dir "$trivial" --instance-reuse "$reuse"; res[$fixture:hr]=$(measure ":3002/"); stop_host
+    for mode in wf wr; do
+        res[$fixture:$mode]="n/a - - -"
+        [ -n "$wt" ] || continue
+        extra=(); [ $mode = wr ] && extra=(--max-instance-reuse-count "$reuse")
+        "$wt" serve --addr 127.0.0.1:3100 -O pooling-allocator -S cli "${extra[@]}" "build/fixtures/$fixture.wasm" >"$work/wt.log" 2>&1 & w=$!
+        if wait_port 3100; then res[$fixture:$mode]=$(measure ":3100/"); fi
+        kill $w; wait $w 2>/dev/null || true; wait_closed 3100
+    done
+done
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0 && a > 0) printf "%.1fx", a/b; else print "-"}'; }
 row() { # label, node-key, then the keys of the host columns
@@ -132,10 +137,12 @@ row "\`POST :3000/api/users\` (Kafka mode, tansu)" node:post fresh:post reuse:po
 echo
 echo "RSS after the GET load: Node seed, four processes: ${rss[node]} MB; host (fresh): ${rss[fresh]} MB; host (reuse): ${rss[reuse]} MB."
 echo
-echo "### Per-request overhead: trivial component (\`components/fixtures/hello\`)"
+echo "### Per-request overhead: trivial components (\`components/fixtures/hello\`, \`hello-wasi\`)"
 echo
-echo "| server | fresh instance per request | instance reuse ($reuse) |"
-echo "|---|---|---|"
+echo "| server | component | fresh instance per request | instance reuse ($reuse) |"
+echo "|---|---|---|---|"
 cell() { read -r r a b _ <<<"${res[$1]}"; echo "$r ($a / $b)"; }
-echo "| this host (as product-service, :3002) | $(cell tf) | $(cell tr) |"
-echo "| \`wasmtime serve -O pooling-allocator -S cli\` ($wt_version) | $(cell wf) | $(cell wr) |"
+echo "| this host (as product-service, :3002) | \`hello\` (sdk: http-handler export) | $(cell hello:hf) | $(cell hello:hr) |"
+echo "| this host (as product-service, :3002) | \`hello-wasi\` (wasi:http only) | $(cell hello-wasi:hf) | $(cell hello-wasi:hr) |"
+echo "| \`wasmtime serve -O pooling-allocator -S cli\` ($wt_version) | \`hello\` (its wasi:http export) | $(cell hello:wf) | $(cell hello:wr) |"
+echo "| \`wasmtime serve -O pooling-allocator -S cli\` ($wt_version) | \`hello-wasi\` | $(cell hello-wasi:wf) | $(cell hello-wasi:wr) |"

@@ -1,5 +1,6 @@
 //! Criterion micro-benchmarks of the host's hot paths, in process (no sockets):
-//! - a trivial request (the `hello` fixture): fresh instance per request, and reused instance;
+//! - a trivial request (the `hello` fixture, answering through `http-handler`, and `hello-wasi`,
+//!   through wasi:http): fresh instance per request, and reused instance;
 //! - an in-process service call: gateway `/api/users` (gateway -> user) next to user `/users`;
 //! - a state read, and a state write committed to disk (redb, fsync), alone and with 16
 //!   concurrent writers sharing fsyncs (group commit);
@@ -23,9 +24,9 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The four services from `build/components`, except that product-service runs the `hello`
-/// fixture: the trivial component.
-fn platform(rt: &Runtime, reuse: u32, data: &Path) -> Arc<Platform> {
+/// The four services from `build/components`, except that product-service runs `product` (the
+/// `hello` fixture, or `hello-wasi`): the trivial component.
+fn platform(rt: &Runtime, reuse: u32, data: &Path, product: &str) -> Arc<Platform> {
     let args = Args::parse_from([
         "host".into(),
         "--components-dir".into(),
@@ -40,7 +41,7 @@ fn platform(rt: &Runtime, reuse: u32, data: &Path) -> Arc<Platform> {
     let mut specs = args.services().unwrap();
     for spec in &mut specs {
         if spec.name == "product" {
-            spec.file = root().join("build/fixtures/hello.wasm");
+            spec.file = root().join(format!("build/fixtures/{product}.wasm"));
         }
     }
     rt.block_on(async {
@@ -71,13 +72,21 @@ fn call(rt: &Runtime, platform: &Arc<Platform>, service: &str, req: &HttpRequest
 fn requests(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let fresh = platform(&rt, 1, &data.path().join("fresh"));
-    let reused = platform(&rt, 1_000_000, &data.path().join("reused"));
+    let fresh = platform(&rt, 1, &data.path().join("fresh"), "hello");
+    let reused = platform(&rt, 1_000_000, &data.path().join("reused"), "hello");
+    let wasi_fresh = platform(&rt, 1, &data.path().join("wasi-fresh"), "hello-wasi");
+    let wasi_reused = platform(
+        &rt,
+        1_000_000,
+        &data.path().join("wasi-reused"),
+        "hello-wasi",
+    );
     let hello = get("/", "product-service");
     let users = get("/users", "user-service");
     let via_gateway = get("/api/users", "gateway-service");
     for (p, req, service) in [
         (&fresh, &hello, "product"),
+        (&wasi_fresh, &hello, "product"),
         (&fresh, &users, "user"),
         (&fresh, &via_gateway, "gateway"),
     ] {
@@ -90,6 +99,12 @@ fn requests(c: &mut Criterion) {
     });
     g.bench_function("trivial, reused instance", |b| {
         b.iter(|| call(&rt, &reused, "product", &hello))
+    });
+    g.bench_function("trivial through wasi:http only, fresh instance", |b| {
+        b.iter(|| call(&rt, &wasi_fresh, "product", &hello))
+    });
+    g.bench_function("trivial through wasi:http only, reused instance", |b| {
+        b.iter(|| call(&rt, &wasi_reused, "product", &hello))
     });
     g.bench_function("user /users, fresh", |b| {
         b.iter(|| call(&rt, &fresh, "user", &users))

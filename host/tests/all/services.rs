@@ -1,6 +1,7 @@
 //! Calls between services: the `services` interface and `wasi:http`'s outgoing-handler reach the
 //! same in-process services under the same allowlist. The `misbehave` fixture stands in for
-//! product-service and relays `GET /users` of the service it is told to call.
+//! product-service and relays `GET /users` of the service it is told to call. And the two ways
+//! a component answers: `http-handler` (sdk components) or `wasi:http` alone.
 
 use crate::harness::{assert_error, components_copy, fixture, Host};
 
@@ -53,4 +54,24 @@ async fn refused_and_unknown_destinations_are_errors_naming_them() {
     assert!(host.log().contains("allowlist refused"));
     assert!(host.log().contains("unknown destination refused"));
     assert_eq!(host.get("/api/users").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_component_with_only_wasi_http_is_served_through_it() {
+    let comps = components_copy();
+    std::fs::copy(
+        fixture("hello-wasi.wasm"),
+        comps.path().join("product.wasm"),
+    )
+    .unwrap();
+    let host = Host::start_in(comps.path(), None, &[]).await;
+    let r = host.send("GET", "product", "/", None).await;
+    assert_eq!((r.status, r.json.as_str()), (200, Some("hello")));
+    let body = "x".repeat(100_000);
+    let r = host.send("POST", "product", "/echo", Some(&body)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json.as_str().map(str::len), Some(body.len()));
+    // Called in process by an sdk component (the gateway) through `services`.
+    let r = host.get("/api/products").await;
+    assert_eq!((r.status, r.json.as_str()), (200, Some("hello")));
 }

@@ -165,26 +165,24 @@ fn state(c: &mut Criterion) {
                 .unwrap();
         })
     });
-    // Group commit: writers that arrive while an fsync runs share the next one.
+    // Group commit: writers that arrive while a commit runs share the next one.
     g.bench_function(
         "write one key and commit, 16 concurrent writers (time per write)",
         |b| {
             b.iter_custom(|iters| {
                 let began = std::time::Instant::now();
-                let writers: Vec<_> = (0..16u64)
-                    .map(|w| {
+                rt.block_on(async {
+                    let writers = (0..16u64).map(|w| {
                         let db = db.clone();
-                        std::thread::spawn(move || {
+                        async move {
                             for i in (w..iters).step_by(16) {
                                 let txn = write(&db, "concurrent", i.to_string());
-                                db.commit_blocking(&txn).unwrap();
+                                db.commit(txn).await.unwrap();
                             }
-                        })
-                    })
-                    .collect();
-                for w in writers {
-                    w.join().unwrap();
-                }
+                        }
+                    });
+                    futures_util::future::join_all(writers).await;
+                });
                 began.elapsed()
             })
         },

@@ -51,21 +51,16 @@ impl Platform {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Commits an invocation and wakes the outbox drainer if it sent messages. `serialized`
-    /// (held by re-runs after a conflict) is released as soon as the writes are applied, so the
-    /// next writer does not wait for the disk.
+    /// Commits an invocation (on disk when this returns) and wakes the outbox drainer if it sent
+    /// messages. `serialized` is held by re-runs after a conflict until their commit is done.
     pub async fn commit(
         &self,
         txn: Txn,
         serialized: Option<tokio::sync::OwnedMutexGuard<()>>,
     ) -> Result<(), CommitError> {
-        if txn.is_empty() {
-            return Ok(());
-        }
         let sent = !txn.outbox.is_empty();
-        self.db.apply(txn).await?;
+        self.db.commit(txn).await?;
         drop(serialized);
-        self.db.durable().await?;
         if sent {
             self.outbox.poke();
         }

@@ -67,12 +67,10 @@ impl Platform {
         Ok(())
     }
 
-    /// Commits a message handler's writes. With the embedded backend the offset commit that
-    /// follows is ordered after them in the same store, so they need not wait for the disk.
+    /// Applies a message handler's writes (visible at once, durable with a later durable
+    /// commit): the consumer waits for the disk once per batch of records, before it commits
+    /// their offsets (see `messaging::consumer`).
     pub async fn commit_handled(&self, txn: Txn) -> Result<(), CommitError> {
-        if !self.backend.in_state_store() {
-            return self.commit(txn, None).await;
-        }
         let sent = !txn.outbox.is_empty();
         self.db.apply(txn).await?;
         if sent {

@@ -231,6 +231,12 @@ impl Db {
         self.queue(txn, false).await
     }
 
+    /// [`Db::wait_durable`] off the async workers: an fsync must not run on a request thread.
+    pub async fn durable(&self) -> Result<()> {
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || db.wait_durable()).await?
+    }
+
     /// Applies `txn` and returns once it is on disk, or reports a conflict.
     pub async fn commit(&self, txn: Txn) -> Result<(), CommitError> {
         self.queue(txn, true).await

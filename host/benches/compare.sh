@@ -2,8 +2,9 @@
 # Side by side, same machine, same load generator (wrk -t1 -c32), one after the other on the
 # same ports:
 #   1. the Node seed (../shared/anchors/seed-node, Express + axios + KafkaJS) against tansu;
-#   2. this host against the same (restarted) broker, fresh instance per request (default);
-#   3. this host with --instance-reuse;
+#   2. this host against the same (restarted) broker, fresh instance per request
+#      (--instance-reuse 1);
+#   3. this host with --instance-reuse $BENCH_REUSE (the default, 1000);
 #   4. per-request overhead on a trivial component (build/fixtures/hello.wasm): this host next
 #      to `wasmtime serve`, each with fresh instances and with reuse.
 # Prints markdown tables. Run through `just bench`.
@@ -84,8 +85,8 @@ start_host() { # log-name, flags...
 stop_host() { kill "$hp"; wait "$hp" 2>/dev/null || true; for p in 3000 3001 3002 3003 3999; do wait_closed $p; done; }
 for mode in fresh reuse; do
     start_broker
-    flags=(--kafka-brokers "127.0.0.1:$kport")
-    [ "$mode" = reuse ] && flags+=(--instance-reuse "$reuse")
+    n=1; [ "$mode" = reuse ] && n=$reuse
+    flags=(--kafka-brokers "127.0.0.1:$kport" --instance-reuse "$n")
     start_host "$mode" "${flags[@]}"
     run_all "$mode" "$hp"
     stop_host
@@ -101,7 +102,7 @@ wt=${WASMTIME:-$(command -v wasmtime || true)}
 for fixture in hello hello-wasi; do
     trivial=$work/$fixture; mkdir -p "$trivial"; cp build/components/*.wasm "$trivial"/
     cp "build/fixtures/$fixture.wasm" "$trivial/product.wasm"
-    start_host "$fixture-fresh" --components-dir "$trivial"; res[$fixture:hf]=$(measure ":3002/"); stop_host
+    start_host "$fixture-fresh" --components-dir "$trivial" --instance-reuse 1; res[$fixture:hf]=$(measure ":3002/"); stop_host
     start_host "$fixture-reuse" --components-dir "$trivial" --instance-reuse "$reuse"; res[$fixture:hr]=$(measure ":3002/"); stop_host
     for mode in wf wr; do
         res[$fixture:$mode]="n/a - - -"
@@ -130,7 +131,7 @@ row() { # label, node-key, then the keys of the host columns
 }
 echo "wrk -t1 -c32 -d$duration --latency; cells are req/s (p50 / p99)."
 echo
-echo "| path | Node seed | host, fresh instance per request | ratio | host, --instance-reuse $reuse | ratio |"
+echo "| path | Node seed | host, fresh instance per request (\`--instance-reuse 1\`) | ratio | host, \`--instance-reuse $reuse\` (default) | ratio |"
 echo "|---|---|---|---|---|---|"
 for p in "${paths[@]}"; do row "\`GET $p\`" "node$p" "fresh$p" "reuse$p"; done
 row "\`POST :3000/api/users\` (Kafka mode, tansu)" node:post fresh:post reuse:post

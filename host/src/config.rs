@@ -89,11 +89,11 @@ pub struct Args {
     #[arg(long, env = "MAX_INSTANCES", default_value_t = 512)]
     pub max_instances: u32,
 
-    /// Requests one component instance serves before it is thrown away. 1 (the default) gives
-    /// every request a fresh instance: nothing in guest memory survives a request. Above 1, an
-    /// idle instance is handed the next request of its service, which is faster but lets guest
-    /// memory (globals, freed heap) carry over between requests; see the README.
-    #[arg(long, env = "INSTANCE_REUSE", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Requests one component instance serves before it is thrown away. Above 1 (the default is
+    /// 1000) an idle instance is handed the next request of its service: faster, but guest
+    /// memory (globals, freed heap) carries over between that service's requests; see the
+    /// README. 1 gives every request a fresh instance: nothing in guest memory survives it.
+    #[arg(long, env = "INSTANCE_REUSE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub instance_reuse: u32,
 
     /// Longest a client may take to send a request's headers, and longest an idle keep-alive

@@ -31,7 +31,8 @@ async fn admin_reports_health_readiness_and_components() {
 
 #[tokio::test]
 async fn metrics_count_requests_instances_and_messages() {
-    let host = Host::start().await;
+    // Fresh instances, so that each invocation counts one.
+    let host = Host::start_with(None, &["--instance-reuse", "1"]).await;
     assert_eq!(host.get("/api/users").await.status, 200);
     assert_eq!(host.get("/api/users/abc").await.status, 400);
     let r = host

@@ -14,12 +14,14 @@ async fn host_with_misbehaving_product(extra: &[&str]) -> (Host, tempfile::TempD
 }
 
 #[tokio::test]
-async fn by_default_every_request_gets_a_fresh_instance() {
-    let (host, _comps) = host_with_misbehaving_product(&[]).await;
-    for _ in 0..10 {
-        assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
+async fn by_default_instances_are_reused_and_one_flag_gives_each_request_a_fresh_one() {
+    for (flags, instances) in [(&[][..], 1.0), (&["--instance-reuse", "1"][..], 10.0)] {
+        let (host, _comps) = host_with_misbehaving_product(flags).await;
+        for _ in 0..10 {
+            assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
+        }
+        assert_eq!(host.metric(PRODUCT_INSTANCES).await, instances, "{flags:?}");
     }
-    assert_eq!(host.metric(PRODUCT_INSTANCES).await, 10.0);
 }
 
 #[tokio::test]

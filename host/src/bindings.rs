@@ -9,3 +9,4 @@ wasmtime::component::bindgen!({
 
 pub use exports::microsvc::platform::handler::{Delivery, HandleError};
 pub use microsvc::platform::{producer, services, state};
+pub use Subscriber as SubscriberInstance;

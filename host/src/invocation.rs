@@ -135,6 +135,8 @@ pub struct Warm {
     store: Store<Ctx>,
     proxy: Proxy,
     handle: Option<Handle>,
+    /// The message handler, for subscribing services.
+    subscriber: Option<bindings::SubscriberInstance>,
     served: u32,
 }
 
@@ -161,10 +163,16 @@ impl Warm {
         let handle = loaded
             .handler
             .and_then(|i| instance.get_typed_func(&mut store, i).ok());
+        let subscriber = match loaded.subscriber {
+            // Loading checked that the component exports the handler.
+            Some(_) => Some(bindings::SubscriberInstance::new(&mut store, &instance)?),
+            None => None,
+        };
         Ok(Warm {
             store,
             proxy,
             handle,
+            subscriber,
             served: 0,
         })
     }
@@ -420,24 +428,29 @@ pub async fn message(
     };
     loop {
         let loaded = service.loaded.load_full();
-        let Some(pre) = loaded.subscriber.as_ref() else {
+        if loaded.subscriber.is_none() {
             return Handled::Reject(format!(
                 "{} does not export a message handler",
                 service.name
             ));
-        };
-        let mut store = new_store(platform, service, &request_id);
-        store.set_epoch_deadline(1);
-        let called: Result<Result<(), HandleError>> = async {
-            let sub = pre.instantiate_async(&mut store).await?;
-            Ok(sub
-                .microsvc_platform_handler()
-                .call_handle(&mut store, &arg)
-                .await?)
         }
-        .await;
-        let txn = std::mem::take(&mut store.data_mut().txn);
-        drop(store);
+        let (called, txn) = match Warm::get(platform, service, &loaded).await {
+            Ok(mut warm) => {
+                warm.store.data_mut().begin(&request_id);
+                warm.store.set_epoch_deadline(1);
+                let subscriber = warm.subscriber.as_ref().expect("loaded with a handler");
+                let called = subscriber
+                    .microsvc_platform_handler()
+                    .call_handle(&mut warm.store, &arg)
+                    .await;
+                let txn = std::mem::take(&mut warm.store.data_mut().txn);
+                if called.is_ok() && warm.store.data().table.is_empty() {
+                    warm.release(platform, service, &loaded);
+                } // else dropped: a trapped instance may not be entered again
+                (called.map_err(anyhow::Error::from), txn)
+            }
+            Err(e) => (Err(e), Txn::default()),
+        };
         match called {
             Err(e) => return Handled::Retry(format!("trap: {}", e.root_cause())),
             Ok(Err(HandleError::Retry(m))) => return Handled::Retry(m),

@@ -78,3 +78,34 @@ async fn after_a_swap_no_request_reaches_an_instance_of_the_old_version() {
         );
     }
 }
+
+#[tokio::test]
+async fn message_handlers_reuse_instances_too() {
+    let host = Host::start().await;
+    for i in 1..=8 {
+        let user = serde_json::json!({"name": format!("U{i}"), "email": format!("u{i}@ex.com")});
+        assert_eq!(host.post("/api/users", &user).await.status, 201);
+    }
+    // The order handler ran eight times (once per user-created event), one at a time.
+    let r = host
+        .eventually("/api/orders/101", std::time::Duration::from_secs(10), |r| {
+            !r.json["user"].is_null()
+        })
+        .await;
+    assert!(!r.json["user"].is_null(), "{:?}", r.json);
+    let consumed = r#"host_messages_consumed_total{service="order",topic="user-created"}"#;
+    for _ in 0..100 {
+        if host.metric(consumed).await >= 8.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(host.metric(consumed).await, 8.0);
+    let orders = host
+        .metric(r#"host_instances_created_total{service="order"}"#)
+        .await;
+    assert!(
+        orders <= 2.0,
+        "{orders} order instances for 8 messages and the GETs"
+    );
+}

@@ -1,7 +1,9 @@
-//! One invocation of a component: a fresh store, the guest call, then commit or roll back.
+//! One invocation of a component: an instance (fresh, or reused from the service's idle pool),
+//! the guest call, then commit or roll back.
 //!
 //! Used for HTTP requests (from a listener or from another service in-process) and for
-//! delivered messages. The store and its transaction live exactly as long as the call.
+//! delivered messages. Each invocation has its own transaction, request id and CPU budget; an
+//! instance is pooled again only when the call ended cleanly.
 
 use crate::bindings::{self, services, HandleError};
 use crate::http::{json_error, Resp};
@@ -90,7 +92,7 @@ impl Ctx {
     }
 }
 
-fn new_store(platform: &Arc<Platform>, service: &Arc<Service>, request_id: &str) -> Store<Ctx> {
+fn new_store(platform: &Arc<Platform>, service: &Arc<Service>) -> Store<Ctx> {
     let ctx = Ctx {
         table: ResourceTable::new(),
         // No preopens, no environment, no sockets: a component reaches the world only
@@ -100,7 +102,7 @@ fn new_store(platform: &Arc<Platform>, service: &Arc<Service>, request_id: &str)
         caller: Caller {
             platform: platform.clone(),
             service: service.clone(),
-            request_id: request_id.to_string(),
+            request_id: String::new(), // set by `begin`
         },
         limits: StoreLimitsBuilder::new()
             .memory_size(usize::try_from(service.spec.limits.memory).unwrap_or(usize::MAX))
@@ -152,7 +154,7 @@ impl Warm {
                 return Ok(warm);
             }
         }
-        let mut store = new_store(platform, service, "");
+        let mut store = new_store(platform, service);
         let instance = loaded
             .proxy
             .instance_pre()

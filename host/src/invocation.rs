@@ -132,11 +132,16 @@ fn new_store(platform: &Arc<Platform>, service: &Arc<Service>) -> Store<Ctx> {
 /// `microsvc:platform/http-handler#handle`.
 type Handle = TypedFunc<(services::Request,), (services::Response,)>;
 
+/// How a component answers HTTP: `http-handler` when it exports it, else `wasi:http`.
+enum Entry {
+    Handler(Handle),
+    WasiHttp(Proxy),
+}
+
 /// An instantiated component with its store, ready for a request.
 pub struct Warm {
     store: Store<Ctx>,
-    proxy: Proxy,
-    handle: Option<Handle>,
+    entry: Entry,
     /// The message handler, for subscribing services.
     subscriber: Option<bindings::SubscriberInstance>,
     served: u32,
@@ -160,11 +165,14 @@ impl Warm {
             .instance_pre()
             .instantiate_async(&mut store)
             .await?;
-        let proxy = Proxy::new(&mut store, &instance)?;
         // An export of another shape than ours is simply not used: wasi:http still works.
         let handle = loaded
             .handler
             .and_then(|i| instance.get_typed_func(&mut store, i).ok());
+        let entry = match handle {
+            Some(handle) => Entry::Handler(handle),
+            None => Entry::WasiHttp(Proxy::new(&mut store, &instance)?),
+        };
         let subscriber = match loaded.subscriber {
             // Loading checked that the component exports the handler.
             Some(_) => Some(bindings::SubscriberInstance::new(&mut store, &instance)?),
@@ -172,26 +180,38 @@ impl Warm {
         };
         Ok(Warm {
             store,
-            proxy,
-            handle,
+            entry,
             subscriber,
             served: 0,
         })
     }
 
-    /// Keeps the instance for another request if reuse is on, it has requests left and its
-    /// version is still the current one (the caller checked that it ended cleanly: no trap, no
-    /// resource left behind).
-    /// Otherwise dropping it frees its slot and everything the guest left in it.
-    fn release(mut self, platform: &Platform, service: &Service, loaded: &Arc<Loaded>) {
+    /// Ends an invocation: returns its transaction, and keeps the instance for another request
+    /// if the call ended cleanly (`clean`: no trap, and no resource left behind), reuse is on,
+    /// it has requests left and its version is still the current one. Otherwise dropping it
+    /// frees its slot and everything the guest left in it; a trapped instance may not be
+    /// entered again.
+    fn finish(
+        mut self,
+        clean: bool,
+        platform: &Platform,
+        service: &Service,
+        loaded: &Arc<Loaded>,
+    ) -> Txn {
+        let txn = std::mem::take(&mut self.store.data_mut().txn);
         self.served += 1;
-        if self.served >= platform.instance_reuse || !Arc::ptr_eq(&service.loaded.load(), loaded) {
-            return;
+        if !clean
+            || !self.store.data().table.is_empty()
+            || self.served >= platform.instance_reuse
+            || !Arc::ptr_eq(&service.loaded.load(), loaded)
+        {
+            return txn;
         }
         let mut idle = loaded.idle.lock().unwrap();
         if idle.len() < platform.idle_max {
             idle.push(self);
         }
+        txn
     }
 }
 
@@ -225,15 +245,11 @@ pub async fn http(
         let (outcome, txn) = match Warm::get(platform, service, &loaded).await {
             Ok(mut warm) => {
                 warm.store.data_mut().begin(request_id);
-                let (reusable, outcome) = match warm.handle {
-                    Some(handle) => call_handler(&mut warm.store, handle, &req).await,
-                    None => call_wasi_http(&mut warm, &req).await,
+                let (clean, outcome) = match &warm.entry {
+                    Entry::Handler(handle) => call_handler(&mut warm.store, *handle, &req).await,
+                    Entry::WasiHttp(proxy) => call_wasi_http(&mut warm.store, proxy, &req).await,
                 };
-                let txn = std::mem::take(&mut warm.store.data_mut().txn);
-                if reusable {
-                    warm.release(platform, service, &loaded);
-                } // else dropped: a trapped instance may not be entered again
-                (outcome, txn)
+                (outcome, warm.finish(clean, platform, service, &loaded))
             }
             Err(e) => (Err(e), Txn::default()),
         };
@@ -314,7 +330,11 @@ async fn collect_response(rx: ResponseReceiver) -> Result<Resp> {
 
 /// Runs the guest's `wasi:http` handler on `req`: whether the instance may serve again, and the
 /// response.
-async fn call_wasi_http(warm: &mut Warm, req: &HttpRequest) -> (bool, Result<Resp>) {
+async fn call_wasi_http(
+    store: &mut Store<Ctx>,
+    proxy: &Proxy,
+    req: &HttpRequest,
+) -> (bool, Result<Resp>) {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let collect = collect_response(rx);
     tokio::pin!(collect);
@@ -322,7 +342,7 @@ async fn call_wasi_http(warm: &mut Warm, req: &HttpRequest) -> (bool, Result<Res
     let called = {
         // The guest may block writing a body larger than the pipe until the response is read,
         // so the two run side by side.
-        let call = call_http(warm, req, tx);
+        let call = call_http(store, proxy, req, tx);
         tokio::pin!(call);
         loop {
             tokio::select! {
@@ -332,16 +352,16 @@ async fn call_wasi_http(warm: &mut Warm, req: &HttpRequest) -> (bool, Result<Res
             }
         }
     };
-    let reusable = called.is_ok() && warm.store.data().table.is_empty();
+    let clean = called.is_ok() && store.data().table.is_empty();
     // Closes anything the guest left open, so that the collector cannot wait forever on a body
     // nobody writes.
-    warm.store.data_mut().table = ResourceTable::new();
+    store.data_mut().table = ResourceTable::new();
     let outcome = match (called, collected) {
         (Err(e), _) => Err(e),
         (Ok(()), Some(resp)) => resp,
         (Ok(()), None) => collect.await,
     };
-    (reusable, outcome)
+    (clean, outcome)
 }
 
 /// Runs the guest's `http-handler` on `req`: whether the instance may serve again, and the
@@ -364,7 +384,7 @@ async fn call_handler(
     store.set_epoch_deadline(1);
     match handle.call_async(&mut *store, (request,)).await {
         Ok((resp,)) => (
-            store.data().table.is_empty(),
+            true,
             crate::services::to_response(resp).map_err(|e| anyhow!("component answered with {e}")),
         ),
         Err(e) => (false, Err(e.into())),
@@ -372,20 +392,24 @@ async fn call_handler(
 }
 
 /// Runs the guest's `handle` on `req`; the response goes to `tx`.
-async fn call_http(warm: &mut Warm, req: &HttpRequest, tx: ResponseSender) -> Result<()> {
+async fn call_http(
+    store: &mut Store<Ctx>,
+    proxy: &Proxy,
+    req: &HttpRequest,
+    tx: ResponseSender,
+) -> Result<()> {
     let mut builder = hyper::Request::builder()
         .method(req.method.clone())
         .uri(req.uri.clone());
     *builder.headers_mut().unwrap() = req.headers.clone();
     let request = builder.body(Full::new(req.body.clone()))?;
-    let store = &mut warm.store;
     let incoming = store
         .data_mut()
         .http()
         .new_incoming_request(Scheme::Http, request)?;
     let out = store.data_mut().http().new_response_outparam(tx)?;
     store.set_epoch_deadline(1);
-    warm.proxy
+    proxy
         .wasi_http_incoming_handler()
         .call_handle(&mut *store, incoming, out)
         .await?;
@@ -445,10 +469,7 @@ pub async fn message(
                     .microsvc_platform_handler()
                     .call_handle(&mut warm.store, &arg)
                     .await;
-                let txn = std::mem::take(&mut warm.store.data_mut().txn);
-                if called.is_ok() && warm.store.data().table.is_empty() {
-                    warm.release(platform, service, &loaded);
-                } // else dropped: a trapped instance may not be entered again
+                let txn = warm.finish(called.is_ok(), platform, service, &loaded);
                 (called.map_err(anyhow::Error::from), txn)
             }
             Err(e) => (Err(e), Txn::default()),

@@ -10,13 +10,13 @@ build: build-components
     cargo build --release -p host
 
 # Build the four components and put them in the components dir (atomically: temp file + rename).
-build-components:
+build-components: _target
     cargo build --release --target wasm32-wasip2 {{ prepend("-p ", components) }}
     mkdir -p {{out}}
     for c in {{components}}; do just _install $c; done
 
 # Rebuild one component (gateway, user, product or order).
-build-component name:
+build-component name: _target
     cargo build --release --target wasm32-wasip2 -p {{name}}
     just _install {{name}}
 
@@ -27,7 +27,7 @@ _install name:
 
 # Test fixtures: tagged builds of user/order (x-build: a|b), components to refuse, a misbehaving
 # one, and the trivial `hello` (sdk, and wasi:http alone) used by benchmarks.
-build-fixtures:
+build-fixtures: _target
     mkdir -p {{fixtures}}
     for tag in a b; do \
         COMPONENT_BUILD_TAG=$tag cargo build --release --target wasm32-wasip2 -p user -p order; \
@@ -40,12 +40,12 @@ build-fixtures:
     cp target/wasm32-wasip2/release/fixture_no_http.wasm {{fixtures}}/no-http.wasm
     cp target/wasm32-wasip2/release/fixture_bad_import.wasm {{fixtures}}/bad-import.wasm
 
-# Run the host on :3000-:3003 (admin on 127.0.0.1:3999). Extra flags go to the host.
-run *flags:
+# Build, then run the host on :3000-:3003 (admin on 127.0.0.1:3999). Extra flags go to the host.
+run *flags: build
     ./target/release/host {{flags}}
 
 # Run the host against Kafka on localhost:9092 (start one with `just kafka-up`).
-run-kafka *flags:
+run-kafka *flags: build
     KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:9092} ./target/release/host {{flags}}
 
 # Start a single-node Kafka (KRaft) in Docker on localhost:9092.
@@ -97,10 +97,16 @@ _wasmtime:
     command -v wasmtime >/dev/null || cargo install wasmtime-cli --version 48.0.8 --locked || echo "no wasmtime: its column stays empty" >&2
 
 # Formatting and lints for the host and the components.
-lint:
+lint: _target
+    rustup component add rustfmt clippy
     cargo fmt --all --check
     cargo clippy --release -p host --all-targets -- -D warnings
     cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -p fixture-hello-wasi -- -D warnings
+
+# The components' target. rustup may be set not to install it by itself
+# (RUSTUP_AUTO_INSTALL=0); adding an installed target is a quick no-op.
+_target:
+    rustup target add wasm32-wasip2
 
 _tansu:
     command -v tansu >/dev/null || cargo install tansu --locked --features dynostore

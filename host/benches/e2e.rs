@@ -6,8 +6,10 @@
 //! Run with `just bench` (or `cargo bench -p host --bench e2e`); prints a markdown table.
 //! Not a test: nothing here asserts a speed.
 
-use host::testing::free_port;
-use host::testing::Broker;
+#[path = "../tests/support/broker.rs"]
+mod broker;
+
+use broker::{free_port, Broker};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

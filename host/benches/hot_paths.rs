@@ -12,13 +12,13 @@ use bytes::Bytes;
 use clap::Parser;
 use criterion::{criterion_group, criterion_main, Criterion};
 use host::config::Args;
-use host::invocation::{self, HttpRequest};
-use host::messaging::{embedded::Embedded, Backend, Message};
-use host::platform::Platform;
-use host::state::{Db, StateView, Txn};
+use host::messaging::{embedded::Embedded, Backend};
+use host::runtime::{invoke, Runtime};
+use host::storage::{Db, Txn};
+use host::types::{HttpRequest, Message};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::runtime::Runtime;
+use tokio::runtime::Runtime as Tokio;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -26,7 +26,7 @@ fn root() -> PathBuf {
 
 /// The four services from `build/components`, except that product-service runs `product` (the
 /// `hello` fixture, or `hello-wasi`): the trivial component.
-fn platform(rt: &Runtime, reuse: u32, data: &Path, product: &str) -> Arc<Platform> {
+fn runtime(rt: &Tokio, reuse: u32, data: &Path, product: &str) -> Arc<Runtime> {
     let args = Args::parse_from([
         "host".into(),
         "--components-dir".into(),
@@ -45,9 +45,9 @@ fn platform(rt: &Runtime, reuse: u32, data: &Path, product: &str) -> Arc<Platfor
         }
     }
     rt.block_on(async {
-        let platform = Platform::new(&args, &specs).await.unwrap();
-        platform.load_services(specs).await.unwrap();
-        platform
+        let runtime = host::app::build(&args, &specs).await.unwrap();
+        runtime.load_services(specs).await.unwrap();
+        runtime
     })
 }
 
@@ -62,20 +62,20 @@ fn get(path: &str, host: &str) -> HttpRequest {
     }
 }
 
-fn call(rt: &Runtime, platform: &Arc<Platform>, service: &str, req: &HttpRequest) -> u16 {
-    let service = platform.service(service).unwrap().clone();
-    rt.block_on(invocation::http(platform, &service, req.clone(), "bench"))
+fn call(rt: &Tokio, runtime: &Runtime, service: &str, req: &HttpRequest) -> u16 {
+    let service = runtime.service(service).unwrap().clone();
+    rt.block_on(invoke::http(runtime, &service, req.clone(), "bench"))
         .status()
         .as_u16()
 }
 
 fn requests(c: &mut Criterion) {
-    let rt = Runtime::new().unwrap();
+    let rt = Tokio::new().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let fresh = platform(&rt, 1, &data.path().join("fresh"), "hello");
-    let reused = platform(&rt, 1_000_000, &data.path().join("reused"), "hello");
-    let wasi_fresh = platform(&rt, 1, &data.path().join("wasi-fresh"), "hello-wasi");
-    let wasi_reused = platform(
+    let fresh = runtime(&rt, 1, &data.path().join("fresh"), "hello");
+    let reused = runtime(&rt, 1_000_000, &data.path().join("reused"), "hello");
+    let wasi_fresh = runtime(&rt, 1, &data.path().join("wasi-fresh"), "hello-wasi");
+    let wasi_reused = runtime(
         &rt,
         1_000_000,
         &data.path().join("wasi-reused"),
@@ -129,31 +129,23 @@ fn message(n: u64) -> Message {
 }
 
 /// A transaction of user-service that writes 64 bytes under `bucket/key`.
-fn write(db: &Db, bucket: &str, key: String) -> Txn {
+fn write(bucket: &str, key: String) -> Txn {
     let mut txn = Txn::new("user".into());
-    StateView { db, txn: &mut txn }
-        .put(bucket.into(), key, Some(vec![7; 64]))
-        .unwrap();
+    txn.put(bucket.into(), key, Some(vec![7; 64]));
     txn
 }
 
 fn state(c: &mut Criterion) {
-    let rt = Runtime::new().unwrap();
+    let rt = Tokio::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path()).unwrap();
-    db.commit_blocking(&write(&db, "users", "1".into()))
-        .unwrap();
+    db.commit_blocking(&write("users", "1".into())).unwrap();
 
     let mut g = c.benchmark_group("state");
     g.bench_function("read one key", |b| {
         b.iter(|| {
             let mut txn = Txn::new("user".into());
-            let v = StateView {
-                db: &db,
-                txn: &mut txn,
-            }
-            .get_value("users", "1")
-            .unwrap();
+            let v = txn.get(&db, "users", "1").unwrap();
             assert!(v.is_some());
         })
     });
@@ -161,7 +153,7 @@ fn state(c: &mut Criterion) {
     g.bench_function("write one key and commit (fsync)", |b| {
         b.iter(|| {
             n += 1;
-            rt.block_on(db.commit(write(&db, "bench", n.to_string())))
+            rt.block_on(db.commit(write("bench", n.to_string())))
                 .unwrap();
         })
     });
@@ -176,7 +168,7 @@ fn state(c: &mut Criterion) {
                         let db = db.clone();
                         async move {
                             for i in (w..iters).step_by(16) {
-                                let txn = write(&db, "concurrent", i.to_string());
+                                let txn = write("concurrent", i.to_string());
                                 db.commit(txn).await.unwrap();
                             }
                         }
@@ -193,8 +185,8 @@ fn state(c: &mut Criterion) {
     g.bench_function("publish: commit a write with one outbox message", |b| {
         b.iter(|| {
             n += 1;
-            let mut txn = write(&db, "bench", n.to_string());
-            txn.outbox.push(message(n));
+            let mut txn = write("bench", n.to_string());
+            txn.send(message(n));
             rt.block_on(db.commit(txn)).unwrap();
         })
     });

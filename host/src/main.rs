@@ -8,5 +8,5 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,wasmtime_wasi_http=warn".into()),
         )
         .init();
-    host::platform::run(host::config::Args::parse()).await
+    host::app::run(host::config::Args::parse()).await
 }

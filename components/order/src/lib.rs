@@ -3,21 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use sdk::handler::{Delivery, HandleError};
 use sdk::input::{self, Outcome};
 use sdk::store;
 use sdk::{Request, Response};
-
-wit_bindgen::generate!({
-    world: "subscriber",
-    path: "../../wit",
-    with: {
-        "microsvc:platform/state@0.1.0": sdk::state,
-        "microsvc:platform/producer@0.1.0": sdk::producer,
-        "microsvc:platform/services@0.1.0": sdk::services,
-    },
-});
-
-use exports::microsvc::platform::handler::{Delivery, HandleError};
 
 const ORDERS: &str = "orders";
 const USER_CACHE: &str = "user-cache";
@@ -51,22 +40,17 @@ struct CachedUser {
 }
 
 sdk::http_service!(super::route);
+sdk::message_handler!(super::handle);
 
-struct Subscriber;
-
-impl exports::microsvc::platform::handler::Guest for Subscriber {
-    fn handle(delivery: Delivery) -> Result<(), HandleError> {
-        let message = &delivery.message;
-        match message.topic.as_str() {
-            USER_CREATED => cache_user(&message.payload),
-            topic => Err(HandleError::Reject(format!(
-                "order-service does not handle topic {topic:?}"
-            ))),
-        }
+fn handle(delivery: Delivery) -> Result<(), HandleError> {
+    let message = &delivery.message;
+    match message.topic.as_str() {
+        USER_CREATED => cache_user(&message.payload),
+        topic => Err(HandleError::Reject(format!(
+            "order-service does not handle topic {topic:?}"
+        ))),
     }
 }
-
-export!(Subscriber);
 
 /// Stores the user under its id. Overwriting makes redelivery of the same message harmless.
 fn cache_user(payload: &[u8]) -> Result<(), HandleError> {

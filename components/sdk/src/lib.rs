@@ -1,10 +1,11 @@
 //! What every service component shares.
 //!
-//! - [`state`] and [`producer`]: bindings to the host's `microsvc:platform` imports (world
-//!   `service`). Components that also export `handler` generate their own bindings for world
-//!   `subscriber` and point its `with` at these modules, so there is one copy of each type.
+//! - [`state`], [`producer`] and [`services`]: bindings to the host's `microsvc:platform`
+//!   imports (world `service`).
+//! - [`contract`]: the limits and names the guest shares with the host.
 //! - [`Request`] / [`Response`]: plain HTTP values that handlers work with; [`serve`] moves them
-//!   in and out of `wasi:http`.
+//!   in and out of `wasi:http`, and [`http_service!`] exports a `fn(Request) -> Response`.
+//! - [`handler`]: what [`message_handler!`] hands to a component that consumes messages.
 //! - [`fetch`] / [`fetch_all`]: outbound calls to other services (through [`services`] when
 //!   the URL names one, else `wasi:http`).
 //! - [`input`]: path and JSON-body parsing that turns bad client input into 400s.
@@ -25,9 +26,30 @@ pub mod bindings {
     });
 }
 
+/// Generated bindings of world `subscriber`; public for [`message_handler!`] only. Its imports
+/// are the ones above, so that `Delivery` carries a [`producer::Message`] and not a copy of it.
+#[doc(hidden)]
+#[allow(clippy::all)]
+pub mod subscriber_bindings {
+    wit_bindgen::generate!({
+        world: "subscriber",
+        path: "../../wit",
+        with: {
+            "microsvc:platform/state@0.1.0": crate::state,
+            "microsvc:platform/producer@0.1.0": crate::producer,
+            "microsvc:platform/services@0.1.0": crate::services,
+        },
+        pub_export_macro: true,
+        export_macro_name: "export_message_handler",
+        default_bindings_module: "$crate::subscriber_bindings",
+    });
+}
+
 pub use bindings::microsvc::platform::{producer, services, state};
 pub use wasi;
 
+pub mod contract;
+pub mod handler;
 pub mod http;
 pub mod input;
 pub mod message;
@@ -68,6 +90,31 @@ macro_rules! http_service {
             }
 
             $crate::bindings::export_http_handler!(HttpService);
+        }
+    };
+}
+
+/// Exports `handle` (a `fn(Delivery) -> Result<(), HandleError>`, see [`handler`]) as the
+/// component's `microsvc:platform/handler`, which the host calls with each message of the topics
+/// the service is subscribed to. Only on wasm32, like [`http_service!`].
+#[macro_export]
+macro_rules! message_handler {
+    ($handle:path) => {
+        #[cfg(target_arch = "wasm32")]
+        mod __message_handler {
+            struct MessageHandler;
+
+            impl $crate::subscriber_bindings::exports::microsvc::platform::handler::Guest
+                for MessageHandler
+            {
+                fn handle(
+                    delivery: $crate::handler::Delivery,
+                ) -> ::core::result::Result<(), $crate::handler::HandleError> {
+                    $handle(delivery)
+                }
+            }
+
+            $crate::subscriber_bindings::export_message_handler!(MessageHandler);
         }
     };
 }

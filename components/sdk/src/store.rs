@@ -13,7 +13,7 @@ use crate::{state, Response};
 pub const META_BUCKET: &str = "meta";
 
 /// The host rejects longer bucket and key names.
-pub const MAX_KEY_BYTES: usize = 256;
+pub const MAX_KEY_BYTES: usize = crate::contract::MAX_NAME;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreError(pub String);

@@ -2,8 +2,9 @@
 //!
 //! One partition per topic (partition 0), so order is total. Used when no Kafka is configured.
 
-use super::{Backend, Delivery, Message, Subscription};
-use crate::state::Db;
+use super::{Backend, Subscription};
+use crate::storage::Db;
+use crate::types::{Delivery, Message};
 use anyhow::Result;
 use redb::{ReadableTable, TableDefinition};
 use tokio::sync::watch;

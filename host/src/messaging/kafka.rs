@@ -2,7 +2,8 @@
 //! real broker. Idempotent producer with `acks=all`; one consumer group per subscribing
 //! service with manual offset commits.
 
-use super::{Backend, Delivery, Message, Subscription};
+use super::{Backend, Subscription};
+use crate::types::{Delivery, Message};
 use anyhow::{anyhow, bail, Context as _, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -252,7 +253,7 @@ impl Subscription for KafkaSubscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::Broker;
+    use crate::broker::Broker;
 
     #[tokio::test(flavor = "multi_thread")]
     async fn contract_on_a_real_broker() {

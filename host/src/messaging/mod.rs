@@ -1,48 +1,19 @@
-//! `microsvc:platform/producer` and `handler`: the outbox, the backend trait and the consumer loop.
+//! Messaging backends: the `Backend` trait, the embedded log, Kafka, and the outbox drainer.
 //!
 //! Messages a component sends are staged in its invocation's transaction and land in the
-//! outbox table together with its state writes (see `state`). The drainer moves them from
-//! the outbox to the backend; a consumer loop per subscription feeds the backend's records to
-//! the subscribing component's `handler` export, with retries and a dead-letter topic.
+//! outbox table together with its state writes (see `storage`). The drainer moves them from
+//! the outbox to the backend; consumers (`ingress::consumer`) read the backend's records.
 
-pub mod consumer;
+pub mod drain;
 pub mod embedded;
 pub mod kafka;
-pub mod outbox;
 
-use crate::bindings::producer::{self as wit, SendError};
-use crate::state::{Txn, MAX_VALUE};
+use crate::config::ServiceSpec;
+use crate::types::{Delivery, Message};
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-pub use outbox::Outbox;
-
-/// A record as the host stores and moves it: the WIT `message`, owned by the host.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Message {
-    pub topic: String,
-    pub key: Option<String>,
-    pub payload: Vec<u8>,
-    pub headers: Vec<(String, String)>,
-}
-
-impl Message {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// One record handed to a subscriber, with where it came from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Delivery {
-    pub message: Message,
-    pub partition: u32,
-    pub offset: u64,
-}
+pub use drain::Outbox;
 
 /// A durable, ordered log of topics with consumer-group offsets. Implemented by the embedded
 /// store and by Kafka; `tests::contract` runs the same checks against each.
@@ -97,50 +68,20 @@ pub fn dlq_topic(topic: &str) -> String {
     format!("{topic}.dlq")
 }
 
-/// What `producer::send` works on: the invocation's transaction and the service's permissions.
-pub struct ProducerView<'a> {
-    pub txn: &'a mut Txn,
-    pub allowed_topics: &'a [String],
-    pub request_id: &'a str,
-}
-
-pub struct ProducerData;
-impl wasmtime::component::HasData for ProducerData {
-    type Data<'a> = ProducerView<'a>;
-}
-
-fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty()
-        && topic.len() <= 249
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
-impl wit::Host for ProducerView<'_> {
-    fn send(&mut self, message: wit::Message) -> Result<(), SendError> {
-        if !valid_topic(&message.topic) {
-            return Err(SendError::InvalidTopic(message.topic));
-        }
-        if !self.allowed_topics.contains(&message.topic) {
-            return Err(SendError::TopicNotAllowed(message.topic));
-        }
-        if message.payload.len() > MAX_VALUE {
-            return Err(SendError::PayloadTooLarge(message.payload.len() as u64));
-        }
-        let mut msg = Message {
-            topic: message.topic,
-            key: message.key,
-            payload: message.payload,
-            headers: message.headers,
-        };
-        if msg.header("x-request-id").is_none() {
-            msg.headers
-                .push(("x-request-id".into(), self.request_id.to_string()));
-        }
-        self.txn.outbox.push(msg);
-        Ok(())
-    }
+/// Every topic the services use, with the dead-letter topics of subscribed ones.
+pub fn topics(specs: &[ServiceSpec]) -> Vec<String> {
+    let mut topics: Vec<String> = specs
+        .iter()
+        .flat_map(|s| {
+            s.produces
+                .iter()
+                .cloned()
+                .chain(s.subscribes.iter().flat_map(|t| [t.clone(), dlq_topic(t)]))
+        })
+        .collect();
+    topics.sort();
+    topics.dedup();
+    topics
 }
 
 #[cfg(test)]
@@ -248,34 +189,5 @@ pub mod tests {
         assert_eq!(p.backoff(2), Duration::from_millis(200));
         assert_eq!(p.backoff(3), Duration::from_millis(350));
         assert_eq!(p.backoff(40), Duration::from_millis(350));
-    }
-
-    #[test]
-    fn send_checks_topic_and_stamps_request_id() {
-        use crate::bindings::producer::Host;
-        let mut txn = Txn::new("user".into());
-        let allowed = vec!["user-created".to_string()];
-        let mut view = ProducerView {
-            txn: &mut txn,
-            allowed_topics: &allowed,
-            request_id: "req-1",
-        };
-        let m = |topic: &str| wit::Message {
-            topic: topic.into(),
-            key: None,
-            payload: b"{}".to_vec(),
-            headers: vec![],
-        };
-        assert!(matches!(
-            view.send(m("orders")),
-            Err(SendError::TopicNotAllowed(_))
-        ));
-        assert!(matches!(
-            view.send(m("bad topic")),
-            Err(SendError::InvalidTopic(_))
-        ));
-        view.send(m("user-created")).unwrap();
-        assert_eq!(txn.outbox.len(), 1);
-        assert_eq!(txn.outbox[0].header("x-request-id"), Some("req-1"));
     }
 }

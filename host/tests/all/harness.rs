@@ -1,6 +1,6 @@
 //! Starts the host on ephemeral ports with a temporary data dir, and talks to it.
 
-use host::testing::free_port;
+use crate::broker::free_port;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +38,15 @@ pub fn components_copy() -> tempfile::TempDir {
         std::fs::copy(components_dir().join(&file), dir.path().join(&file)).unwrap();
     }
     dir
+}
+
+/// A host whose product-service runs the fixture `fixture` (e.g. `misbehave.wasm`), started
+/// with `extra` flags. The returned dir holds the components; keep it as long as the host.
+pub async fn with_product(fixture_file: &str, extra: &[&str]) -> (Host, tempfile::TempDir) {
+    let comps = components_copy();
+    std::fs::copy(fixture(fixture_file), comps.path().join("product.wasm")).unwrap();
+    let host = Host::start_in(comps.path(), None, extra).await;
+    (host, comps)
 }
 
 pub struct Host {

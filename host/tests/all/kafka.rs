@@ -1,8 +1,8 @@
 //! Kafka mode end to end, against a real Kafka-protocol broker (tansu) started per test.
 //! These tests fail, never skip, when no broker can be started.
 
+use crate::broker::Broker;
 use crate::harness::Host;
-use host::testing::Broker;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};

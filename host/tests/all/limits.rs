@@ -1,14 +1,12 @@
 //! Limits: a misbehaving component fails its own request and nothing else.
 //! The `misbehave` fixture stands in for product-service.
 
-use crate::harness::{assert_error, components_copy, fixture, Host};
+use crate::harness::{assert_error, with_product, Host};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 async fn host_with_misbehaving_product(limits: &str) -> (Arc<Host>, tempfile::TempDir) {
-    let comps = components_copy();
-    std::fs::copy(fixture("misbehave.wasm"), comps.path().join("product.wasm")).unwrap();
-    let host = Host::start_in(comps.path(), None, &["--service-limits", limits]).await;
+    let (host, comps) = with_product("misbehave.wasm", &["--service-limits", limits]).await;
     (Arc::new(host), comps)
 }
 

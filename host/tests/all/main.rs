@@ -3,6 +3,8 @@
 
 mod admin;
 mod api;
+#[path = "../support/broker.rs"]
+mod broker;
 mod flows;
 mod fuzz;
 mod harness;

@@ -1,22 +1,15 @@
 //! Instance reuse (`--instance-reuse N`): one instance serves many requests, is thrown away
 //! when it traps, and is never handed a request after its component was swapped.
 
-use crate::harness::{assert_error, components_copy, fixture, Host};
+use crate::harness::{assert_error, components_copy, fixture, with_product, Host};
 use crate::swap::{build_tag, wait_for_tag};
 
 const PRODUCT_INSTANCES: &str = r#"host_instances_created_total{service="product"}"#;
 
-async fn host_with_misbehaving_product(extra: &[&str]) -> (Host, tempfile::TempDir) {
-    let comps = components_copy();
-    std::fs::copy(fixture("misbehave.wasm"), comps.path().join("product.wasm")).unwrap();
-    let host = Host::start_in(comps.path(), None, extra).await;
-    (host, comps)
-}
-
 #[tokio::test]
 async fn by_default_instances_are_reused_and_one_flag_gives_each_request_a_fresh_one() {
     for (flags, instances) in [(&[][..], 1.0), (&["--instance-reuse", "1"][..], 10.0)] {
-        let (host, _comps) = host_with_misbehaving_product(flags).await;
+        let (host, _comps) = with_product("misbehave.wasm", flags).await;
         for _ in 0..10 {
             assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
         }
@@ -26,7 +19,7 @@ async fn by_default_instances_are_reused_and_one_flag_gives_each_request_a_fresh
 
 #[tokio::test]
 async fn a_reused_instance_serves_until_its_quota_and_a_trap_discards_it() {
-    let (host, _comps) = host_with_misbehaving_product(&["--instance-reuse", "25"]).await;
+    let (host, _comps) = with_product("misbehave.wasm", &["--instance-reuse", "25"]).await;
     for _ in 0..20 {
         assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
     }

@@ -3,13 +3,10 @@
 //! product-service and relays `GET /users` of the service it is told to call. And the two ways
 //! a component answers: `http-handler` (sdk components) or `wasi:http` alone.
 
-use crate::harness::{assert_error, components_copy, fixture, Host};
+use crate::harness::{assert_error, with_product, Host};
 
 async fn host_with_relaying_product(allow: &str) -> (Host, tempfile::TempDir) {
-    let comps = components_copy();
-    std::fs::copy(fixture("misbehave.wasm"), comps.path().join("product.wasm")).unwrap();
-    let host = Host::start_in(comps.path(), None, &["--outbound-allow", allow]).await;
-    (host, comps)
+    with_product("misbehave.wasm", &["--outbound-allow", allow]).await
 }
 
 #[tokio::test]
@@ -58,13 +55,7 @@ async fn refused_and_unknown_destinations_are_errors_naming_them() {
 
 #[tokio::test]
 async fn a_component_with_only_wasi_http_is_served_through_it() {
-    let comps = components_copy();
-    std::fs::copy(
-        fixture("hello-wasi.wasm"),
-        comps.path().join("product.wasm"),
-    )
-    .unwrap();
-    let host = Host::start_in(comps.path(), None, &[]).await;
+    let (host, _comps) = with_product("hello-wasi.wasm", &[]).await;
     let r = host.send("GET", "product", "/", None).await;
     assert_eq!((r.status, r.json.as_str()), (200, Some("hello")));
     let body = "x".repeat(100_000);

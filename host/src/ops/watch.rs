@@ -8,8 +8,7 @@
 //! started with (`Service::loaded` hands out `Arc`s).
 
 use crate::metrics;
-use crate::platform::Platform;
-use crate::registry::{self, Service};
+use crate::runtime::{component, Runtime, Service};
 use anyhow::{Context as _, Result};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use std::collections::HashMap;
@@ -21,7 +20,7 @@ use tokio::time::Instant;
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// Starts watching `dir`. Dropping the returned watcher stops it.
-pub fn spawn(platform: Arc<Platform>, dir: &Path) -> Result<RecommendedWatcher> {
+pub fn spawn(runtime: Arc<Runtime>, dir: &Path) -> Result<RecommendedWatcher> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res {
@@ -42,7 +41,7 @@ pub fn spawn(platform: Arc<Platform>, dir: &Path) -> Result<RecommendedWatcher> 
             tokio::select! {
                 path = rx.recv() => {
                     let Some(path) = path else { return };
-                    if let Some(service) = service_for(&platform, &path) {
+                    if let Some(service) = service_for(&runtime, &path) {
                         due.insert(service.name.clone(), Instant::now() + DEBOUNCE);
                     }
                 }
@@ -52,8 +51,8 @@ pub fn spawn(platform: Arc<Platform>, dir: &Path) -> Result<RecommendedWatcher> 
                         due.iter().filter(|(_, t)| **t <= now).map(|(n, _)| n.clone()).collect();
                     for name in ready {
                         due.remove(&name);
-                        if let Some(service) = platform.service(&name) {
-                            swap_from_file(&platform, service).await;
+                        if let Some(service) = runtime.service(&name) {
+                            swap_from_file(&runtime, service).await;
                         }
                     }
                 }
@@ -63,9 +62,9 @@ pub fn spawn(platform: Arc<Platform>, dir: &Path) -> Result<RecommendedWatcher> 
     Ok(watcher)
 }
 
-fn service_for<'a>(platform: &'a Platform, path: &Path) -> Option<&'a Arc<Service>> {
+fn service_for<'a>(runtime: &'a Runtime, path: &Path) -> Option<&'a Arc<Service>> {
     let name = path.file_name()?;
-    platform
+    runtime
         .services()
         .iter()
         .find(|s| s.spec.file.file_name() == Some(name))
@@ -73,8 +72,8 @@ fn service_for<'a>(platform: &'a Platform, path: &Path) -> Option<&'a Arc<Servic
 
 /// Loads the service's file if it differs from the running version; installs it if it is
 /// valid, records why not otherwise.
-pub async fn swap_from_file(platform: &Platform, service: &Service) {
-    let (bytes, sha256) = match registry::read(&service.spec.file).await {
+pub async fn swap_from_file(runtime: &Runtime, service: &Service) {
+    let (bytes, sha256) = match component::read(&service.spec.file).await {
         Ok(read) => read,
         Err(e) => {
             tracing::warn!(service = %service.name, error = %format!("{e:#}"), "component file unreadable; keeping the running version");
@@ -84,13 +83,13 @@ pub async fn swap_from_file(platform: &Platform, service: &Service) {
     if sha256 == service.loaded.load().sha256 {
         return;
     }
-    let prepared = registry::prepare(
-        &platform.engine,
-        &platform.linker,
+    let prepared = component::prepare(
+        &runtime.engine,
+        &runtime.linker,
         &service.spec,
         bytes,
         sha256.clone(),
-        &platform.compile_cache,
+        &runtime.settings.compile_cache,
     )
     .await;
     match prepared {

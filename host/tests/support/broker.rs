@@ -1,4 +1,8 @@
-//! Helpers for tests and benchmarks: a throwaway Kafka-protocol broker (tansu, memory storage).
+//! A throwaway Kafka-protocol broker (tansu, memory storage) for tests and benchmarks.
+//!
+//! Test-only code, compiled into the unit tests, the integration tests and the benchmarks
+//! (`#[path]`), each of which uses part of it.
+#![allow(dead_code)]
 
 use anyhow::{bail, Context as _, Result};
 use std::net::TcpStream;

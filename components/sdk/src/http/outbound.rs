@@ -1,147 +1,17 @@
-//! `wasi:http` plumbing: answering the incoming request and calling other services.
+//! Calling other services: in process through `services` when the URL names one, else `wasi:http`.
 
 use std::fmt;
 
 use wasi::http::outgoing_handler;
 use wasi::http::types::{
-    ErrorCode, Fields, FutureIncomingResponse, IncomingBody, IncomingRequest, IncomingResponse,
-    Method, OutgoingBody, OutgoingRequest, OutgoingResponse, ResponseOutparam, Scheme,
+    ErrorCode, Fields, FutureIncomingResponse, IncomingResponse, OutgoingBody, OutgoingRequest,
+    Scheme,
 };
 use wasi::io::poll::{self, Pollable};
-use wasi::io::streams::StreamError;
 
-use crate::services;
-use crate::{Request, Response};
-
-/// Other services' host names end with this: `http://user-service/users`.
-const SERVICE_SUFFIX: &str = "-service";
-
-/// Largest request body a service reads. The host keeps values and messages under 1 MiB too,
-/// so nothing larger could be stored anyway; refusing early keeps memory bounded.
-pub const MAX_REQUEST_BODY_BYTES: usize = 1 << 20;
-
-/// Reads the incoming request, runs `handler` and sends its response.
-///
-/// Call this from `wasi:http/incoming-handler#handle`. Requests that cannot be read (body too
-/// large, client gone) get an error response without reaching `handler`.
-pub fn serve(
-    request: IncomingRequest,
-    response_out: ResponseOutparam,
-    handler: impl FnOnce(Request) -> Response,
-) {
-    let response = match read_request(&request) {
-        Ok(req) => handler(req),
-        Err(resp) => resp,
-    };
-    drop(request);
-    send_response(response_out, &response);
-}
-
-/// [`serve`] for the host's `microsvc:platform/http-handler` export: the same request and
-/// response as plain values, with no `wasi:http` resources or streams to go through.
-pub fn serve_values(
-    request: services::Request,
-    handler: impl FnOnce(Request) -> Response,
-) -> services::Response {
-    let services::Request {
-        method,
-        path_with_query,
-        headers,
-        body,
-    } = request;
-    let response = if body.len() > MAX_REQUEST_BODY_BYTES {
-        too_large()
-    } else {
-        let (path, query) = split_path(path_with_query);
-        handler(Request {
-            method,
-            path,
-            query,
-            headers,
-            body,
-        })
-    };
-    let mut headers = response.headers;
-    if let Some(tag) = BUILD_TAG {
-        headers.retain(|(name, _)| !name.eq_ignore_ascii_case("x-build"));
-        headers.push(("x-build".into(), tag.into()));
-    }
-    services::Response {
-        status: response.status,
-        headers,
-        body: response.body,
-    }
-}
-
-/// Lets a caller tell two builds of one service apart (hot-swap tests, canaries).
-const BUILD_TAG: Option<&str> = option_env!("COMPONENT_BUILD_TAG");
-
-fn too_large() -> Response {
-    Response::error(
-        413,
-        format!("request body is larger than {MAX_REQUEST_BODY_BYTES} bytes"),
-    )
-}
-
-/// `/users?limit=1` → (`/users`, `Some("limit=1")`).
-fn split_path(path_with_query: String) -> (String, Option<String>) {
-    match path_with_query.split_once('?') {
-        Some((p, q)) => (p.to_string(), Some(q.to_string())),
-        None => (path_with_query, None),
-    }
-}
-
-fn read_request(request: &IncomingRequest) -> Result<Request, Response> {
-    let method = method_name(&request.method());
-    let (path, query) = split_path(request.path_with_query().unwrap_or_else(|| "/".into()));
-    let headers = header_list(&request.headers());
-    let body = match request.consume() {
-        Ok(body) => read_body(body, Some(MAX_REQUEST_BODY_BYTES)).map_err(|e| match e {
-            BodyError::TooLarge => too_large(),
-            BodyError::Failed { detail, .. } => {
-                Response::bad_request(format!("could not read request body: {detail}"))
-            }
-        })?,
-        Err(()) => Vec::new(),
-    };
-    Ok(Request {
-        method,
-        path,
-        query,
-        headers,
-        body,
-    })
-}
-
-fn send_response(out: ResponseOutparam, response: &Response) {
-    let headers = Fields::new();
-    for (name, value) in &response.headers {
-        // Headers come from our own code or from another service's response; one the host
-        // refuses (forbidden or malformed) is dropped rather than failing the whole response.
-        let _ = headers.append(name, value.as_bytes());
-    }
-    // An explicit length spares the client chunked decoding; the host checks that the body
-    // written matches it.
-    let _ = headers.set(
-        "content-length",
-        &[response.body.len().to_string().into_bytes()],
-    );
-    if let Some(tag) = BUILD_TAG {
-        let _ = headers.set("x-build", &[tag.as_bytes().to_vec()]);
-    }
-    let outgoing = OutgoingResponse::new(headers);
-    if outgoing.set_status_code(response.status).is_err() {
-        let _ = outgoing.set_status_code(500);
-    }
-    let body = outgoing.body();
-    ResponseOutparam::set(out, Ok(outgoing));
-    if let Ok(body) = body {
-        // A failed write means the client went away; there is nobody left to tell.
-        if write_all(&body, &response.body).is_ok() {
-            let _ = OutgoingBody::finish(body, None);
-        }
-    }
-}
+use super::wasi_io::{header_list, read_body, split_url, to_method, write_all, BodyError};
+use crate::contract::SERVICE_SUFFIX;
+use crate::{services, Response};
 
 /// One request to another service, e.g. `GET http://user-service/users`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -508,130 +378,6 @@ fn read_response(response: IncomingResponse) -> Result<Response, OutboundError> 
     })
 }
 
-/// `http://authority/path?query` → (scheme, authority, path-with-query). Only http and https
-/// are meaningful to the host.
-fn split_url(url: &str) -> Option<(Scheme, &str, String)> {
-    let (scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
-        (Scheme::Http, rest)
-    } else if let Some(rest) = url.strip_prefix("https://") {
-        (Scheme::Https, rest)
-    } else {
-        return None;
-    };
-    let (authority, path_with_query) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    if authority.is_empty() {
-        return None;
-    }
-    let path_with_query = if path_with_query.starts_with('/') {
-        path_with_query.to_string()
-    } else {
-        format!("/{path_with_query}")
-    };
-    Some((scheme, authority, path_with_query))
-}
-
-enum BodyError {
-    TooLarge,
-    Failed {
-        code: Option<ErrorCode>,
-        detail: String,
-    },
-}
-
-fn read_body(body: IncomingBody, limit: Option<usize>) -> Result<Vec<u8>, BodyError> {
-    let stream = body.stream().map_err(|()| BodyError::Failed {
-        code: None,
-        detail: "body stream already taken".into(),
-    })?;
-    let mut bytes = Vec::new();
-    let result = loop {
-        match stream.blocking_read(64 * 1024) {
-            Ok(chunk) => {
-                bytes.extend_from_slice(&chunk);
-                if limit.is_some_and(|limit| bytes.len() > limit) {
-                    break Err(BodyError::TooLarge);
-                }
-            }
-            Err(StreamError::Closed) => break Ok(()),
-            Err(StreamError::LastOperationFailed(e)) => {
-                break Err(BodyError::Failed {
-                    code: wasi::http::types::http_error_code(&e),
-                    detail: e.to_debug_string(),
-                })
-            }
-        }
-    };
-    // The stream is a child of the body and has to go first.
-    drop(stream);
-    drop(IncomingBody::finish(body));
-    result.map(|()| bytes)
-}
-
-fn write_all(body: &OutgoingBody, bytes: &[u8]) -> Result<(), BodyError> {
-    let stream = body.write().map_err(|()| BodyError::Failed {
-        code: None,
-        detail: "body stream already taken".into(),
-    })?;
-    // `blocking-write-and-flush` accepts at most 4096 bytes per call.
-    for chunk in bytes.chunks(4096) {
-        if let Err(e) = stream.blocking_write_and_flush(chunk) {
-            return Err(match e {
-                StreamError::Closed => BodyError::Failed {
-                    code: None,
-                    detail: "stream closed".into(),
-                },
-                StreamError::LastOperationFailed(e) => BodyError::Failed {
-                    code: wasi::http::types::http_error_code(&e),
-                    detail: e.to_debug_string(),
-                },
-            });
-        }
-    }
-    Ok(())
-}
-
-fn header_list(fields: &Fields) -> Vec<(String, String)> {
-    fields
-        .entries()
-        .into_iter()
-        .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
-        .collect()
-}
-
-fn method_name(method: &Method) -> String {
-    match method {
-        Method::Get => "GET",
-        Method::Head => "HEAD",
-        Method::Post => "POST",
-        Method::Put => "PUT",
-        Method::Delete => "DELETE",
-        Method::Connect => "CONNECT",
-        Method::Options => "OPTIONS",
-        Method::Trace => "TRACE",
-        Method::Patch => "PATCH",
-        Method::Other(other) => other,
-    }
-    .to_string()
-}
-
-fn to_method(method: &str) -> Method {
-    match method {
-        "GET" => Method::Get,
-        "HEAD" => Method::Head,
-        "POST" => Method::Post,
-        "PUT" => Method::Put,
-        "DELETE" => Method::Delete,
-        "CONNECT" => Method::Connect,
-        "OPTIONS" => Method::Options,
-        "TRACE" => Method::Trace,
-        "PATCH" => Method::Patch,
-        other => Method::Other(other.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,51 +402,18 @@ mod tests {
     }
 
     #[test]
-    fn values_in_and_out_of_the_http_handler() {
-        let request = |path: &str, body: usize| services::Request {
-            method: "POST".into(),
-            path_with_query: path.into(),
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: vec![b'x'; body],
-        };
-        let seen = std::cell::RefCell::new(None);
-        let echo = |req: Request| {
-            *seen.borrow_mut() = Some(req.clone());
-            Response::new(201, vec![("a".into(), "b".into())], req.body)
-        };
-        let out = serve_values(request("/users?limit=1", 2), echo);
-        assert_eq!(out.status, 201);
-        assert_eq!(out.body, b"xx");
-        assert!(out.headers.contains(&("a".into(), "b".into())));
-        let req = seen.take().unwrap();
-        assert_eq!((req.method.as_str(), req.path.as_str()), ("POST", "/users"));
-        assert_eq!(req.query.as_deref(), Some("limit=1"));
-        assert_eq!(req.header("Content-Type"), Some("application/json"));
-
-        let out = serve_values(request("/users", MAX_REQUEST_BODY_BYTES + 1), |_| {
-            unreachable!("an oversized body never reaches the handler")
-        });
-        assert_eq!(out.status, 413);
-    }
-
-    #[test]
-    fn urls_split_into_parts() {
-        let (scheme, authority, pq) = split_url("http://user-service/users/1?x=1").unwrap();
-        assert!(matches!(scheme, Scheme::Http));
-        assert_eq!((authority, pq.as_str()), ("user-service", "/users/1?x=1"));
-        let (_, authority, pq) = split_url("https://a:8080").unwrap();
-        assert_eq!((authority, pq.as_str()), ("a:8080", "/"));
-        let (_, _, pq) = split_url("http://a?q").unwrap();
-        assert_eq!(pq, "/?q");
-        assert!(split_url("ftp://a/").is_none());
-        assert!(split_url("http:///x").is_none());
-        assert!(split_url("user-service/users").is_none());
-    }
-
-    #[test]
-    fn methods_round_trip() {
-        for m in ["GET", "POST", "PATCH", "PURGE"] {
-            assert_eq!(method_name(&to_method(m)), m);
+    fn only_plain_http_service_urls_go_in_process() {
+        let call = |url: &str| in_process_call(OutboundRequest::get(url)).ok();
+        let (service, request) = call("http://user-service/users?limit=1").unwrap();
+        assert_eq!(service, "user-service");
+        assert_eq!(request.path_with_query, "/users?limit=1");
+        for other in [
+            "https://user-service/users",
+            "http://user-service:80/users",
+            "http://a@user-service/users",
+            "http://example.com/users",
+        ] {
+            assert!(call(other).is_none(), "{other}");
         }
     }
 }

@@ -6,11 +6,11 @@
 //! disk and one offset commit per partition for the whole batch: a busy topic is not consumed
 //! at the pace of fsyncs and broker round trips.
 
-use super::{dlq_topic, Delivery, Message, Subscription};
-use crate::invocation::{self, Handled};
+use crate::messaging::{dlq_topic, Subscription};
 use crate::metrics;
-use crate::platform::Platform;
-use crate::registry::Service;
+use crate::runtime::invoke::{self, Handled};
+use crate::runtime::{Runtime, Service};
+use crate::types::{Delivery, Message};
 use anyhow::Result;
 use futures_util::FutureExt;
 use std::sync::Arc;
@@ -21,17 +21,17 @@ const MAX_BATCH: usize = 64;
 
 /// Consumes until `stopping` turns true; a record being handled is finished and committed first.
 pub async fn run(
-    platform: Arc<Platform>,
+    runtime: Arc<Runtime>,
     service: Arc<Service>,
     topic: String,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     while !*stopping.borrow() {
         let group = &service.spec.group;
-        match platform.backend.subscribe(group, &topic).await {
+        match runtime.backend.subscribe(group, &topic).await {
             Ok(mut sub) => {
                 tracing::info!(service = %service.name, topic, group, "consuming");
-                if let Err(e) = consume(&platform, &service, sub.as_mut(), &mut stopping).await {
+                if let Err(e) = consume(&runtime, &service, sub.as_mut(), &mut stopping).await {
                     tracing::warn!(service = %service.name, topic, error = %format!("{e:#}"), "consumer stopped; resubscribing");
                 }
             }
@@ -47,7 +47,7 @@ pub async fn run(
 }
 
 async fn consume(
-    platform: &Arc<Platform>,
+    runtime: &Runtime,
     service: &Arc<Service>,
     sub: &mut dyn Subscription,
     stopping: &mut tokio::sync::watch::Receiver<bool>,
@@ -65,12 +65,12 @@ async fn consume(
             }
         }
         for delivery in &batch {
-            handle(platform, service, delivery).await?;
+            handle(runtime, service, delivery).await?;
         }
         // With the embedded backend the offsets are stored after the writes in the same
         // store, so they cannot outlive them.
-        if !platform.backend.in_state_store() {
-            platform.db.durable().await?;
+        if !runtime.backend.in_state_store() {
+            runtime.db.durable().await?;
         }
         // Committing a record commits everything before it on its partition.
         let mut last = std::collections::BTreeMap::new();
@@ -95,19 +95,15 @@ async fn consume(
 }
 
 /// Runs the handler on `delivery` with retries, dead-lettering it if it keeps failing.
-async fn handle(
-    platform: &Arc<Platform>,
-    service: &Arc<Service>,
-    delivery: &Delivery,
-) -> Result<()> {
-    let policy = &platform.retry;
+async fn handle(runtime: &Runtime, service: &Arc<Service>, delivery: &Delivery) -> Result<()> {
+    let policy = &runtime.settings.retry;
     let mut attempt = 1;
     let failure = loop {
         let labels = metrics::labels([
             ("service", &service.name),
             ("topic", &delivery.message.topic),
         ]);
-        match invocation::message(platform, service, delivery, attempt).await {
+        match invoke::message(runtime, service, delivery, attempt).await {
             Handled::Done => {
                 metrics::get().consumed.get_or_create(&labels).inc();
                 break None;
@@ -132,13 +128,13 @@ async fn handle(
         }
     };
     if let Some(why) = failure {
-        dead_letter(platform, service, delivery, &why, attempt).await?;
+        dead_letter(runtime, service, delivery, &why, attempt).await?;
     }
     Ok(())
 }
 
 async fn dead_letter(
-    platform: &Platform,
+    runtime: &Runtime,
     service: &Service,
     delivery: &Delivery,
     why: &str,
@@ -160,7 +156,7 @@ async fn dead_letter(
         payload: original.payload.clone(),
         headers,
     };
-    platform.backend.publish(&[record]).await?;
+    runtime.backend.publish(&[record]).await?;
     metrics::get()
         .dead_lettered
         .get_or_create(&metrics::labels([

@@ -1,7 +1,8 @@
-//! The admin listener (loopback by default): health, readiness, loaded components.
+//! The admin listener (loopback by default): health, readiness, components, metrics, rollback.
 
-use crate::http::{json_error, Resp};
-use crate::platform::Platform;
+use crate::metrics;
+use crate::runtime::Runtime;
+use crate::types::{json_error, Resp};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
@@ -11,18 +12,20 @@ use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
-pub async fn serve(listener: TcpListener, platform: Arc<Platform>) {
+pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let platform = platform.clone();
+        let runtime = runtime.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let resp = route(&platform, req.method(), req.uri().path());
+                let resp = route(&runtime, req.method(), req.uri().path());
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = http1::Builder::new()
@@ -40,11 +43,11 @@ fn json(status: StatusCode, value: Value) -> Resp {
     resp
 }
 
-fn route(platform: &Platform, method: &Method, path: &str) -> Resp {
+fn route(runtime: &Runtime, method: &Method, path: &str) -> Resp {
     match (method, path) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, json!({ "status": "ok" })),
         (&Method::GET, "/readyz") => {
-            let ready = platform.is_ready();
+            let ready = runtime.is_ready();
             let status = if ready {
                 StatusCode::OK
             } else {
@@ -54,18 +57,18 @@ fn route(platform: &Platform, method: &Method, path: &str) -> Resp {
                 status,
                 json!({
                     "ready": ready,
-                    "messaging": platform.backend.describe(),
-                    "messaging_reachable": platform.backend_up.load(std::sync::atomic::Ordering::Acquire),
-                    "outbox_depth": platform.outbox.depth().ok(),
+                    "messaging": runtime.backend.describe(),
+                    "messaging_reachable": runtime.backend_up.load(Ordering::Acquire),
+                    "outbox_depth": runtime.outbox.depth().ok(),
                 }),
             )
         }
-        (&Method::GET, "/components") => json(StatusCode::OK, components(platform)),
+        (&Method::GET, "/components") => json(StatusCode::OK, components(runtime)),
         (&Method::GET, "/metrics") => {
-            crate::metrics::get()
+            metrics::get()
                 .outbox_depth
-                .set(platform.outbox.depth().unwrap_or(0) as i64);
-            let mut resp = hyper::Response::new(Full::new(Bytes::from(crate::metrics::render())));
+                .set(runtime.outbox.depth().unwrap_or(0) as i64);
+            let mut resp = hyper::Response::new(Full::new(Bytes::from(metrics::render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(
@@ -79,7 +82,7 @@ fn route(platform: &Platform, method: &Method, path: &str) -> Resp {
             if method != Method::POST {
                 return json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
             }
-            rollback(platform, name)
+            rollback(runtime, name)
         }
         (_, "/healthz" | "/readyz" | "/components" | "/metrics") => {
             json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
@@ -88,8 +91,8 @@ fn route(platform: &Platform, method: &Method, path: &str) -> Resp {
     }
 }
 
-fn components(platform: &Platform) -> Value {
-    let list: Vec<Value> = platform
+fn components(runtime: &Runtime) -> Value {
+    let list: Vec<Value> = runtime
         .services()
         .iter()
         .map(|s| {
@@ -115,15 +118,15 @@ fn components(platform: &Platform) -> Value {
     Value::Array(list)
 }
 
-fn rollback(platform: &Platform, name: &str) -> Resp {
-    let Some(service) = platform.service(name) else {
+fn rollback(runtime: &Runtime, name: &str) -> Resp {
+    let Some(service) = runtime.service(name) else {
         return json_error(StatusCode::NOT_FOUND, &format!("no service named {name:?}"));
     };
     match service.rollback() {
         Some((generation, loaded)) => {
-            crate::metrics::get()
+            metrics::get()
                 .swaps
-                .get_or_create(&crate::metrics::labels([("service", name)]))
+                .get_or_create(&metrics::labels([("service", name)]))
                 .inc();
             tracing::info!(service = name, generation, sha256 = %loaded.sha256, "rolled back");
             json(
@@ -135,5 +138,29 @@ fn rollback(platform: &Platform, name: &str) -> Resp {
             StatusCode::CONFLICT,
             &format!("{name} has no previous version to roll back to"),
         ),
+    }
+}
+
+/// Keeps `backend_up` (shown by `/readyz`) current and says in the log when the backend goes
+/// away or comes back.
+pub async fn watch_backend(runtime: Arc<Runtime>) {
+    loop {
+        let up = match runtime.backend.health().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "messaging backend health check failed");
+                false
+            }
+        };
+        let was = runtime.backend_up.swap(up, Ordering::AcqRel);
+        if was != up {
+            let waiting = runtime.outbox.depth().unwrap_or(0);
+            if up {
+                tracing::info!(backend = %runtime.backend.describe(), waiting, "messaging backend reachable again");
+            } else {
+                tracing::warn!(backend = %runtime.backend.describe(), waiting, "messaging backend unreachable; events wait in the outbox");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

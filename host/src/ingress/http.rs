@@ -1,69 +1,29 @@
-//! `wasi:http`: the service listeners, in-process calls between services, request limits.
+//! The service listeners: one port per service, request limits, request ids, metrics.
 
-use crate::invocation::{self, HttpRequest};
-use crate::platform::Platform;
-use crate::registry::Service;
-use crate::services::{Caller, Refused, HOST_SUFFIX};
+use crate::metrics;
+use crate::runtime::{invoke, Runtime, Service};
+use crate::types::contract::{MAX_BODY, SERVICE_SUFFIX};
+use crate::types::{json_error, request_id, HttpRequest, Resp, REQUEST_ID};
 use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, HOST};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
-use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::Instrument;
-use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
-pub type Resp = hyper::Response<Full<Bytes>>;
-
-/// Largest request body a service accepts; larger ones get 413 before they are read.
-pub const MAX_BODY: usize = 1 << 20;
-pub const REQUEST_ID: &str = "x-request-id";
-
-pub fn json_error(status: StatusCode, message: &str) -> Resp {
-    let body = serde_json::json!({ "error": message }).to_string();
-    let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
-}
-
-/// The caller's `x-request-id` if it is sane, else a new one unique to this process.
-pub fn request_id(headers: &hyper::HeaderMap) -> String {
-    static PREFIX: LazyLock<String> = LazyLock::new(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        format!(
-            "{:08x}",
-            (nanos as u64 ^ (std::process::id() as u64) << 32) as u32
-        )
-    });
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    if let Some(id) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
-            return id.to_string();
-        }
-    }
-    format!("{}-{:x}", *PREFIX, NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-/// Accepts connections on a service's port forever.
 /// Accepts connections on a service's port until aborted; `connections` lets shutdown finish
 /// their in-flight requests and close them.
 pub async fn serve(
     listener: TcpListener,
-    platform: Arc<Platform>,
+    runtime: Arc<Runtime>,
     service: Arc<Service>,
     connections: Arc<GracefulShutdown>,
 ) {
@@ -78,13 +38,13 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (platform, service) = (platform.clone(), service.clone());
+        let (runtime, service) = (runtime.clone(), service.clone());
         let watcher = connections.watcher();
-        let header_timeout = platform.header_timeout;
+        let header_timeout = runtime.settings.header_timeout;
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let (platform, service) = (platform.clone(), service.clone());
-                async move { Ok::<_, Infallible>(handle(&platform, &service, req).await) }
+                let (runtime, service) = (runtime.clone(), service.clone());
+                async move { Ok::<_, Infallible>(handle(&runtime, &service, req).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -100,13 +60,13 @@ pub async fn serve(
     }
 }
 
-async fn handle(platform: &Arc<Platform>, service: &Arc<Service>, req: Request<Incoming>) -> Resp {
+async fn handle(runtime: &Runtime, service: &Arc<Service>, req: Request<Incoming>) -> Resp {
     let started = std::time::Instant::now();
     let route = route_class(req.method(), req.uri().path());
-    let resp = handle_inner(platform, service, req).await;
-    crate::metrics::get()
+    let resp = handle_inner(runtime, service, req).await;
+    metrics::get()
         .requests
-        .get_or_create(&crate::metrics::labels([
+        .get_or_create(&metrics::labels([
             ("service", &service.name),
             ("route", &route),
             ("status", resp.status().as_str()),
@@ -139,22 +99,18 @@ fn route_class(method: &hyper::Method, path: &str) -> String {
     format!("{method} {class}")
 }
 
-async fn handle_inner(
-    platform: &Arc<Platform>,
-    service: &Arc<Service>,
-    req: Request<Incoming>,
-) -> Resp {
+async fn handle_inner(runtime: &Runtime, service: &Arc<Service>, req: Request<Incoming>) -> Resp {
     let rid = request_id(req.headers());
     // Debug level: at the default `info` filter the span costs nothing (formatting its fields
     // for every request was 3% of the CPU); events that matter carry service and request id.
     let span = tracing::debug_span!("request", service = %service.name, request_id = %rid);
-    handle_with_id(platform, service, req, rid)
+    handle_with_id(runtime, service, req, rid)
         .instrument(span)
         .await
 }
 
 async fn handle_with_id(
-    platform: &Arc<Platform>,
+    runtime: &Runtime,
     service: &Arc<Service>,
     req: Request<Incoming>,
     rid: String,
@@ -174,7 +130,7 @@ async fn handle_with_id(
         Body::Read(bytes) => {
             // wasi:http needs an authority; HTTP/1.0 clients may send none.
             if !parts.headers.contains_key(HOST) && parts.uri.authority().is_none() {
-                let host = format!("{}{HOST_SUFFIX}", service.name);
+                let host = format!("{}{SERVICE_SUFFIX}", service.name);
                 parts
                     .headers
                     .insert(HOST, HeaderValue::from_str(&host).expect("service name"));
@@ -189,7 +145,7 @@ async fn handle_with_id(
                 headers: parts.headers,
                 body: bytes,
             };
-            invocation::http(platform, service, req, &rid).await
+            invoke::http(runtime, service, req, &rid).await
         }
     };
     if let Ok(v) = HeaderValue::from_str(&rid) {
@@ -242,64 +198,9 @@ async fn read_body(mut body: Incoming, declared: Option<u64>) -> Body {
     }
 }
 
-type Sent = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
-
-/// `wasi:http/outgoing-handler` for a component: calls to `http://<name>-service/` run the
-/// named service in this process, if the caller may call it. Nothing else is reachable.
-/// (`services` is the cheaper way to the same place.)
-impl WasiHttpHooks for Caller {
-    fn send_request(
-        &mut self,
-        request: hyper::Request<WasiBody>,
-        _options: Option<RequestOptions>,
-        _fut: Sent,
-    ) -> Box<dyn Future<Output = Result<(hyper::Response<WasiBody>, Sent), HttpError>> + Send> {
-        let target = self
-            .resolve(request.uri().host().unwrap_or_default())
-            .map_err(|r| match r {
-                Refused::NotFound(_) => HttpError::DestinationNotFound,
-                Refused::Denied(_) => HttpError::HttpRequestDenied,
-            });
-        let caller = self.clone();
-        Box::new(async move {
-            let target = target?;
-            let (parts, body) = request.into_parts();
-            let body = Limited::new(body, MAX_BODY)
-                .collect()
-                .await
-                .map_err(|_| HttpError::HttpRequestBodySize(None))?
-                .to_bytes();
-            let req = HttpRequest {
-                method: parts.method,
-                uri: parts.uri,
-                headers: parts.headers,
-                body,
-            };
-            let resp = caller
-                .call(&target, req)
-                .await
-                .ok_or(HttpError::ConnectionReadTimeout)?;
-            let resp = resp.map(|b| b.map_err(HttpError::from).boxed_unsync());
-            Ok((resp, Box::new(async { Ok(()) }) as Sent))
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_ids_are_kept_when_sane_and_generated_otherwise() {
-        let mut h = hyper::HeaderMap::new();
-        let a = request_id(&h);
-        let b = request_id(&h);
-        assert_ne!(a, b);
-        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&h), "abc-123");
-        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_ne!(request_id(&h), "has space");
-    }
 
     #[test]
     fn route_classes_are_bounded() {
@@ -315,15 +216,5 @@ mod tests {
         );
         let odd = hyper::Method::from_bytes(b"BREW").unwrap();
         assert_eq!(route_class(&odd, "/users"), "OTHER /users");
-    }
-
-    #[tokio::test]
-    async fn json_errors_are_json() {
-        let resp = json_error(StatusCode::NOT_FOUND, "no \"such\" thing");
-        assert_eq!(resp.status(), 404);
-        assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["error"], "no \"such\" thing");
     }
 }

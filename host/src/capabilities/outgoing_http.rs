@@ -1,0 +1,64 @@
+//! `wasi:http/outgoing-handler`: requests to `http://<name>-service/` run that service in process.
+//!
+//! Nothing else is reachable, and only the services the caller may call. (`services` is the
+//! cheaper way to the same place.)
+
+use super::services::{Outbound, Refused};
+use crate::types::contract::MAX_BODY;
+use crate::types::HttpRequest;
+use anyhow::Result;
+use http_body_util::{BodyExt, Limited};
+use std::future::Future;
+use wasmtime::component::Linker;
+use wasmtime_wasi::WasiView;
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks, WasiHttpView,
+};
+
+/// Links `wasi:http` (types and outgoing-handler), whose hooks the store data provides.
+pub fn add_to_linker<T: WasiView + WasiHttpView + 'static>(
+    linker: &mut Linker<T>,
+) -> wasmtime::Result<()> {
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(linker)
+}
+
+type Sent = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
+
+impl WasiHttpHooks for Outbound {
+    fn send_request(
+        &mut self,
+        request: hyper::Request<WasiBody>,
+        _options: Option<RequestOptions>,
+        _fut: Sent,
+    ) -> Box<dyn Future<Output = Result<(hyper::Response<WasiBody>, Sent), HttpError>> + Send> {
+        let target = self
+            .resolve(request.uri().host().unwrap_or_default())
+            .map(str::to_string)
+            .map_err(|r| match r {
+                Refused::NotFound(_) => HttpError::DestinationNotFound,
+                Refused::Denied(_) => HttpError::HttpRequestDenied,
+            });
+        let outbound = self.clone();
+        Box::new(async move {
+            let target = target?;
+            let (parts, body) = request.into_parts();
+            let body = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|_| HttpError::HttpRequestBodySize(None))?
+                .to_bytes();
+            let req = HttpRequest {
+                method: parts.method,
+                uri: parts.uri,
+                headers: parts.headers,
+                body,
+            };
+            let resp = outbound
+                .call(&target, req)
+                .await
+                .ok_or(HttpError::ConnectionReadTimeout)?;
+            let resp = resp.map(|b| b.map_err(HttpError::from).boxed_unsync());
+            Ok((resp, Box::new(async { Ok(()) }) as Sent))
+        })
+    }
+}

@@ -1,0 +1,105 @@
+//! `microsvc:platform/producer`: messages staged in the invocation, sent only if it commits.
+
+use super::bindings::microsvc::platform::producer::{self as wit, SendError};
+use crate::storage::Txn;
+use crate::types::contract::MAX_BODY;
+use crate::types::{Message, REQUEST_ID};
+use anyhow::Result;
+use wasmtime::component::{HasData, Linker};
+
+/// What `producer::send` works on: the invocation's transaction and the service's permissions.
+pub struct ProducerView<'a> {
+    pub txn: &'a mut Txn,
+    pub allowed_topics: &'a [String],
+    pub request_id: &'a str,
+}
+
+struct HasProducer;
+impl HasData for HasProducer {
+    type Data<'a> = ProducerView<'a>;
+}
+
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    f: fn(&mut T) -> ProducerView<'_>,
+) -> wasmtime::Result<()> {
+    wit::add_to_linker::<T, HasProducer>(linker, f)
+}
+
+/// Kafka's rule for topic names, so that a topic valid here is valid on every backend.
+pub fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= 249
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl wit::Host for ProducerView<'_> {
+    fn send(&mut self, message: wit::Message) -> Result<(), SendError> {
+        if !valid_topic(&message.topic) {
+            return Err(SendError::InvalidTopic(message.topic));
+        }
+        if !self.allowed_topics.contains(&message.topic) {
+            return Err(SendError::TopicNotAllowed(message.topic));
+        }
+        if message.payload.len() > MAX_BODY {
+            return Err(SendError::PayloadTooLarge(message.payload.len() as u64));
+        }
+        let mut msg = Message {
+            topic: message.topic,
+            key: message.key,
+            payload: message.payload,
+            headers: message.headers,
+        };
+        if msg.header(REQUEST_ID).is_none() {
+            msg.headers
+                .push((REQUEST_ID.into(), self.request_id.to_string()));
+        }
+        self.txn.send(msg);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wit::Host;
+    use super::*;
+    use crate::storage::{outbox, Db};
+
+    #[test]
+    fn send_checks_topic_and_size_and_stamps_request_id() {
+        let db = Db::in_memory().unwrap();
+        let mut txn = Txn::new("user".into());
+        let allowed = vec!["user-created".to_string()];
+        let mut view = ProducerView {
+            txn: &mut txn,
+            allowed_topics: &allowed,
+            request_id: "req-1",
+        };
+        let m = |topic: &str, size: usize| wit::Message {
+            topic: topic.into(),
+            key: None,
+            payload: vec![b'x'; size],
+            headers: vec![],
+        };
+        assert!(matches!(
+            view.send(m("orders", 2)),
+            Err(SendError::TopicNotAllowed(_))
+        ));
+        assert!(matches!(
+            view.send(m("bad topic", 2)),
+            Err(SendError::InvalidTopic(_))
+        ));
+        assert!(matches!(
+            view.send(m("user-created", MAX_BODY + 1)),
+            Err(SendError::PayloadTooLarge(_))
+        ));
+        view.send(m("user-created", 2)).unwrap();
+        assert!(txn.sends());
+        db.commit_blocking(&txn).unwrap();
+        let sent = outbox::oldest(&db, 10).unwrap();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].1.header(REQUEST_ID), Some("req-1"));
+    }
+}

@@ -1,0 +1,297 @@
+//! `microsvc:platform/services`: calls from one service to another, run in the caller's task.
+//!
+//! `wasi:http`'s outgoing-handler (see `outgoing_http`) reaches the same services, but it
+//! spawns two tasks per call and moves the bodies through streams; here the callee's
+//! invocation is simply awaited inside the caller's host call, and a batch is joined in place.
+
+use super::bindings::microsvc::platform::services::{self as wit, CallError};
+use crate::config::ServiceSpec;
+use crate::types::contract::{MAX_BODY, SERVICE_SUFFIX};
+use crate::types::http::{header_list, header_map};
+use crate::types::{HttpRequest, Resp, REQUEST_ID};
+use anyhow::Result;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http_body_util::BodyExt;
+use hyper::header::{HeaderValue, HOST};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument;
+use wasmtime::component::{HasData, Linker};
+
+/// What this capability needs from the embedder: running a request on another service.
+pub trait ServiceCalls: Send + Sync + 'static {
+    /// Whether a service called `name` (without the `-service` suffix) runs in this host.
+    fn exists(&self, name: &str) -> bool;
+
+    /// Runs `req` on the service `name` as part of request `request_id`; `None` if no such
+    /// service runs (any more). Errors of the callee are responses (5xx), not `None`.
+    fn call<'a>(
+        &'a self,
+        name: &'a str,
+        req: HttpRequest,
+        request_id: &'a str,
+    ) -> BoxFuture<'a, Option<Resp>>;
+}
+
+/// Who is calling out, and where it may go: one per invocation's store.
+#[derive(Clone)]
+pub struct Outbound {
+    pub caller: Arc<ServiceSpec>,
+    pub timeout: Duration,
+    pub peers: Arc<dyn ServiceCalls>,
+    /// The request being served, passed on to every callee.
+    pub request_id: String,
+}
+
+/// Why a call was not made, before any callee ran.
+pub enum Refused {
+    NotFound(String),
+    Denied(String),
+}
+
+impl Outbound {
+    /// The service `host` (`user-service`) names, if the caller may call it.
+    pub fn resolve<'h>(&self, host: &'h str) -> Result<&'h str, Refused> {
+        let name = host
+            .strip_suffix(SERVICE_SUFFIX)
+            .filter(|name| self.peers.exists(name));
+        let Some(name) = name else {
+            tracing::warn!(caller = %self.caller.name, destination = host, request_id = %self.request_id, "outbound call to an unknown destination refused");
+            return Err(Refused::NotFound(format!("no service is called {host:?}")));
+        };
+        if !self.caller.calls.iter().any(|c| c == name) {
+            tracing::warn!(caller = %self.caller.name, destination = host, request_id = %self.request_id, "outbound call not in the caller's allowlist refused");
+            return Err(Refused::Denied(format!(
+                "{}{SERVICE_SUFFIX} may not call {host}",
+                self.caller.name
+            )));
+        }
+        Ok(name)
+    }
+
+    /// Runs `req` on service `name` (carrying this request's id); `None` after the timeout or
+    /// if the service is gone.
+    pub async fn call(&self, name: &str, mut req: HttpRequest) -> Option<Resp> {
+        if let Ok(v) = HeaderValue::from_str(&self.request_id) {
+            req.headers.insert(REQUEST_ID, v);
+        }
+        let rid = &self.request_id;
+        let call = self
+            .peers
+            .call(name, req, rid)
+            .instrument(tracing::debug_span!("call", service = %name, request_id = %rid));
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// One call of a batch, as the WIT function answers it.
+    async fn call_wit(
+        &self,
+        host: String,
+        request: wit::Request,
+    ) -> Result<wit::Response, CallError> {
+        let name = self.resolve(&host).map_err(|r| match r {
+            Refused::NotFound(m) => CallError::NotFound(m),
+            Refused::Denied(m) => CallError::Denied(m),
+        })?;
+        let req = to_request(&host, request).map_err(CallError::Invalid)?;
+        let Some(resp) = self.call(name, req).await else {
+            return Err(CallError::Timeout(format!(
+                "{host} did not answer within {:?}",
+                self.timeout
+            )));
+        };
+        let (parts, body) = resp.into_parts();
+        // A `Full` body yields its one frame at once and cannot fail.
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Ok(wit::Response {
+            status: parts.status.as_u16(),
+            headers: header_list(&parts.headers),
+            body: body.into(),
+        })
+    }
+}
+
+fn to_request(host: &str, r: wit::Request) -> Result<HttpRequest, String> {
+    let method = hyper::Method::from_bytes(r.method.as_bytes())
+        .map_err(|_| format!("method {:?}", r.method))?;
+    if !r.path_with_query.starts_with('/') {
+        return Err(format!(
+            "path {:?} does not start with /",
+            r.path_with_query
+        ));
+    }
+    let uri = format!("http://{host}{}", r.path_with_query)
+        .parse()
+        .map_err(|_| format!("path {:?}", r.path_with_query))?;
+    if r.body.len() > MAX_BODY {
+        return Err(format!(
+            "request body of {} bytes is over 1 MiB",
+            r.body.len()
+        ));
+    }
+    let mut headers = header_map(r.headers)?;
+    headers.insert(
+        HOST,
+        HeaderValue::from_str(host).map_err(|_| format!("service {host:?}"))?,
+    );
+    Ok(HttpRequest {
+        method,
+        uri,
+        headers,
+        body: Bytes::from(r.body),
+    })
+}
+
+/// The `services` view of an invocation's store.
+pub struct ServicesView<'a> {
+    pub outbound: &'a Outbound,
+}
+
+struct HasServices;
+impl HasData for HasServices {
+    type Data<'a> = ServicesView<'a>;
+}
+
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    f: fn(&mut T) -> ServicesView<'_>,
+) -> wasmtime::Result<()> {
+    wit::add_to_linker::<T, HasServices>(linker, f)
+}
+
+impl wit::Host for ServicesView<'_> {
+    async fn call(
+        &mut self,
+        calls: Vec<(String, wit::Request)>,
+    ) -> Vec<Result<wit::Response, CallError>> {
+        let outbound = self.outbound;
+        let calls = calls
+            .into_iter()
+            .map(|(host, req)| outbound.call_wit(host, req));
+        // Joined in this task: no spawn, no cross-thread wake-up per call.
+        futures_util::future::join_all(calls).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::json_error;
+
+    fn request(method: &str, path: &str, headers: &[(&str, &str)], body: usize) -> wit::Request {
+        wit::Request {
+            method: method.into(),
+            path_with_query: path.into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: vec![b'x'; body],
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_and_addressed_to_the_service() {
+        let r = to_request(
+            "user-service",
+            request(
+                "POST",
+                "/users?x=1",
+                &[
+                    ("content-type", "application/json"),
+                    ("connection", "close"),
+                    ("host", "evil"),
+                ],
+                3,
+            ),
+        )
+        .unwrap();
+        assert_eq!(r.method, hyper::Method::POST);
+        assert_eq!(r.uri, "http://user-service/users?x=1");
+        assert_eq!(r.headers[HOST], "user-service");
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert!(!r.headers.contains_key("connection"));
+        assert_eq!(r.body.len(), 3);
+
+        let bad = |r| to_request("user-service", r).unwrap_err();
+        assert!(bad(request("GE T", "/users", &[], 0)).contains("method"));
+        assert!(bad(request("GET", "users", &[], 0)).contains("path"));
+        assert!(bad(request("GET", "/us ers", &[], 0)).contains("path"));
+        assert!(bad(request("GET", "/users", &[("bad name", "v")], 0)).contains("header"));
+        assert!(bad(request("GET", "/users", &[("x", "a\nb")], 0)).contains("header"));
+        assert!(bad(request("POST", "/users", &[], MAX_BODY + 1)).contains("1 MiB"));
+    }
+
+    /// Two services, `user` and `product`, that answer with their name and the request id.
+    struct Echo;
+    impl ServiceCalls for Echo {
+        fn exists(&self, name: &str) -> bool {
+            ["user", "product"].contains(&name)
+        }
+        fn call<'a>(
+            &'a self,
+            name: &'a str,
+            req: HttpRequest,
+            _: &'a str,
+        ) -> BoxFuture<'a, Option<Resp>> {
+            Box::pin(async move {
+                if name == "product" {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                let rid = req.headers[REQUEST_ID].to_str().unwrap().to_string();
+                Some(json_error(hyper::StatusCode::OK, &format!("{name} {rid}")))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_are_resolved_allowlisted_timed_out_and_carry_the_request_id() {
+        use wit::Host;
+        let caller = Arc::new(ServiceSpec {
+            calls: vec!["user".into(), "product".into()],
+            ..ServiceSpec::named("gateway")
+        });
+        let outbound = Outbound {
+            caller,
+            timeout: Duration::from_millis(50),
+            peers: Arc::new(Echo),
+            request_id: "rid-7".into(),
+        };
+        let mut view = ServicesView {
+            outbound: &outbound,
+        };
+        let results = view
+            .call(vec![
+                ("user-service".into(), request("GET", "/users", &[], 0)),
+                ("product-service".into(), request("GET", "/", &[], 0)),
+                ("billing-service".into(), request("GET", "/", &[], 0)),
+                ("user".into(), request("GET", "/", &[], 0)),
+                ("user-service".into(), request("GET", "nope", &[], 0)),
+            ])
+            .await;
+        let ok = results[0].as_ref().ok().unwrap();
+        assert_eq!(ok.status, 200);
+        assert!(String::from_utf8_lossy(&ok.body).contains("user rid-7"));
+        assert!(matches!(results[1], Err(CallError::Timeout(_))));
+        assert!(matches!(results[2], Err(CallError::NotFound(_))));
+        assert!(matches!(results[3], Err(CallError::NotFound(_))));
+        assert!(matches!(results[4], Err(CallError::Invalid(_))));
+
+        let denied = Outbound {
+            caller: Arc::new(ServiceSpec::named("user")),
+            ..outbound.clone()
+        };
+        assert!(matches!(
+            denied.resolve("product-service"),
+            Err(Refused::Denied(_))
+        ));
+    }
+}

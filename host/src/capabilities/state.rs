@@ -1,0 +1,172 @@
+//! `microsvc:platform/state`: key-value buckets owned by the host, one transaction per invocation.
+
+use super::bindings::microsvc::platform::state::{self as wit, Error as WitError};
+use crate::storage::{Db, NextIdError, Txn};
+use crate::types::contract::{MAX_BODY, MAX_NAME};
+use anyhow::Result;
+use wasmtime::component::{HasData, Linker};
+
+/// What a component's `state` imports work on: the store and the invocation's transaction.
+pub struct StateView<'a> {
+    pub db: &'a Db,
+    pub txn: &'a mut Txn,
+}
+
+struct HasState;
+impl HasData for HasState {
+    type Data<'a> = StateView<'a>;
+}
+
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    f: fn(&mut T) -> StateView<'_>,
+) -> wasmtime::Result<()> {
+    wit::add_to_linker::<T, HasState>(linker, f)
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), WitError> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(WitError::InvalidName(format!(
+            "{what} must be 1..={MAX_NAME} bytes, got {}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+fn storage(e: anyhow::Error) -> WitError {
+    tracing::error!(error = %format!("{e:#}"), "state read failed");
+    WitError::Storage(format!("{e:#}"))
+}
+
+impl StateView<'_> {
+    fn get_value(&mut self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, WitError> {
+        check_name("bucket", bucket)?;
+        check_name("key", key)?;
+        self.txn.get(self.db, bucket, key).map_err(storage)
+    }
+
+    fn put(&mut self, bucket: String, key: String, value: Option<Vec<u8>>) -> Result<(), WitError> {
+        check_name("bucket", &bucket)?;
+        check_name("key", &key)?;
+        if let Some(v) = &value {
+            if v.len() > MAX_BODY {
+                return Err(WitError::ValueTooLarge(v.len() as u64));
+            }
+        }
+        self.txn.put(bucket, key, value);
+        Ok(())
+    }
+}
+
+impl wit::Host for StateView<'_> {
+    fn next_id(&mut self, bucket: String, key: String) -> Result<u64, WitError> {
+        check_name("bucket", &bucket)?;
+        check_name("key", &key)?;
+        self.db.next_id(self.txn, bucket, key).map_err(|e| match e {
+            NextIdError::NotASequence(m) => WitError::NotACounter(m),
+            NextIdError::Storage(e) => storage(e),
+        })
+    }
+
+    fn get(&mut self, bucket: String, key: String) -> Result<Option<Vec<u8>>, WitError> {
+        self.get_value(&bucket, &key)
+    }
+
+    fn set(&mut self, bucket: String, key: String, value: Vec<u8>) -> Result<(), WitError> {
+        self.put(bucket, key, Some(value))
+    }
+
+    fn delete(&mut self, bucket: String, key: String) -> Result<(), WitError> {
+        self.put(bucket, key, None)
+    }
+
+    fn list_keys(&mut self, bucket: String, prefix: String) -> Result<Vec<String>, WitError> {
+        check_name("bucket", &bucket)?;
+        self.txn
+            .list_keys(self.db, &bucket, &prefix)
+            .map_err(storage)
+    }
+
+    fn increment(&mut self, bucket: String, key: String, delta: i64) -> Result<i64, WitError> {
+        let current = match self.get_value(&bucket, &key)? {
+            None => 0,
+            Some(bytes) => {
+                let arr: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
+                    WitError::NotACounter(format!("{bucket}/{key} holds {} bytes", bytes.len()))
+                })?;
+                i64::from_le_bytes(arr)
+            }
+        };
+        let next = current
+            .checked_add(delta)
+            .ok_or_else(|| WitError::NotACounter(format!("{bucket}/{key} would overflow")))?;
+        self.put(bucket, key, Some(next.to_le_bytes().to_vec()))?;
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wit::Host;
+    use super::*;
+    use crate::storage::CommitError;
+
+    fn view<'a>(db: &'a Db, txn: &'a mut Txn) -> StateView<'a> {
+        StateView { db, txn }
+    }
+
+    #[test]
+    fn bad_names_big_values_and_non_counters_are_errors_not_traps() {
+        let db = Db::in_memory().unwrap();
+        let mut t = Txn::new("s".into());
+        let mut v = view(&db, &mut t);
+        assert!(matches!(
+            v.get("".into(), "k".into()),
+            Err(WitError::InvalidName(_))
+        ));
+        assert!(matches!(
+            v.set("b".into(), "k".repeat(MAX_NAME + 1), vec![]),
+            Err(WitError::InvalidName(_))
+        ));
+        assert!(matches!(
+            v.set("b".into(), "k".into(), vec![0; MAX_BODY + 1]),
+            Err(WitError::ValueTooLarge(_))
+        ));
+        v.set("b".into(), "k".into(), b"text".to_vec()).unwrap();
+        assert!(matches!(
+            v.increment("b".into(), "k".into(), 1),
+            Err(WitError::NotACounter(_))
+        ));
+        v.set("b".into(), "n".into(), i64::MAX.to_le_bytes().to_vec())
+            .unwrap();
+        assert!(matches!(
+            v.increment("b".into(), "n".into(), 1),
+            Err(WitError::NotACounter(_))
+        ));
+    }
+
+    #[test]
+    fn racing_increments_conflict_instead_of_sharing_an_id() {
+        let db = Db::in_memory().unwrap();
+        let mut a = Txn::new("user".into());
+        let mut b = Txn::new("user".into());
+        let inc = |t: &mut Txn| view(&db, t).increment("m".into(), "id".into(), 1).unwrap();
+        assert_eq!((inc(&mut a), inc(&mut b)), (1, 1));
+        db.commit_blocking(&a).unwrap();
+        assert!(matches!(db.commit_blocking(&b), Err(CommitError::Conflict)));
+        let mut c = Txn::new("user".into());
+        assert_eq!(inc(&mut c), 2);
+    }
+
+    #[test]
+    fn list_keys_sees_own_writes_and_deletes() {
+        let db = Db::in_memory().unwrap();
+        let mut t = Txn::new("s".into());
+        let mut v = view(&db, &mut t);
+        v.set("b".into(), "a1".into(), vec![1]).unwrap();
+        v.set("b".into(), "a2".into(), vec![2]).unwrap();
+        v.delete("b".into(), "a1".into()).unwrap();
+        assert_eq!(v.list_keys("b".into(), "a".into()).unwrap(), vec!["a2"]);
+    }
+}

@@ -1,0 +1,4 @@
+//! Where work comes in: HTTP listeners (one port per service) and message consumers.
+
+pub mod consumer;
+pub mod http;

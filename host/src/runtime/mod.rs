@@ -1,0 +1,194 @@
+//! The runtime: one engine, the loaded services, and invocations of their components.
+
+pub mod component;
+pub mod engine;
+pub mod invoke;
+mod pool;
+pub mod service;
+mod store;
+
+use crate::capabilities::services::ServiceCalls;
+use crate::config::{Args, ServiceSpec};
+use crate::messaging::{Backend, Outbox, RetryPolicy};
+use crate::storage::{CommitError, Db, Txn};
+use crate::types::{HttpRequest, Resp};
+use anyhow::{Context as _, Result};
+use futures_util::future::BoxFuture;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+use wasmtime::component::Linker;
+use wasmtime::Engine;
+
+pub use service::Service;
+pub use store::Ctx;
+
+/// Host-wide settings of invocations, from the flags.
+pub struct Settings {
+    pub outbound_timeout: Duration,
+    pub header_timeout: Duration,
+    pub compile_cache: PathBuf,
+    pub retry: RetryPolicy,
+    /// Requests per instance (1 = a fresh instance per request).
+    pub instance_reuse: u32,
+    /// Idle instances kept per service when instances are reused.
+    pub idle_max: usize,
+}
+
+impl Settings {
+    pub fn new(args: &Args, services: usize) -> Settings {
+        Settings {
+            outbound_timeout: args.outbound_timeout,
+            header_timeout: args.header_timeout,
+            compile_cache: args.compile_cache.clone(),
+            retry: RetryPolicy {
+                max_attempts: args.retry_max_attempts.max(1),
+                base: args.retry_backoff,
+                max: args.retry_backoff_max,
+            },
+            instance_reuse: args.instance_reuse,
+            // Idle instances hold pool slots: leave at least half the slots for fresh ones.
+            idle_max: (args.max_instances as usize / (2 * services.max(1))).min(64),
+        }
+    }
+}
+
+pub struct Runtime {
+    pub engine: Engine,
+    pub linker: Linker<Ctx>,
+    pub db: Db,
+    pub outbox: Outbox,
+    pub backend: Arc<dyn Backend>,
+    /// Set once every component is loaded; the admin listener runs before that.
+    services: OnceLock<Vec<Arc<Service>>>,
+    pub ready: AtomicBool,
+    /// Last result of the messaging backend's health check.
+    pub backend_up: AtomicBool,
+    pub settings: Settings,
+    /// What the `services` capability of every store calls back into.
+    peers: Arc<dyn ServiceCalls>,
+}
+
+impl Runtime {
+    /// The engine and linker over `db` and `backend`; no component loaded yet.
+    pub fn new(
+        args: &Args,
+        specs: &[ServiceSpec],
+        db: Db,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Arc<Runtime>> {
+        let max_memory = specs
+            .iter()
+            .map(|s| s.limits.memory)
+            .max()
+            .unwrap_or(64 << 20);
+        let engine = engine::engine(args.max_instances, max_memory)?;
+        let linker = store::linker(&engine)?;
+        Ok(Arc::new_cyclic(|me| Runtime {
+            engine,
+            linker,
+            outbox: Outbox::new(db.clone()),
+            db,
+            backend,
+            services: OnceLock::new(),
+            ready: AtomicBool::new(false),
+            backend_up: AtomicBool::new(true),
+            settings: Settings::new(args, specs.len()),
+            // Weak: idle instances' stores hold it, and the runtime holds them.
+            peers: Arc::new(Peers(me.clone())),
+        }))
+    }
+
+    /// Compiles (or takes from the cache) and pre-instantiates every service's component.
+    pub async fn load_services(&self, specs: Vec<ServiceSpec>) -> Result<()> {
+        let mut services = Vec::new();
+        for spec in specs {
+            let loaded = component::load(
+                &self.engine,
+                &self.linker,
+                &spec,
+                &self.settings.compile_cache,
+            )
+            .await
+            .with_context(|| format!("loading the {} component", spec.name))?;
+            tracing::info!(
+                service = spec.name,
+                port = spec.port,
+                path = %loaded.path.display(),
+                sha256 = %loaded.sha256,
+                "component loaded"
+            );
+            services.push(Arc::new(Service::new(spec, loaded)));
+        }
+        let _ = self.services.set(services);
+        Ok(())
+    }
+
+    pub fn services(&self) -> &[Arc<Service>] {
+        self.services.get().map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services().iter().find(|s| &*s.name == name)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Commits an invocation (on disk when this returns) and wakes the outbox drainer if it sent
+    /// messages. `serialized` is held by re-runs after a conflict until their commit is done.
+    async fn commit(
+        &self,
+        txn: Txn,
+        serialized: Option<tokio::sync::OwnedMutexGuard<()>>,
+    ) -> Result<(), CommitError> {
+        let sent = txn.sends();
+        self.db.commit(txn).await?;
+        drop(serialized);
+        if sent {
+            self.outbox.poke();
+        }
+        Ok(())
+    }
+
+    /// Applies a message handler's writes (visible at once, durable with a later durable
+    /// commit): the consumer waits for the disk once per batch of records, before it commits
+    /// their offsets (see `ingress::consumer`).
+    async fn commit_handled(&self, txn: Txn) -> Result<(), CommitError> {
+        let sent = txn.sends();
+        self.db.apply(txn).await?;
+        if sent {
+            self.outbox.poke();
+        }
+        Ok(())
+    }
+}
+
+/// The services of a runtime, as the `services` capability calls them.
+struct Peers(Weak<Runtime>);
+
+impl ServiceCalls for Peers {
+    fn exists(&self, name: &str) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|rt| rt.service(name).is_some())
+    }
+
+    fn call<'a>(
+        &'a self,
+        name: &'a str,
+        req: HttpRequest,
+        request_id: &'a str,
+    ) -> BoxFuture<'a, Option<Resp>> {
+        Box::pin(async move {
+            let runtime = self.0.upgrade()?;
+            let target = runtime.service(name)?.clone();
+            if let Some(delay) = target.spec.latency {
+                tokio::time::sleep(delay).await;
+            }
+            Some(invoke::http(&runtime, &target, req, request_id).await)
+        })
+    }
+}

@@ -1,0 +1,76 @@
+//! Instances ready for an invocation: a fresh one, or one reused from its version's idle list.
+
+use super::component::Loaded;
+use super::service::Service;
+use super::store::{new_store, Entry, Warm};
+use super::Runtime;
+use crate::storage::Txn;
+use anyhow::Result;
+use std::sync::Arc;
+use wasmtime_wasi_http::p2::bindings::Proxy;
+
+impl Warm {
+    /// An idle instance of `loaded` if instances are reused and one is free, else a new one.
+    pub(super) async fn get(runtime: &Runtime, service: &Service, loaded: &Loaded) -> Result<Warm> {
+        if runtime.settings.instance_reuse > 1 {
+            if let Some(warm) = loaded.idle.lock().unwrap().pop() {
+                return Ok(warm);
+            }
+        }
+        let mut store = new_store(runtime, &service.spec, &service.name);
+        service.instances.inc();
+        let instance = loaded
+            .proxy
+            .instance_pre()
+            .instantiate_async(&mut store)
+            .await?;
+        // An export of another shape than ours is simply not used: wasi:http still works.
+        let handle = loaded
+            .http_handler
+            .as_ref()
+            .and_then(|i| i.load(&mut store, &instance).ok());
+        let entry = match handle {
+            Some(handle) => Entry::Handler(handle),
+            None => Entry::WasiHttp(Proxy::new(&mut store, &instance)?),
+        };
+        let handler = match &loaded.handler {
+            // Loading checked that the component exports the handler.
+            Some(indices) => Some(indices.load(&mut store, &instance)?),
+            None => None,
+        };
+        Ok(Warm {
+            store,
+            entry,
+            handler,
+            served: 0,
+        })
+    }
+
+    /// Ends an invocation: returns its transaction, and keeps the instance for another request
+    /// if the call ended cleanly (`clean`: no trap, and no resource left behind), reuse is on,
+    /// it has requests left and its version is still the current one. Otherwise dropping it
+    /// frees its slot and everything the guest left in it; a trapped instance may not be
+    /// entered again.
+    pub(super) fn finish(
+        mut self,
+        clean: bool,
+        runtime: &Runtime,
+        service: &Service,
+        loaded: &Arc<Loaded>,
+    ) -> Txn {
+        let txn = std::mem::take(&mut self.store.data_mut().txn);
+        self.served += 1;
+        if !clean
+            || !self.store.data().table.is_empty()
+            || self.served >= runtime.settings.instance_reuse
+            || !Arc::ptr_eq(&service.loaded.load(), loaded)
+        {
+            return txn;
+        }
+        let mut idle = loaded.idle.lock().unwrap();
+        if idle.len() < runtime.settings.idle_max {
+            idle.push(self);
+        }
+        txn
+    }
+}

@@ -1,0 +1,108 @@
+//! A running service: its settings, current component version (hot-swappable), permits, history.
+
+use super::component::Loaded;
+use crate::config::ServiceSpec;
+use crate::metrics;
+use arc_swap::ArcSwap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+pub struct Service {
+    pub spec: Arc<ServiceSpec>,
+    /// Cheap to read on every request; replaced as a whole when the component changes.
+    /// In-flight invocations keep the `Arc` they started with, so they finish on that version.
+    pub loaded: ArcSwap<Loaded>,
+    pub name: Arc<str>,
+    /// One per request in flight; none left means 503.
+    pub permits: Arc<tokio::sync::Semaphore>,
+    /// Held by invocations re-running after a commit conflict: under contention (every
+    /// `POST /users` increments one counter) re-runs take turns instead of conflicting again.
+    pub rerun: Arc<tokio::sync::Mutex<()>>,
+    /// This service's request latency histogram, looked up once instead of per request.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
+    pub instances: prometheus_client::metrics::counter::Counter,
+    swaps: Mutex<Swaps>,
+}
+
+/// A file that was offered as a new version and refused.
+#[derive(Clone, Debug)]
+pub struct Rejected {
+    pub sha256: String,
+    pub error: String,
+    pub at: SystemTime,
+}
+
+#[derive(Default)]
+struct Swaps {
+    generation: u64,
+    /// Versions replaced by swaps, oldest first, for rollback.
+    previous: Vec<Arc<Loaded>>,
+    rejected: Option<Rejected>,
+}
+
+/// How many replaced versions are kept for rollback.
+const HISTORY: usize = 8;
+
+impl Service {
+    pub fn new(spec: ServiceSpec, loaded: Loaded) -> Service {
+        Service {
+            name: spec.name.into(),
+            permits: Arc::new(tokio::sync::Semaphore::new(spec.limits.concurrency)),
+            rerun: Arc::default(),
+            latency: metrics::get()
+                .latency
+                .get_or_create(&metrics::labels([("service", spec.name)]))
+                .clone(),
+            instances: metrics::get()
+                .instances
+                .get_or_create(&metrics::labels([("service", spec.name)]))
+                .clone(),
+            spec: Arc::new(spec),
+            loaded: ArcSwap::from_pointee(loaded),
+            swaps: Mutex::new(Swaps {
+                generation: 1,
+                ..Swaps::default()
+            }),
+        }
+    }
+
+    /// 1 for the version loaded at start-up, +1 per swap or rollback.
+    pub fn generation(&self) -> u64 {
+        self.swaps.lock().unwrap().generation
+    }
+
+    pub fn rejected(&self) -> Option<Rejected> {
+        self.swaps.lock().unwrap().rejected.clone()
+    }
+
+    /// Makes `new` the version new invocations use.
+    pub fn install(&self, new: Loaded) -> u64 {
+        let mut swaps = self.swaps.lock().unwrap();
+        let old = self.loaded.swap(Arc::new(new));
+        // Kept for rollback, but its idle instances would only hold pool slots.
+        old.idle.lock().unwrap().clear();
+        swaps.previous.push(old);
+        if swaps.previous.len() > HISTORY {
+            swaps.previous.remove(0);
+        }
+        swaps.generation += 1;
+        swaps.generation
+    }
+
+    pub fn reject(&self, sha256: String, error: String) {
+        self.swaps.lock().unwrap().rejected = Some(Rejected {
+            sha256,
+            error,
+            at: SystemTime::now(),
+        });
+    }
+
+    /// Goes back to the version before the current one; `None` if there is none.
+    pub fn rollback(&self) -> Option<(u64, Arc<Loaded>)> {
+        let mut swaps = self.swaps.lock().unwrap();
+        let prev = swaps.previous.pop()?;
+        self.loaded.store(prev.clone());
+        swaps.generation += 1;
+        Some((swaps.generation, prev))
+    }
+}

@@ -1,0 +1,150 @@
+//! An instance's store: its data (`Ctx`, what each capability works on), limits and linker.
+
+use super::engine::EPOCH_TICK;
+use super::Runtime;
+use crate::capabilities::exports::{handler, http_handler};
+use crate::capabilities::producer::ProducerView;
+use crate::capabilities::services::{Outbound, ServicesView};
+use crate::capabilities::state::StateView;
+use crate::capabilities::{outgoing_http, producer, services, state};
+use crate::config::ServiceSpec;
+use crate::storage::{Db, Txn};
+use anyhow::Result;
+use std::sync::Arc;
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::Proxy;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+pub struct Ctx {
+    pub(super) table: ResourceTable,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    db: Db,
+    /// The service's name, which scopes its transactions.
+    name: Arc<str>,
+    /// The calling service, its allowlist and the request being served: what calls out need.
+    outbound: Outbound,
+    limits: StoreLimits,
+    /// Epoch ticks the current invocation has computed for, against `budget`.
+    ticks: u128,
+    budget: u128,
+    pub(super) txn: Txn,
+}
+
+impl WasiView for Ctx {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for Ctx {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.outbound,
+        }
+    }
+}
+
+impl Ctx {
+    pub(super) fn state(&mut self) -> StateView<'_> {
+        StateView {
+            db: &self.db,
+            txn: &mut self.txn,
+        }
+    }
+
+    pub(super) fn services(&mut self) -> ServicesView<'_> {
+        ServicesView {
+            outbound: &self.outbound,
+        }
+    }
+
+    pub(super) fn producer(&mut self) -> ProducerView<'_> {
+        ProducerView {
+            txn: &mut self.txn,
+            allowed_topics: &self.outbound.caller.produces,
+            request_id: &self.outbound.request_id,
+        }
+    }
+
+    /// Starts a new invocation in this store: a new transaction, request id and CPU budget.
+    pub(super) fn begin(&mut self, request_id: &str) {
+        request_id.clone_into(&mut self.outbound.request_id);
+        self.txn = Txn::new(self.name.clone());
+        self.ticks = 0;
+    }
+}
+
+/// How a component answers HTTP: `http-handler` when it exports it, else `wasi:http`.
+pub(super) enum Entry {
+    Handler(http_handler::Guest),
+    WasiHttp(Proxy),
+}
+
+/// An instantiated component with its store, ready for an invocation (see `pool`).
+pub struct Warm {
+    pub(super) store: Store<Ctx>,
+    pub(super) entry: Entry,
+    /// The message handler, for subscribing services.
+    pub(super) handler: Option<handler::Guest>,
+    /// Invocations it has served.
+    pub(super) served: u32,
+}
+
+/// Everything a service's store needs from the host, linked once.
+pub fn linker(engine: &Engine) -> Result<Linker<Ctx>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    outgoing_http::add_to_linker(&mut linker)?;
+    state::add_to_linker(&mut linker, Ctx::state)?;
+    producer::add_to_linker(&mut linker, Ctx::producer)?;
+    services::add_to_linker(&mut linker, Ctx::services)?;
+    Ok(linker)
+}
+
+/// A store for a new instance of the service `spec` describes.
+pub(super) fn new_store(runtime: &Runtime, spec: &Arc<ServiceSpec>, name: &Arc<str>) -> Store<Ctx> {
+    let ctx = Ctx {
+        table: ResourceTable::new(),
+        // No preopens, no environment, no sockets: a component reaches the world only
+        // through wasi:http (to the services it may call) and the platform interfaces.
+        wasi: WasiCtx::builder().inherit_stderr().build(),
+        http: WasiHttpCtx::new(),
+        db: runtime.db.clone(),
+        name: name.clone(),
+        outbound: Outbound {
+            caller: spec.clone(),
+            timeout: runtime.settings.outbound_timeout,
+            peers: runtime.peers.clone(),
+            request_id: String::new(), // set by `begin`
+        },
+        limits: StoreLimitsBuilder::new()
+            .memory_size(usize::try_from(spec.limits.memory).unwrap_or(usize::MAX))
+            .build(),
+        ticks: 0,
+        budget: spec.limits.cpu.as_millis() / EPOCH_TICK.as_millis().max(1),
+        txn: Txn::new(name.clone()),
+    };
+    let mut store = Store::new(&runtime.engine, ctx);
+    store.limiter(|ctx| &mut ctx.limits);
+    // The callback runs once per epoch tick the guest spends computing (waiting in host calls
+    // does not tick it), so counting calls measures guest compute time. Each tick also yields
+    // to the executor, so a busy guest cannot hog a worker thread.
+    store.epoch_deadline_callback(|mut ctx| {
+        let ctx = ctx.data_mut();
+        ctx.ticks += 1;
+        if ctx.ticks > ctx.budget {
+            Err(wasmtime::Trap::Interrupt.into())
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    store
+}

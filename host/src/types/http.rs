@@ -1,0 +1,173 @@
+//! HTTP requests and responses as the host passes them around, and their error shapes.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::StatusCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+
+/// A response with its body in memory: guests' responses are buffered so that nothing is
+/// released before the invocation's writes commit.
+pub type Resp = hyper::Response<Full<Bytes>>;
+
+/// Carried from the client through every service a request calls and into its events.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// A buffered HTTP request: buffering lets a conflicting invocation run again.
+#[derive(Clone, Debug)]
+pub struct HttpRequest {
+    pub method: hyper::Method,
+    pub uri: hyper::Uri,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+/// `{"error": message}` with `status`: the one error shape every port answers with.
+pub fn json_error(status: StatusCode, message: &str) -> Resp {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// 503 with `Retry-After: 1`: the host is at a limit, not broken.
+pub fn busy(why: &str) -> Resp {
+    let mut resp = json_error(StatusCode::SERVICE_UNAVAILABLE, why);
+    resp.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+/// The caller's `x-request-id` if it is sane, else a new one unique to this process.
+pub fn request_id(headers: &hyper::HeaderMap) -> String {
+    static PREFIX: LazyLock<String> = LazyLock::new(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        format!(
+            "{:08x}",
+            (nanos as u64 ^ (std::process::id() as u64) << 32) as u32
+        )
+    });
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    if let Some(id) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
+            return id.to_string();
+        }
+    }
+    format!("{}-{:x}", *PREFIX, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Hop-by-hop headers mean nothing in process; `wasi:http` refuses them from guests too.
+const FORBIDDEN: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// Headers as the WIT gives them to a guest: values decoded lossily, as the sdk does too.
+pub fn header_list(headers: &hyper::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Headers from a guest. Malformed ones are an error; hop-by-hop ones and those that frame the
+/// body (which the host sets itself) are left out.
+pub fn header_map(list: Vec<(String, String)>) -> Result<hyper::HeaderMap, String> {
+    let mut headers = hyper::HeaderMap::with_capacity(list.len() + 2);
+    for (name, value) in list {
+        let bad = || format!("header {name:?}");
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad())?;
+        let value = HeaderValue::from_str(&value).map_err(|_| bad())?;
+        if !FORBIDDEN.contains(&name.as_str()) && name != CONTENT_LENGTH {
+            headers.append(name, value);
+        }
+    }
+    Ok(headers)
+}
+
+/// A guest's response given as plain values, as the host sends it on.
+pub fn response(
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+) -> Result<Resp, String> {
+    let status = StatusCode::from_u16(status).map_err(|_| format!("status {status}"))?;
+    let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = header_map(headers)?;
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_generated_otherwise() {
+        let mut h = hyper::HeaderMap::new();
+        let a = request_id(&h);
+        let b = request_id(&h);
+        assert_ne!(a, b);
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h), "has space");
+    }
+
+    #[tokio::test]
+    async fn json_errors_are_json() {
+        let resp = json_error(StatusCode::NOT_FOUND, "no \"such\" thing");
+        assert_eq!(resp.status(), 404);
+        assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "no \"such\" thing");
+    }
+
+    #[test]
+    fn guest_responses_are_checked_and_framed_by_the_host() {
+        let headers = |list: &[(&str, &str)]| {
+            list.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let r = response(
+            201,
+            headers(&[
+                ("content-type", "text/plain"),
+                ("content-length", "99"),
+                ("transfer-encoding", "chunked"),
+            ]),
+            b"hi".to_vec(),
+        )
+        .unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(r.headers()["content-type"], "text/plain");
+        assert!(!r.headers().contains_key("content-length"));
+        assert!(!r.headers().contains_key("transfer-encoding"));
+        assert!(response(1000, vec![], vec![])
+            .unwrap_err()
+            .contains("status"));
+        assert!(response(200, headers(&[("x", "a\rb")]), vec![])
+            .unwrap_err()
+            .contains("header"));
+    }
+}

@@ -1,3 +1,5 @@
+//! The `host` binary: logging, flags, then `app::run`.
+
 use clap::Parser;
 
 #[tokio::main]

@@ -109,6 +109,7 @@ pub async fn run(args: Args) -> Result<()> {
 
     let mut signals = Signals::new()?;
     signals.next().await;
+    let first = tokio::time::Instant::now();
     tracing::info!(grace = ?args.shutdown_grace, "shutting down: no new connections; finishing in-flight work");
     runtime.ready.store(false, Ordering::Release);
     for task in &accepting {
@@ -143,7 +144,7 @@ pub async fn run(args: Args) -> Result<()> {
     tokio::select! {
         _ = drained => tracing::info!(outbox = runtime.outbox.depth().unwrap_or(0), "stopped cleanly"),
         _ = tokio::time::sleep(args.shutdown_grace) => tracing::warn!("grace period over; stopping with work in flight (committed data is safe)"),
-        _ = signals.next() => tracing::warn!("second signal: stopping now (committed data is safe)"),
+        _ = signals.next_after(first + SAME_REQUEST) => tracing::warn!("second signal: stopping now (committed data is safe)"),
     }
     Ok(())
 }
@@ -153,6 +154,10 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
+
+/// Signals this soon after the first are copies of it (`just run`, systemd and job control
+/// forward a process group's signal), not a second request to stop at once.
+const SAME_REQUEST: Duration = Duration::from_secs(1);
 
 impl Signals {
     fn new() -> Result<Signals> {
@@ -167,6 +172,17 @@ impl Signals {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
+        }
+    }
+
+    /// The next signal at or after `from`; earlier ones are ignored.
+    async fn next_after(&mut self, from: tokio::time::Instant) {
+        loop {
+            self.next().await;
+            if tokio::time::Instant::now() >= from {
+                return;
+            }
+            tracing::info!("another signal right after the first: still draining");
         }
     }
 }

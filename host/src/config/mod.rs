@@ -105,6 +105,11 @@ pub struct Args {
     #[arg(long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
 
+    /// Longest a client may take to send a request's body; past it the request gets 408 and
+    /// the connection is closed.
+    #[arg(long, env = "BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub body_timeout: Duration,
+
     /// Longest a service-to-service call may take before the caller sees a timeout.
     #[arg(long, env = "OUTBOUND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub outbound_timeout: Duration,

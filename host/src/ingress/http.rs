@@ -7,7 +7,7 @@ use crate::types::{json_error, request_id, HttpRequest, Resp, REQUEST_ID};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, HOST};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, StatusCode};
@@ -121,7 +121,24 @@ async fn handle_with_id(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let mut resp = match read_body(body, declared).await {
+    let Some(permit) = invoke::permit(service, &rid) else {
+        return with_request_id(invoke::at_limit(service), &rid);
+    };
+    let timeout = runtime.settings.body_timeout;
+    let body = tokio::time::timeout(timeout, read_body(body, declared))
+        .await
+        .unwrap_or(Body::Slow);
+    let resp = match body {
+        Body::Slow => {
+            tracing::warn!(service = %service.name, request_id = %rid, ?timeout, "request body too slow; closing");
+            let mut resp = json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!("request body not received within {timeout:?}"),
+            );
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
         Body::TooLarge => json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body is larger than 1 MiB",
@@ -145,10 +162,14 @@ async fn handle_with_id(
                 headers: parts.headers,
                 body: bytes,
             };
-            invoke::http(runtime, service, req, &rid).await
+            invoke::http_with_permit(runtime, service, permit, req, &rid).await
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&rid) {
+    with_request_id(resp, &rid)
+}
+
+fn with_request_id(mut resp: Resp, rid: &str) -> Resp {
+    if let Ok(v) = HeaderValue::from_str(rid) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
@@ -158,6 +179,8 @@ enum Body {
     Read(Bytes),
     TooLarge,
     Unreadable,
+    /// Not all there within the body timeout.
+    Slow,
 }
 
 /// Past this, an oversized body is not even drained: the connection is closed instead.

@@ -9,7 +9,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -19,16 +19,26 @@ use tokio::net::TcpListener;
 
 pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(listener = "admin", error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let runtime = runtime.clone();
         tokio::spawn(async move {
+            let header_timeout = runtime.settings.header_timeout;
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let resp = route(&runtime, req.method(), req.uri().path());
                 async move { Ok::<_, Infallible>(resp) }
             });
+            // The service ports' cut-off for slow and idle clients holds here too.
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
@@ -77,12 +87,11 @@ fn route(runtime: &Runtime, method: &Method, path: &str) -> Resp {
             );
             resp
         }
-        (method, path) if path.starts_with("/components/") && path.ends_with("/rollback") => {
-            let name = &path["/components/".len()..path.len() - "/rollback".len()];
+        (method, path) if rollback_target(path).is_some() => {
             if method != Method::POST {
                 return json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
             }
-            rollback(runtime, name)
+            rollback(runtime, rollback_target(path).unwrap_or_default())
         }
         (_, "/healthz" | "/readyz" | "/components" | "/metrics") => {
             json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
@@ -116,6 +125,13 @@ fn components(runtime: &Runtime) -> Value {
         })
         .collect();
     Value::Array(list)
+}
+
+/// `NAME` of `/components/NAME/rollback`, if `path` is one (`NAME` not empty).
+fn rollback_target(path: &str) -> Option<&str> {
+    path.strip_prefix("/components/")?
+        .strip_suffix("/rollback")
+        .filter(|name| !name.is_empty())
 }
 
 fn rollback(runtime: &Runtime, name: &str) -> Resp {
@@ -162,5 +178,68 @@ pub async fn watch_backend(runtime: Arc<Runtime>) {
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Args;
+    use crate::messaging::embedded::Embedded;
+    use crate::storage::Db;
+    use clap::Parser;
+    use http_body_util::BodyExt;
+    use proptest::prelude::*;
+
+    /// A runtime with no services, shared by every case.
+    fn runtime() -> Arc<Runtime> {
+        static RUNTIME: std::sync::LazyLock<Arc<Runtime>> = std::sync::LazyLock::new(|| {
+            let db = Db::in_memory().unwrap();
+            let args = Args::parse_from(["host", "--max-instances", "4"]);
+            Runtime::new(&args, &[], db.clone(), Arc::new(Embedded::new(db))).unwrap()
+        });
+        RUNTIME.clone()
+    }
+
+    fn body(resp: Resp) -> Value {
+        let bytes = futures_util::FutureExt::now_or_never(resp.into_body().collect())
+            .expect("a full body")
+            .unwrap()
+            .to_bytes();
+        serde_json::from_slice(&bytes).expect("a JSON body")
+    }
+
+    #[test]
+    fn rollback_paths_without_a_name_are_not_found_not_a_panic() {
+        let runtime = runtime();
+        for path in [
+            "/components/rollback",
+            "/components//rollback",
+            "/components/",
+        ] {
+            let resp = route(&runtime, &Method::POST, path);
+            assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+            assert!(body(resp)["error"].is_string());
+        }
+        let resp = route(&runtime, &Method::POST, "/components/nobody/rollback");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert!(body(resp)["error"].as_str().unwrap().contains("nobody"));
+    }
+
+    proptest! {
+        #[test]
+        fn any_method_and_path_gets_an_answer_and_errors_are_json(
+            method in prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH", "BREW"]),
+            prefix in prop::sample::select(vec!["", "/components", "/components/", "/healthz", "/metrics", "/readyz"]),
+            rest in "[a-z/%.]{0,20}",
+            suffix in prop::sample::select(vec!["", "/rollback", "rollback", "/"]),
+        ) {
+            let runtime = runtime();
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let resp = route(&runtime, &method, &format!("{prefix}{rest}{suffix}"));
+            if resp.status().is_client_error() || resp.status().is_server_error() {
+                prop_assert!(body(resp)["error"].is_string());
+            }
+        }
     }
 }

@@ -28,6 +28,7 @@ pub use store::Ctx;
 pub struct Settings {
     pub outbound_timeout: Duration,
     pub header_timeout: Duration,
+    pub body_timeout: Duration,
     pub compile_cache: PathBuf,
     pub retry: RetryPolicy,
     /// Requests per instance (1 = a fresh instance per request).
@@ -41,6 +42,7 @@ impl Settings {
         Settings {
             outbound_timeout: args.outbound_timeout,
             header_timeout: args.header_timeout,
+            body_timeout: args.body_timeout,
             compile_cache: args.compile_cache.clone(),
             retry: RetryPolicy {
                 max_attempts: args.retry_max_attempts.max(1),

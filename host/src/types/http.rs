@@ -87,9 +87,26 @@ pub fn header_list(headers: &hyper::HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Headers from a guest. Malformed ones are an error; hop-by-hop ones and those that frame the
-/// body (which the host sets itself) are left out.
+/// Most headers a guest may put on a response or a call: a client may send 100, and a proxying
+/// service adds a few.
+pub const MAX_HEADERS: usize = 128;
+/// Most bytes of header names and values a guest may put on a response or a call.
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
+
+/// Headers from a guest. Malformed ones, and more than [`MAX_HEADERS`] or [`MAX_HEADER_BYTES`],
+/// are an error; hop-by-hop ones and those that frame the body (which the host sets itself) are
+/// left out.
 pub fn header_map(list: Vec<(String, String)>) -> Result<hyper::HeaderMap, String> {
+    // Checked before anything is allocated for them: a HeaderMap panics past 32,768 entries.
+    if list.len() > MAX_HEADERS {
+        return Err(format!("{} headers (at most {MAX_HEADERS})", list.len()));
+    }
+    let bytes: usize = list.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_HEADER_BYTES {
+        return Err(format!(
+            "{bytes} bytes of headers (at most {MAX_HEADER_BYTES})"
+        ));
+    }
     let mut headers = hyper::HeaderMap::with_capacity(list.len() + 2);
     for (name, value) in list {
         let bad = || format!("header {name:?}");
@@ -169,5 +186,13 @@ mod tests {
         assert!(response(200, headers(&[("x", "a\rb")]), vec![])
             .unwrap_err()
             .contains("header"));
+        let many = vec![("x".to_string(), "y".to_string()); 30_000];
+        assert!(response(200, many, vec![])
+            .unwrap_err()
+            .contains("30000 headers"));
+        let big = vec![("x".to_string(), "y".repeat(MAX_HEADER_BYTES)); 1];
+        assert!(response(200, big, vec![])
+            .unwrap_err()
+            .contains("bytes of headers"));
     }
 }

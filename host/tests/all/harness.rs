@@ -268,10 +268,24 @@ impl Host {
     }
 
     /// SIGTERM, then waits for the exit (at most 30 s).
-    pub fn terminate(mut self) -> (std::process::ExitStatus, Option<tempfile::TempDir>) {
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+    pub fn terminate(self) -> (std::process::ExitStatus, Option<tempfile::TempDir>) {
+        self.terminate_with(1)
+    }
+
+    /// `copies` SIGTERMs 100 ms apart (as a process group's signal forwarded by a wrapper
+    /// arrives), then waits for the exit (at most 30 s).
+    pub fn terminate_with(
+        mut self,
+        copies: usize,
+    ) -> (std::process::ExitStatus, Option<tempfile::TempDir>) {
+        for i in 0..copies {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // SAFETY: kill(2) on our own child.
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

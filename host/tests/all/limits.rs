@@ -162,3 +162,77 @@ async fn slow_header_senders_and_idle_connections_are_cut_off() {
     );
     assert_eq!(host.get("/api/users").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_with_thirty_thousand_headers_is_a_500_not_a_crash() {
+    let (host, _comps) = host_with_misbehaving_product("product=cpu:5s").await;
+    let r = host.send("GET", "product", "/headers?n=30000", None).await;
+    assert_error(&r, 500);
+    assert!(
+        r.json["error"].as_str().unwrap().contains("30000 headers"),
+        "{:?}",
+        r.json
+    );
+    // A reasonable number is passed on.
+    let r = host.send("GET", "product", "/headers?n=20", None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-h19"], "v");
+    for service in ["gateway", "user", "product", "order"] {
+        let path = if service == "gateway" {
+            "/api/users"
+        } else {
+            "/"
+        };
+        let status = host.send("GET", service, path, None).await.status;
+        assert!(status < 500, "{service} answered {status}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_bodies_hold_a_permit_not_the_host_and_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = Host::start_with(
+        None,
+        &[
+            "--service-limits",
+            "user=concurrency:2",
+            "--body-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let addr = format!("127.0.0.1:{}", host.ports["user"]);
+    // Headers and part of a body, then nothing.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(
+            b"POST /users HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+              content-length: 1000\r\n\r\n{\"name\":",
+        )
+        .await
+        .unwrap();
+        slow.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // They hold user-service's two permits: a third request is refused at once, not buffered.
+    let body = r#"{"name":"A","email":"a@ex.com"}"#;
+    assert_error(&host.send("POST", "user", "/users", Some(body)).await, 503);
+    // Within the body timeout both get 408 and their connections are closed.
+    let began = Instant::now();
+    for mut s in slow {
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+            .await
+            .expect("a slow body's connection stayed open")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+    assert!(began.elapsed() < Duration::from_secs(3));
+    // The permits are free again.
+    assert_eq!(
+        host.send("POST", "user", "/users", Some(body)).await.status,
+        201
+    );
+}

@@ -55,3 +55,20 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
     );
     drop(keep);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_of_the_signal_right_after_it_still_drains() {
+    let host = Host::start_with(None, &["--inject-latency", "user=1500ms"]).await;
+    let (http, url) = (host.http.clone(), host.url("gateway", "/api/users"));
+    let in_flight = tokio::spawn(async move { http.get(url).send().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _keep) = tokio::task::spawn_blocking(move || host.terminate_with(2))
+        .await
+        .unwrap();
+    let answer = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request was cut off");
+    assert_eq!(answer.status(), 200);
+    assert!(status.success(), "exit status {status}");
+}

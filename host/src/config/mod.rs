@@ -105,6 +105,11 @@ pub struct Args {
     #[arg(long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
 
+    /// Wall-clock time one request or message handler may take, waiting included; past it the
+    /// request gets 504 (a message is retried) and the instance is thrown away.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
     /// Longest a client may take to send a request's body; past it the request gets 408 and
     /// the connection is closed.
     #[arg(long, env = "BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

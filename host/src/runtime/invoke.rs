@@ -23,6 +23,19 @@ use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
 
+/// An invocation that ran past the wall-clock limit (`REQUEST_TIMEOUT`): a guest can wait on a
+/// clock or a call without computing, which the CPU deadline does not see.
+#[derive(Debug)]
+struct WallClock(std::time::Duration);
+
+impl std::fmt::Display for WallClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "did not finish within {:?}", self.0)
+    }
+}
+
+impl std::error::Error for WallClock {}
+
 /// Re-runs after a commit conflict before the client is told to retry.
 const MAX_CONFLICT_RETRIES: usize = 64;
 
@@ -75,16 +88,34 @@ pub async fn http_with_permit(
         let (outcome, txn) = match Warm::get(runtime, service, &loaded).await {
             Ok(mut warm) => {
                 warm.store.data_mut().begin(request_id);
-                let (clean, outcome) = match &warm.entry {
-                    Entry::Handler(handler) => call_handler(&mut warm.store, handler, &req).await,
-                    Entry::WasiHttp(proxy) => call_wasi_http(&mut warm.store, proxy, &req).await,
+                let call = async {
+                    match &warm.entry {
+                        Entry::Handler(handler) => {
+                            call_handler(&mut warm.store, handler, &req).await
+                        }
+                        Entry::WasiHttp(proxy) => {
+                            call_wasi_http(&mut warm.store, proxy, &req).await
+                        }
+                    }
                 };
+                let limit = runtime.settings.request_timeout;
+                // Dropping the call stops the guest where it waits; the instance is discarded.
+                let (clean, outcome) = tokio::time::timeout(limit, call)
+                    .await
+                    .unwrap_or_else(|_| (false, Err(WallClock(limit).into())));
                 (outcome, warm.finish(clean, runtime, service, &loaded))
             }
             Err(e) => (Err(e), Txn::default()),
         };
         let resp = match outcome {
             Ok(resp) => resp,
+            Err(e) if e.is::<WallClock>() => {
+                tracing::error!(service = %service.name, request_id, error = %e, "component stopped; its writes were rolled back");
+                return json_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!("{}{SERVICE_SUFFIX} {e}", service.name),
+                );
+            }
             Err(e)
                 if e.chain()
                     .any(|c| c.is::<wasmtime::PoolConcurrencyLimitError>()) =>
@@ -290,13 +321,21 @@ pub async fn message(
                 warm.store.data_mut().begin(&request_id);
                 warm.store.set_epoch_deadline(1);
                 let handler = warm.handler.as_ref().expect("loaded with a handler");
-                let called = handler.call_handle(&mut warm.store, &arg).await;
+                let limit = runtime.settings.request_timeout;
+                let called =
+                    match tokio::time::timeout(limit, handler.call_handle(&mut warm.store, &arg))
+                        .await
+                    {
+                        Ok(called) => called.map_err(anyhow::Error::from),
+                        Err(_) => Err(WallClock(limit).into()),
+                    };
                 let txn = warm.finish(called.is_ok(), runtime, service, &loaded);
-                (called.map_err(anyhow::Error::from), txn)
+                (called, txn)
             }
             Err(e) => (Err(e), Txn::default()),
         };
         match called {
+            Err(e) if e.is::<WallClock>() => return Handled::Retry(format!("handler {e}")),
             Err(e) => return Handled::Retry(format!("trap: {}", e.root_cause())),
             Ok(Err(handler::HandleError::Retry(m))) => return Handled::Retry(m),
             Ok(Err(handler::HandleError::Reject(m))) => return Handled::Reject(m),

@@ -29,6 +29,8 @@ pub struct Settings {
     pub outbound_timeout: Duration,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
+    /// Wall-clock limit of one invocation (a request or a message).
+    pub request_timeout: Duration,
     pub compile_cache: PathBuf,
     pub retry: RetryPolicy,
     /// Requests per instance (1 = a fresh instance per request).
@@ -43,6 +45,7 @@ impl Settings {
             outbound_timeout: args.outbound_timeout,
             header_timeout: args.header_timeout,
             body_timeout: args.body_timeout,
+            request_timeout: args.request_timeout,
             compile_cache: args.compile_cache.clone(),
             retry: RetryPolicy {
                 max_attempts: args.retry_max_attempts.max(1),

@@ -236,3 +236,29 @@ async fn slow_bodies_hold_a_permit_not_the_host_and_are_cut_off() {
         201
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_waiting_past_the_request_timeout_gets_504_and_frees_its_permit() {
+    let (host, _comps) = with_product(
+        "misbehave.wasm",
+        &[
+            "--service-limits",
+            "product=concurrency:1",
+            "--request-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let began = Instant::now();
+    let r = host.send("GET", "product", "/sleep?ms=20000", None).await;
+    assert_error(&r, 504);
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "504 after {:?}",
+        began.elapsed()
+    );
+    // Its one permit is free again, and waits shorter than the limit are fine.
+    let r = host.send("GET", "product", "/sleep?ms=100", None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(host.send("GET", "user", "/users", None).await.status, 200);
+}

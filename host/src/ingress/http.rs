@@ -62,18 +62,46 @@ pub async fn serve(
 
 async fn handle(runtime: &Runtime, service: &Arc<Service>, req: Request<Incoming>) -> Resp {
     let started = std::time::Instant::now();
-    let route = route_class(req.method(), req.uri().path());
+    let route = bounded(service, route_class(req.method(), req.uri().path()));
     let resp = handle_inner(runtime, service, req).await;
     metrics::get()
         .requests
         .get_or_create(&metrics::labels([
             ("service", &service.name),
             ("route", &route),
-            ("status", resp.status().as_str()),
+            ("status", status_class(resp.status())),
         ]))
         .inc();
     service.latency.observe(started.elapsed().as_secs_f64());
     resp
+}
+
+/// Distinct route labels counted per service; routes first seen after that are `other`.
+const MAX_ROUTES: usize = 32;
+
+/// `route` if it is one of the first [`MAX_ROUTES`] labels of `service`, else `other`: clients
+/// decide which paths they send, not how many metric series the host keeps.
+fn bounded(service: &Service, route: String) -> String {
+    let mut routes = service.routes.lock().unwrap();
+    if routes.contains(&route) {
+        return route;
+    }
+    if routes.len() < MAX_ROUTES {
+        routes.insert(route.clone());
+        return route;
+    }
+    "other".into()
+}
+
+/// `2xx`, `4xx`...: a guest may answer with any of 900 codes.
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
 }
 
 /// `GET /users/:id`-style label: known words kept, numbers as `:id`, anything else `:other`,
@@ -239,5 +267,7 @@ mod tests {
         );
         let odd = hyper::Method::from_bytes(b"BREW").unwrap();
         assert_eq!(route_class(&odd, "/users"), "OTHER /users");
+        assert_eq!(status_class(StatusCode::IM_A_TEAPOT), "4xx");
+        assert_eq!(status_class(StatusCode::from_u16(999).unwrap()), "5xx");
     }
 }

@@ -21,6 +21,8 @@ pub struct Service {
     /// This service's request latency histogram, looked up once instead of per request.
     pub latency: prometheus_client::metrics::histogram::Histogram,
     pub instances: prometheus_client::metrics::counter::Counter,
+    /// Route labels its request metrics have used (the listener keeps them bounded).
+    pub routes: Mutex<std::collections::HashSet<String>>,
     swaps: Mutex<Swaps>,
 }
 
@@ -57,6 +59,7 @@ impl Service {
                 .instances
                 .get_or_create(&metrics::labels([("service", spec.name)]))
                 .clone(),
+            routes: Mutex::default(),
             spec: Arc::new(spec),
             loaded: ArcSwap::from_pointee(loaded),
             swaps: Mutex::new(Swaps {

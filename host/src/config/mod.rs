@@ -105,6 +105,11 @@ pub struct Args {
     #[arg(long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
 
+    /// Open connections per service port; further clients wait in the listen backlog until one
+    /// closes.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
     /// Wall-clock time one request or message handler may take, waiting included; past it the
     /// request gets 504 (a message is retried) and the instance is thrown away.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]

@@ -20,14 +20,21 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 /// Accepts connections on a service's port until aborted; `connections` lets shutdown finish
-/// their in-flight requests and close them.
+/// their in-flight requests and close them. At most `MAX_CONNECTIONS` are open at once: beyond
+/// that, new ones wait in the kernel's backlog until one closes.
 pub async fn serve(
     listener: TcpListener,
     runtime: Arc<Runtime>,
     service: Arc<Service>,
     connections: Arc<GracefulShutdown>,
 ) {
+    let open = Arc::new(tokio::sync::Semaphore::new(
+        runtime.settings.max_connections,
+    ));
     loop {
+        let Ok(slot) = open.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
@@ -42,6 +49,7 @@ pub async fn serve(
         let watcher = connections.watcher();
         let header_timeout = runtime.settings.header_timeout;
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let (runtime, service) = (runtime.clone(), service.clone());
                 async move { Ok::<_, Infallible>(handle(&runtime, &service, req).await) }

@@ -29,6 +29,8 @@ pub struct Settings {
     pub outbound_timeout: Duration,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
+    /// Open connections per service port.
+    pub max_connections: usize,
     /// Wall-clock limit of one invocation (a request or a message).
     pub request_timeout: Duration,
     pub compile_cache: PathBuf,
@@ -45,6 +47,7 @@ impl Settings {
             outbound_timeout: args.outbound_timeout,
             header_timeout: args.header_timeout,
             body_timeout: args.body_timeout,
+            max_connections: args.max_connections.max(1),
             request_timeout: args.request_timeout,
             compile_cache: args.compile_cache.clone(),
             retry: RetryPolicy {

@@ -262,3 +262,33 @@ async fn a_guest_waiting_past_the_request_timeout_gets_504_and_frees_its_permit(
     assert_eq!(r.status, 200);
     assert_eq!(host.send("GET", "user", "/users", None).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_holds_at_most_max_connections_and_takes_the_next_when_one_closes() {
+    let host = Host::start_with(None, &["--max-connections", "3"]).await;
+    let addr = format!("127.0.0.1:{}", host.ports["user"]);
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A fourth client waits: the port does not take it while three are open.
+    let fourth = tokio::spawn({
+        let (http, url) = (host.http.clone(), host.url("user", "/users"));
+        async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!fourth.is_finished(), "a fourth connection was served");
+    // Other ports are not affected.
+    assert_eq!(
+        host.send("GET", "product", "/products", None).await.status,
+        200
+    );
+    drop(idle.pop());
+    let status = tokio::time::timeout(Duration::from_secs(5), fourth)
+        .await
+        .expect("the fourth client was never served")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+}

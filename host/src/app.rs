@@ -90,6 +90,11 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     let connections = Arc::new(GracefulShutdown::new());
+    let body_budget = Arc::new(tokio::sync::Semaphore::new(
+        usize::try_from(args.body_buffer)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     let mut accepting = Vec::new();
     for (listener, service) in listeners.into_iter().zip(runtime.services()) {
         accepting.push(tokio::spawn(ingress::http::serve(
@@ -97,6 +102,7 @@ pub async fn run(args: Args) -> Result<()> {
             runtime.clone(),
             service.clone(),
             connections.clone(),
+            body_budget.clone(),
         )));
     }
     let _watcher = if args.watch {

@@ -110,6 +110,11 @@ pub struct Args {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
+    /// Request-body bytes all service ports together may hold at once (buffered for their
+    /// invocations); beyond it requests get 503 with Retry-After.
+    #[arg(long, env = "BODY_BUFFER", default_value = "64MiB", value_parser = parse_size)]
+    pub body_buffer: u64,
+
     /// Wall-clock time one request or message handler may take, waiting included; past it the
     /// request gets 504 (a message is retried) and the instance is thrown away.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]

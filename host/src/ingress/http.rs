@@ -3,6 +3,7 @@
 use crate::metrics;
 use crate::runtime::{invoke, Runtime, Service};
 use crate::types::contract::{MAX_BODY, SERVICE_SUFFIX};
+use crate::types::http::busy;
 use crate::types::{json_error, request_id, HttpRequest, Resp, REQUEST_ID};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -17,6 +18,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::Instrument;
 
 /// Accepts connections on a service's port until aborted; `connections` lets shutdown finish
@@ -27,6 +29,7 @@ pub async fn serve(
     runtime: Arc<Runtime>,
     service: Arc<Service>,
     connections: Arc<GracefulShutdown>,
+    budget: Arc<Semaphore>,
 ) {
     let open = Arc::new(tokio::sync::Semaphore::new(
         runtime.settings.max_connections,
@@ -45,14 +48,14 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (runtime, service) = (runtime.clone(), service.clone());
+        let (runtime, service, budget) = (runtime.clone(), service.clone(), budget.clone());
         let watcher = connections.watcher();
         let header_timeout = runtime.settings.header_timeout;
         tokio::spawn(async move {
             let _slot = slot;
             let svc = service_fn(move |req| {
-                let (runtime, service) = (runtime.clone(), service.clone());
-                async move { Ok::<_, Infallible>(handle(&runtime, &service, req).await) }
+                let (runtime, service, budget) = (runtime.clone(), service.clone(), budget.clone());
+                async move { Ok::<_, Infallible>(handle(&runtime, &service, &budget, req).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -68,10 +71,15 @@ pub async fn serve(
     }
 }
 
-async fn handle(runtime: &Runtime, service: &Arc<Service>, req: Request<Incoming>) -> Resp {
+async fn handle(
+    runtime: &Runtime,
+    service: &Arc<Service>,
+    budget: &Semaphore,
+    req: Request<Incoming>,
+) -> Resp {
     let started = std::time::Instant::now();
     let route = bounded(service, route_class(req.method(), req.uri().path()));
-    let resp = handle_inner(runtime, service, req).await;
+    let resp = handle_inner(runtime, service, budget, req).await;
     metrics::get()
         .requests
         .get_or_create(&metrics::labels([
@@ -135,12 +143,17 @@ fn route_class(method: &hyper::Method, path: &str) -> String {
     format!("{method} {class}")
 }
 
-async fn handle_inner(runtime: &Runtime, service: &Arc<Service>, req: Request<Incoming>) -> Resp {
+async fn handle_inner(
+    runtime: &Runtime,
+    service: &Arc<Service>,
+    budget: &Semaphore,
+    req: Request<Incoming>,
+) -> Resp {
     let rid = request_id(req.headers());
     // Debug level: at the default `info` filter the span costs nothing (formatting its fields
     // for every request was 3% of the CPU); events that matter carry service and request id.
     let span = tracing::debug_span!("request", service = %service.name, request_id = %rid);
-    handle_with_id(runtime, service, req, rid)
+    handle_with_id(runtime, service, budget, req, rid)
         .instrument(span)
         .await
 }
@@ -148,6 +161,7 @@ async fn handle_inner(runtime: &Runtime, service: &Arc<Service>, req: Request<In
 async fn handle_with_id(
     runtime: &Runtime,
     service: &Arc<Service>,
+    budget: &Semaphore,
     req: Request<Incoming>,
     rid: String,
 ) -> Resp {
@@ -161,10 +175,14 @@ async fn handle_with_id(
         return with_request_id(invoke::at_limit(service), &rid);
     };
     let timeout = runtime.settings.body_timeout;
-    let body = tokio::time::timeout(timeout, read_body(body, declared))
+    let (body, _reserved) = tokio::time::timeout(timeout, read_body(body, declared, budget))
         .await
-        .unwrap_or(Body::Slow);
+        .unwrap_or((Body::Slow, None));
     let resp = match body {
+        Body::Busy => {
+            tracing::warn!(service = %service.name, request_id = %rid, "request body budget spent");
+            busy("the host is holding as many request bodies as it may; retry")
+        }
         Body::Slow => {
             tracing::warn!(service = %service.name, request_id = %rid, ?timeout, "request body too slow; closing");
             let mut resp = json_error(
@@ -217,6 +235,8 @@ enum Body {
     Unreadable,
     /// Not all there within the body timeout.
     Slow,
+    /// The host holds as many request bodies as it may.
+    Busy,
 }
 
 /// Past this, an oversized body is not even drained: the connection is closed instead.
@@ -225,36 +245,78 @@ const DRAIN_MAX: u64 = 8 << 20;
 /// Buffers a body of at most [`MAX_BODY`] bytes. An oversized body is never held in memory;
 /// it is read and dropped (up to [`DRAIN_MAX`]) so that the client gets its 413 instead of a
 /// connection reset in the middle of its upload.
-async fn read_body(mut body: Incoming, declared: Option<u64>) -> Body {
+///
+/// Every byte kept counts against `budget`, the bytes all listeners may hold at once: a declared
+/// length is reserved before anything is read, chunked bodies as they arrive; when the budget
+/// is spent the request gets 503 instead of the host holding more. The returned reservation is
+/// released when the caller drops it.
+async fn read_body(
+    mut body: Incoming,
+    declared: Option<u64>,
+    budget: &Semaphore,
+) -> (Body, Option<SemaphorePermit<'_>>) {
     if declared.is_some_and(|n| n > DRAIN_MAX) {
-        return Body::TooLarge;
+        return (Body::TooLarge, None);
     }
     let mut too_large = declared.is_some_and(|n| n > MAX_BODY as u64);
-    let mut buf = BytesMut::new();
+    let mut reserved = None;
+    let mut allowance = 0u64;
+    if let Some(n) = declared.filter(|_| !too_large) {
+        if !reserve(budget, &mut reserved, n) {
+            return (Body::Busy, None);
+        }
+        allowance = n;
+    }
+    // Exactly the reserved size when the length is declared: growing by doubling would hold
+    // up to twice what the budget counts.
+    let mut buf = BytesMut::with_capacity(allowance as usize);
     let mut seen = 0u64;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
-            return Body::Unreadable;
+            return (Body::Unreadable, None);
         };
         let Ok(data) = frame.into_data() else {
             continue;
         };
         seen += data.len() as u64;
         if seen > DRAIN_MAX {
-            return Body::TooLarge;
+            return (Body::TooLarge, None);
         }
         too_large |= seen > MAX_BODY as u64;
         if too_large {
             buf = BytesMut::new();
+            reserved = None;
         } else {
+            if seen > allowance {
+                if !reserve(budget, &mut reserved, seen - allowance) {
+                    return (Body::Busy, None);
+                }
+                allowance = seen;
+            }
             buf.extend_from_slice(&data);
         }
     }
     if too_large {
-        Body::TooLarge
+        (Body::TooLarge, None)
     } else {
-        Body::Read(buf.freeze())
+        (Body::Read(buf.freeze()), reserved)
     }
+}
+
+/// Adds `bytes` to `reserved` from `budget`; false if the budget does not have them.
+fn reserve<'a>(
+    budget: &'a Semaphore,
+    reserved: &mut Option<SemaphorePermit<'a>>,
+    bytes: u64,
+) -> bool {
+    let Ok(more) = budget.try_acquire_many(u32::try_from(bytes).unwrap_or(u32::MAX)) else {
+        return false;
+    };
+    match reserved {
+        None => *reserved = Some(more),
+        Some(held) => held.merge(more),
+    }
+    true
 }
 
 #[cfg(test)]

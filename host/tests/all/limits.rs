@@ -292,3 +292,35 @@ async fn a_port_holds_at_most_max_connections_and_takes_the_next_when_one_closes
         .unwrap();
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_bodies_held_by_the_host_stay_within_the_body_buffer() {
+    use tokio::io::AsyncWriteExt;
+    let host = Host::start_with(None, &["--body-buffer", "1MiB"]).await;
+    let addr = format!("127.0.0.1:{}", host.ports["user"]);
+    // A client that announces 900,000 bytes, sends part of them, and stalls: the host has
+    // reserved 900,000 bytes for it.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /users HTTP/1.1\r\nhost: x\r\ncontent-length: 900000\r\n\r\n{\"a\":")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // On another port too: the budget is the host's, not a port's.
+    let big = format!(r#"{{"name":"{}","price":1}}"#, "x".repeat(200_000));
+    assert_error(
+        &host.send("POST", "product", "/products", Some(&big)).await,
+        503,
+    );
+    // Small bodies still fit.
+    let small = r#"{"name":"A","email":"a@ex.com"}"#;
+    let r = host.send("POST", "user", "/users", Some(small)).await;
+    assert_eq!(r.status, 201, "{:?}", r.json);
+    // Once the slow client is gone its reservation is released: the same body is read and
+    // judged by the service (its name is too long: 400) instead of refused by the host.
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_error(
+        &host.send("POST", "product", "/products", Some(&big)).await,
+        400,
+    );
+}

@@ -171,9 +171,6 @@ async fn handle_with_id(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let Some(permit) = invoke::permit(service, &rid) else {
-        return with_request_id(invoke::at_limit(service), &rid);
-    };
     let timeout = runtime.settings.body_timeout;
     let (body, _reserved) = tokio::time::timeout(timeout, read_body(body, declared, budget))
         .await
@@ -216,7 +213,7 @@ async fn handle_with_id(
                 headers: parts.headers,
                 body: bytes,
             };
-            invoke::http_with_permit(runtime, service, permit, req, &rid).await
+            invoke::http(runtime, service, req, &rid).await
         }
     };
     with_request_id(resp, &rid)

@@ -47,41 +47,13 @@ pub async fn http(
     req: HttpRequest,
     request_id: &str,
 ) -> Resp {
-    match permit(service, request_id) {
-        Some(permit) => http_with_permit(runtime, service, permit, req, request_id).await,
-        None => at_limit(service),
-    }
-}
-
-/// One of `service`'s permits for a request in flight; `None` (logged) when none is left.
-pub fn permit<'a>(
-    service: &'a Service,
-    request_id: &str,
-) -> Option<tokio::sync::SemaphorePermit<'a>> {
-    let permit = service.permits.try_acquire().ok();
-    if permit.is_none() {
+    let Ok(_permit) = service.permits.try_acquire() else {
         tracing::warn!(service = %service.name, request_id, "concurrency limit reached");
-    }
-    permit
-}
-
-/// The answer when `service` has no permit left: 503, retry.
-pub fn at_limit(service: &Service) -> Resp {
-    busy(&format!(
-        "{}{SERVICE_SUFFIX} is at its concurrency limit; retry",
-        service.name
-    ))
-}
-
-/// [`http`] with a permit taken earlier: a listener takes it before it reads the body, so that
-/// clients cannot make the host buffer more bodies than the service may serve at once.
-pub async fn http_with_permit(
-    runtime: &Runtime,
-    service: &Arc<Service>,
-    _permit: tokio::sync::SemaphorePermit<'_>,
-    req: HttpRequest,
-    request_id: &str,
-) -> Resp {
+        return busy(&format!(
+            "{}{SERVICE_SUFFIX} is at its concurrency limit; retry",
+            service.name
+        ));
+    };
     let mut rerunning = None;
     for _ in 0..MAX_CONFLICT_RETRIES {
         let loaded = service.loaded.load_full();

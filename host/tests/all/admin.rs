@@ -93,8 +93,9 @@ async fn garbage_requests_cannot_grow_the_metric_series_without_bound() {
     ];
     const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "BREW"];
     const SERVICES: [&str; 4] = ["gateway", "user", "product", "order"];
-    // Every path shape of up to four segments, with every method, on every port.
-    let requests = (0..200_000u32).map(|i| {
+    // 20,000 requests of 700-odd path shapes, every method, on every port: far past the cap.
+    // (200,000 pass too, in 10 s, but starve the tests running beside this one.)
+    let requests = (0..20_000u32).map(|i| {
         let mut path = String::new();
         let mut n = i / 28;
         for _ in 0..=(i % 4) {
@@ -111,11 +112,11 @@ async fn garbage_requests_cannot_grow_the_metric_series_without_bound() {
             .send()
     });
     let answered = stream::iter(requests)
-        .buffer_unordered(64)
+        .buffer_unordered(16)
         .filter(|r| std::future::ready(r.is_ok()))
         .count()
         .await;
-    assert_eq!(answered, 200_000);
+    assert_eq!(answered, 20_000);
     let text = host.metrics().await;
     let series = text
         .lines()

@@ -8,6 +8,7 @@ Each client sends headers announcing 1,048,576 bytes, then 1,048,000 of them, th
 Prints the host's RSS before and 3 s in, curl latencies on :3000-:3003, and when the last
 client was closed by the host.
 """
+import asyncio, subprocess, sys, time
 PORT=int(sys.argv[1]); N=int(sys.argv[2]); PID=sys.argv[3]
 def rss(): return int(open(f"/proc/{PID}/status").read().split("VmRSS:")[1].split()[0])//1024
 async def client(i, closed):

@@ -200,6 +200,7 @@ pub struct Limits {
 impl ServiceSpec {
     /// A service with no file, port, calls, topics or limits beyond the defaults: a starting
     /// point for tests.
+    #[cfg(test)]
     pub fn named(name: &'static str) -> ServiceSpec {
         ServiceSpec {
             name,

@@ -49,6 +49,17 @@ pub async fn with_product(fixture_file: &str, extra: &[&str]) -> (Host, tempfile
     (host, comps)
 }
 
+/// A raw connection to `port` that has sent `bytes` and then sends nothing more: a client
+/// stalled in the middle of its headers or body.
+pub async fn stalled(port: u16, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    conn.write_all(bytes).await.unwrap();
+    conn
+}
+
 pub struct Host {
     child: Child,
     pub admin: String,

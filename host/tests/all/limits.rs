@@ -1,7 +1,7 @@
 //! Limits: a misbehaving component fails its own request and nothing else.
 //! The `misbehave` fixture stands in for product-service.
 
-use crate::harness::{assert_error, with_product, Host};
+use crate::harness::{assert_error, stalled, with_product, Host};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -123,10 +123,11 @@ async fn slow_header_senders_and_idle_connections_are_cut_off() {
     let addr = format!("127.0.0.1:{}", host.ports["gateway"]);
 
     // Headers that never finish: the host closes the connection after the timeout.
-    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    slow.write_all(b"GET /api/users HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
+    let mut slow = stalled(
+        host.ports["gateway"],
+        b"GET /api/users HTTP/1.1\r\nHost: x\r\n",
+    )
+    .await;
     let began = Instant::now();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
@@ -190,7 +191,7 @@ async fn a_response_with_thirty_thousand_headers_is_a_500_not_a_crash() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_bodies_are_cut_off_and_do_not_starve_their_service() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let host = Host::start_with(
         None,
         &[
@@ -201,19 +202,18 @@ async fn slow_bodies_are_cut_off_and_do_not_starve_their_service() {
         ],
     )
     .await;
-    let addr = format!("127.0.0.1:{}", host.ports["user"]);
     // More stalled uploads than user-service may serve requests at once: headers and part of a
     // body, then nothing.
     let mut slow = Vec::new();
     for _ in 0..4 {
-        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        s.write_all(
-            b"POST /users HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-              content-length: 1000\r\n\r\n{\"name\":",
-        )
-        .await
-        .unwrap();
-        slow.push(s);
+        slow.push(
+            stalled(
+                host.ports["user"],
+                b"POST /users HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                  content-length: 1000\r\n\r\n{\"name\":",
+            )
+            .await,
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // They hold no permit while they stall: the service still answers.
@@ -295,15 +295,14 @@ async fn a_port_holds_at_most_max_connections_and_takes_the_next_when_one_closes
 
 #[tokio::test(flavor = "multi_thread")]
 async fn request_bodies_held_by_the_host_stay_within_the_body_buffer() {
-    use tokio::io::AsyncWriteExt;
     let host = Host::start_with(None, &["--body-buffer", "1MiB"]).await;
-    let addr = format!("127.0.0.1:{}", host.ports["user"]);
     // A client that announces 900,000 bytes, sends part of them, and stalls: the host has
     // reserved 900,000 bytes for it.
-    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    slow.write_all(b"POST /users HTTP/1.1\r\nhost: x\r\ncontent-length: 900000\r\n\r\n{\"a\":")
-        .await
-        .unwrap();
+    let slow = stalled(
+        host.ports["user"],
+        b"POST /users HTTP/1.1\r\nhost: x\r\ncontent-length: 900000\r\n\r\n{\"a\":",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // On another port too: the budget is the host's, not a port's.
     let big = format!(r#"{{"name":"{}","price":1}}"#, "x".repeat(200_000));

@@ -196,7 +196,11 @@ mod tests {
         static RUNTIME: std::sync::LazyLock<Arc<Runtime>> = std::sync::LazyLock::new(|| {
             let db = Db::in_memory().unwrap();
             let args = Args::parse_from(["host", "--max-instances", "4"]);
-            Runtime::new(&args, &[], db.clone(), Arc::new(Embedded::new(db))).unwrap()
+            let runtime =
+                Runtime::new(&args, &[], db.clone(), Arc::new(Embedded::new(db))).unwrap();
+            // A started host: `/readyz` answers 200, so every 4xx/5xx below is an error.
+            runtime.ready.store(true, Ordering::Release);
+            runtime
         });
         RUNTIME.clone()
     }

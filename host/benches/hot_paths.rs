@@ -131,7 +131,7 @@ fn message(n: u64) -> Message {
 /// A transaction of user-service that writes 64 bytes under `bucket/key`.
 fn write(bucket: &str, key: String) -> Txn {
     let mut txn = Txn::new("user".into());
-    txn.put(bucket.into(), key, Some(vec![7; 64]));
+    txn.put(bucket.into(), key, Some(vec![7; 64])).unwrap();
     txn
 }
 
@@ -186,7 +186,7 @@ fn state(c: &mut Criterion) {
         b.iter(|| {
             n += 1;
             let mut txn = write("bench", n.to_string());
-            txn.send(message(n));
+            txn.send(message(n)).unwrap();
             rt.block_on(db.commit(txn)).unwrap();
         })
     });

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub retried: Family<Labels, Counter>,
     pub dead_lettered: Family<Labels, Counter>,
     pub outbox_depth: Gauge,
+    pub parked: Family<Labels, Counter>,
+    pub outbox_parked: Gauge,
     pub consumer_lag: Family<Labels, Gauge>,
 }
 
@@ -45,6 +47,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         retried: Family::default(),
         dead_lettered: Family::default(),
         outbox_depth: Gauge::default(),
+        parked: Family::default(),
+        outbox_parked: Gauge::default(),
         consumer_lag: Family::default(),
     };
     registry.register(
@@ -71,6 +75,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "swaps_rejected",
         "Component files refused",
         m.swaps_rejected.clone(),
+    );
+    registry.register(
+        "messages_parked",
+        "Messages the backend refused for good, set aside from the outbox",
+        m.parked.clone(),
+    );
+    registry.register(
+        "outbox_parked",
+        "Messages set aside from the outbox, waiting for an operator",
+        m.outbox_parked.clone(),
     );
     registry.register(
         "messages_produced",

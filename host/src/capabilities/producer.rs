@@ -3,6 +3,7 @@
 use super::bindings::microsvc::platform::producer::{self as wit, SendError};
 use crate::storage::Txn;
 use crate::types::contract::MAX_BODY;
+use crate::types::http::MAX_HEADERS;
 use crate::types::{Message, REQUEST_ID};
 use anyhow::Result;
 use wasmtime::component::{HasData, Linker};
@@ -46,6 +47,18 @@ impl wit::Host for ProducerView<'_> {
         if message.payload.len() > MAX_BODY {
             return Err(SendError::PayloadTooLarge(message.payload.len() as u64));
         }
+        // Key and headers travel with the payload and count against the same 1 MiB, as the
+        // broker counts them against its own message size limit.
+        let size = message.key.as_ref().map_or(0, String::len)
+            + message.payload.len()
+            + message
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if size > MAX_BODY || message.headers.len() > MAX_HEADERS {
+            return Err(SendError::PayloadTooLarge(size as u64));
+        }
         let mut msg = Message {
             topic: message.topic,
             key: message.key,
@@ -56,8 +69,11 @@ impl wit::Host for ProducerView<'_> {
             msg.headers
                 .push((REQUEST_ID.into(), self.request_id.to_string()));
         }
-        self.txn.send(msg);
-        Ok(())
+        // Past the invocation's host budget: the guest learns it here, and the invocation
+        // fails whatever it does next.
+        self.txn
+            .send(msg)
+            .map_err(|e| SendError::PayloadTooLarge(e.limit as u64))
     }
 }
 
@@ -93,6 +109,20 @@ mod tests {
         ));
         assert!(matches!(
             view.send(m("user-created", MAX_BODY + 1)),
+            Err(SendError::PayloadTooLarge(_))
+        ));
+        let mut keyed = m("user-created", MAX_BODY - 10);
+        keyed.key = Some("k".repeat(11));
+        assert!(matches!(
+            view.send(keyed),
+            Err(SendError::PayloadTooLarge(_))
+        ));
+        let mut headed = m("user-created", 2);
+        headed.headers = (0..=MAX_HEADERS)
+            .map(|i| (format!("h{i}"), "v".into()))
+            .collect();
+        assert!(matches!(
+            view.send(headed),
             Err(SendError::PayloadTooLarge(_))
         ));
         view.send(m("user-created", 2)).unwrap();

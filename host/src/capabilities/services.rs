@@ -8,7 +8,7 @@ use super::bindings::microsvc::platform::services::{self as wit, CallError};
 use crate::config::ServiceSpec;
 use crate::types::contract::{MAX_BODY, SERVICE_SUFFIX};
 use crate::types::http::{header_list, header_map};
-use crate::types::{HttpRequest, Resp, REQUEST_ID};
+use crate::types::{Budget, HttpRequest, Resp, REQUEST_ID};
 use anyhow::Result;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -153,7 +153,12 @@ fn to_request(host: &str, r: wit::Request) -> Result<HttpRequest, String> {
 /// The `services` view of an invocation's store.
 pub struct ServicesView<'a> {
     pub outbound: &'a Outbound,
+    /// The invocation's host budget, which the responses it collects count against.
+    pub budget: &'a mut Budget,
 }
+
+/// Most calls in one batch: each answer is held by the host until the batch is done.
+pub const MAX_BATCH_CALLS: usize = 64;
 
 struct HasServices;
 impl HasData for HasServices {
@@ -173,11 +178,33 @@ impl wit::Host for ServicesView<'_> {
         calls: Vec<(String, wit::Request)>,
     ) -> Vec<Result<wit::Response, CallError>> {
         let outbound = self.outbound;
+        let n = calls.len();
         let calls = calls
             .into_iter()
+            .take(MAX_BATCH_CALLS)
             .map(|(host, req)| outbound.call_wit(host, req));
         // Joined in this task: no spawn, no cross-thread wake-up per call.
-        futures_util::future::join_all(calls).await
+        let mut results = futures_util::future::join_all(calls).await;
+        let refused = || {
+            CallError::Invalid(format!(
+                "a batch may hold at most {MAX_BATCH_CALLS} calls, got {n}"
+            ))
+        };
+        results.resize_with(n, || Err(refused()));
+        for result in &mut results {
+            if let Ok(resp) = result {
+                let held = resp.body.len()
+                    + resp
+                        .headers
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>();
+                if let Err(e) = self.budget.charge(held) {
+                    *result = Err(CallError::Invalid(e.to_string()));
+                }
+            }
+        }
+        results
     }
 }
 
@@ -265,8 +292,10 @@ mod tests {
             peers: Arc::new(Echo),
             request_id: "rid-7".into(),
         };
+        let mut budget = Budget::default();
         let mut view = ServicesView {
             outbound: &outbound,
+            budget: &mut budget,
         };
         let results = view
             .call(vec![
@@ -284,6 +313,30 @@ mod tests {
         assert!(matches!(results[2], Err(CallError::NotFound(_))));
         assert!(matches!(results[3], Err(CallError::NotFound(_))));
         assert!(matches!(results[4], Err(CallError::Invalid(_))));
+
+        // A batch over the cap: the first calls run, the rest are refused.
+        let big = (0..MAX_BATCH_CALLS + 2)
+            .map(|_| ("user-service".into(), request("GET", "/", &[], 0)))
+            .collect();
+        let results = view.call(big).await;
+        assert_eq!(results.len(), MAX_BATCH_CALLS + 2);
+        assert!(results[MAX_BATCH_CALLS - 1].is_ok());
+        assert!(
+            matches!(&results[MAX_BATCH_CALLS], Err(CallError::Invalid(m)) if m.contains("at most"))
+        );
+        // Answers past the invocation's host budget are refused, and the invocation fails.
+        let mut small = Budget::new(10);
+        let mut view = ServicesView {
+            outbound: &outbound,
+            budget: &mut small,
+        };
+        let results = view
+            .call(vec![("user-service".into(), request("GET", "/", &[], 0))])
+            .await;
+        assert!(
+            matches!(&results[0], Err(CallError::Invalid(m)) if m.contains("INVOCATION_HOST_BYTES"))
+        );
+        assert!(small.overrun().is_some());
 
         let denied = Outbound {
             caller: Arc::new(ServiceSpec::named("user")),

@@ -3,6 +3,7 @@
 use super::bindings::microsvc::platform::state::{self as wit, Error as WitError};
 use crate::storage::{Db, NextIdError, Txn};
 use crate::types::contract::{MAX_BODY, MAX_NAME};
+use crate::types::Overrun;
 use anyhow::Result;
 use wasmtime::component::{HasData, Linker};
 
@@ -35,7 +36,10 @@ fn check_name(what: &str, name: &str) -> Result<(), WitError> {
 }
 
 fn storage(e: anyhow::Error) -> WitError {
-    tracing::error!(error = %format!("{e:#}"), "state read failed");
+    // An overrun is the guest's doing; the invocation fails and is logged as a whole.
+    if !e.is::<Overrun>() {
+        tracing::error!(error = %format!("{e:#}"), "state read failed");
+    }
     WitError::Storage(format!("{e:#}"))
 }
 
@@ -54,8 +58,9 @@ impl StateView<'_> {
                 return Err(WitError::ValueTooLarge(v.len() as u64));
             }
         }
-        self.txn.put(bucket, key, value);
-        Ok(())
+        self.txn
+            .put(bucket, key, value)
+            .map_err(|e| WitError::Storage(e.to_string()))
     }
 }
 
@@ -144,6 +149,36 @@ mod tests {
             v.increment("b".into(), "n".into(), 1),
             Err(WitError::NotACounter(_))
         ));
+    }
+
+    #[test]
+    fn an_invocation_past_its_host_budget_gets_errors_and_stays_failed() {
+        let db = Db::in_memory().unwrap();
+        let mut t = Txn::limited("s".into(), 4 << 20);
+        let mut v = view(&db, &mut t);
+        // Overwriting one key costs one value, not one per write.
+        for _ in 0..100 {
+            v.set("b".into(), "same".into(), vec![0; 1 << 20]).unwrap();
+        }
+        let mut failed = None;
+        for i in 0..20_000 {
+            if let Err(e) = v.set("b".into(), format!("k{i}"), vec![0; 1 << 20]) {
+                failed = Some((i, e));
+                break;
+            }
+        }
+        let (i, e) = failed.expect("the budget stops a hoarding guest");
+        assert!(i <= 4, "stopped after {i} MiB");
+        assert!(matches!(e, WitError::Storage(m) if m.contains("INVOCATION_HOST_BYTES")));
+        assert!(matches!(
+            v.get("b".into(), "x".into()),
+            Err(WitError::Storage(_))
+        ));
+        assert!(matches!(
+            v.next_id("b".into(), "n".into()),
+            Err(WitError::Storage(_))
+        ));
+        assert!(t.budget.overrun().is_some());
     }
 
     #[test]

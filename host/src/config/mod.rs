@@ -120,6 +120,13 @@ pub struct Args {
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
+    /// Host memory one invocation may make the host hold for it, outside the guest's memory
+    /// limit: staged writes, copies of values read, listed keys, outgoing messages, its
+    /// response body and the responses of services it calls. Past it the invocation fails (500
+    /// for a request, a retry for a message) and nothing it staged is kept.
+    #[arg(long, env = "INVOCATION_HOST_BYTES", default_value = "16MiB", value_parser = parse_size)]
+    pub invocation_host_bytes: u64,
+
     /// Longest a client may take to send a request's body; past it the request gets 408 and
     /// the connection is closed.
     #[arg(long, env = "BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

@@ -156,7 +156,9 @@ async fn dead_letter(
         payload: original.payload.clone(),
         headers,
     };
-    runtime.backend.publish(&[record]).await?;
+    // Through the outbox, not straight to the backend: a broker that is down or refuses the
+    // record must not send the consumer back to this record forever.
+    runtime.send_later(&service.name, record).await?;
     metrics::get()
         .dead_lettered
         .get_or_create(&metrics::labels([
@@ -170,7 +172,7 @@ async fn dead_letter(
         offset = delivery.offset,
         attempts,
         error = %why,
-        "message dead-lettered to {}", dlq_topic(&original.topic)
+        "message dead-lettered to {} (through the outbox)", dlq_topic(&original.topic)
     );
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The outbox drainer: moves committed messages from the outbox table to the backend, in order.
 
-use super::Backend;
+use super::{Backend, Refused};
 use crate::storage::{outbox, Db};
 use crate::types::Message;
 use anyhow::Result;
@@ -35,6 +35,11 @@ impl Outbox {
         outbox::depth(&self.db)
     }
 
+    /// Messages set aside because the backend refused them for good.
+    pub fn parked(&self) -> Result<u64> {
+        outbox::parked(&self.db)
+    }
+
     /// Moves batches to the backend, oldest first, forever. A batch leaves the outbox only
     /// after the backend confirmed it, so a crash or an unreachable backend loses nothing
     /// (it may deliver a batch twice; handlers are idempotent).
@@ -60,8 +65,35 @@ impl Outbox {
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
                 continue;
             };
+            let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
             let messages: Vec<Message> = batch.into_iter().map(|(_, m)| m).collect();
             match backend.publish(&messages).await {
+                Err(e) if e.chain().any(|c| c.is::<Refused>()) => {
+                    let refused = e.chain().find_map(|c| c.downcast_ref::<Refused>()).unwrap();
+                    let index = refused.index.min(seqs.len() - 1);
+                    let m = &messages[index];
+                    tracing::error!(
+                        topic = %m.topic,
+                        key = m.key.as_deref().unwrap_or_default(),
+                        bytes = m.payload.len(),
+                        error = %refused.reason,
+                        "message refused for good; set aside in the outbox's parked table so later ones flow"
+                    );
+                    crate::metrics::get()
+                        .parked
+                        .get_or_create(&crate::metrics::labels([("topic", &m.topic)]))
+                        .inc();
+                    let (db, seq, reason) = (self.db.clone(), seqs[index], refused.reason.clone());
+                    match tokio::task::spawn_blocking(move || outbox::park(&db, seq, &reason)).await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %format!("{e:#}"), "parking the message failed");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        Err(e) => tracing::error!(error = %e, "outbox park panicked"),
+                    }
+                }
                 Ok(()) => {
                     failures = 0;
                     for m in &messages {
@@ -97,5 +129,65 @@ impl Outbox {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messaging::tests::msg;
+    use crate::messaging::Subscription;
+    use crate::storage::Txn;
+    use std::sync::Mutex;
+
+    /// A backend that refuses for good any message whose payload is `huge`.
+    #[derive(Default)]
+    struct Picky(Mutex<Vec<String>>);
+
+    #[async_trait::async_trait]
+    impl Backend for Picky {
+        fn describe(&self) -> String {
+            "picky".into()
+        }
+        async fn publish(&self, messages: &[Message]) -> Result<()> {
+            for (index, m) in messages.iter().enumerate() {
+                if m.payload == b"huge" {
+                    return Err(Refused {
+                        index,
+                        reason: "too large".into(),
+                    }
+                    .into());
+                }
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&m.payload).into());
+            }
+            Ok(())
+        }
+        async fn subscribe(&self, _: &str, _: &str) -> Result<Box<dyn Subscription>> {
+            unimplemented!("publish only")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_refused_for_good_is_set_aside_and_the_rest_flow_once() {
+        let db = Db::in_memory().unwrap();
+        let mut txn = Txn::new("user".into());
+        for p in ["a", "huge", "b", "c"] {
+            txn.send(msg("t", "1", p)).unwrap();
+        }
+        db.commit_blocking(&txn).unwrap();
+        let backend = Arc::new(Picky::default());
+        let outbox = Outbox::new(db);
+        let drainer = tokio::spawn(outbox.clone().drain(backend.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while outbox.depth().unwrap() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drainer.abort();
+        assert_eq!(outbox.depth().unwrap(), 0);
+        assert_eq!(outbox.parked().unwrap(), 1);
+        assert_eq!(*backend.0.lock().unwrap(), ["a", "b", "c"]);
     }
 }

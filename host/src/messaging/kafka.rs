@@ -2,20 +2,55 @@
 //! real broker. Idempotent producer with `acks=all`; one consumer group per subscribing
 //! service with manual offset commits.
 
+use super::Refused;
 use super::{Backend, Subscription};
+use crate::types::contract::MAX_BODY;
 use crate::types::{Delivery, Message};
 use anyhow::{anyhow, bail, Context as _, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Largest record the producer sends: the host's 1 MiB message plus topic and framing.
+const MAX_RECORD: usize = MAX_BODY + (64 << 10);
+
+/// Produce errors no retry fixes: the record itself is unacceptable to this broker.
+fn permanent(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            MessageSizeTooLarge
+                | InvalidMessageSize
+                | InvalidMessage
+                | InvalidTopic
+                | TopicAuthorizationFailed
+                | InvalidRecord
+                | InvalidRequest
+        )
+    )
+}
+
+/// The error for message `index` of a batch: [`Refused`] when retrying cannot help.
+fn produce_error(index: usize, topic: &str, e: KafkaError) -> anyhow::Error {
+    if permanent(&e) {
+        Refused {
+            index,
+            reason: format!("Kafka refuses the record for {topic}: {e}"),
+        }
+        .into()
+    } else {
+        anyhow!("Kafka did not take the record for {topic}: {e}")
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct KafkaConfig {
@@ -48,6 +83,10 @@ impl Kafka {
             // A batch that cannot be delivered fails after this; the outbox keeps it and the
             // drainer tries again, so an outage delays events but never drops them.
             .set("message.timeout.ms", "5000")
+            // librdkafka refuses records over 1,000,000 bytes by default, below what the host
+            // lets a service send (1 MiB of key, payload and headers): room for both plus the
+            // record's framing.
+            .set("message.max.bytes", MAX_RECORD.to_string())
             .create()
             .context("creating the Kafka producer")?;
         Ok(Kafka {
@@ -103,7 +142,8 @@ impl Backend for Kafka {
     async fn publish(&self, messages: &[Message]) -> Result<()> {
         // Enqueue everything first so the batch goes out together, then wait for each ack.
         let mut acks = Vec::with_capacity(messages.len());
-        for m in messages {
+        let mut refused = None;
+        for (i, m) in messages.iter().enumerate() {
             let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
             for (key, value) in &m.headers {
                 headers = headers.insert(Header {
@@ -117,20 +157,23 @@ impl Backend for Kafka {
             if let Some(key) = &m.key {
                 record = record.key(key.as_str());
             }
-            let ack = self
-                .producer
-                .send_result(record)
-                .map_err(|(e, _)| anyhow!("enqueueing to {}: {e}", m.topic))?;
-            acks.push(ack);
+            match self.producer.send_result(record) {
+                Ok(ack) => acks.push(ack),
+                Err((e, _)) => {
+                    // The ones enqueued before it still go out; their acks decide the result.
+                    refused = Some(produce_error(i, &m.topic, e));
+                    break;
+                }
+            }
         }
-        for ack in acks {
+        for (i, ack) in acks.into_iter().enumerate() {
             match ack.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(anyhow!("Kafka did not take the record: {e}")),
+                Ok(Err((e, _))) => return Err(produce_error(i, &messages[i].topic, e)),
                 Err(_) => bail!("the Kafka producer went away"),
             }
         }
-        Ok(())
+        refused.map_or(Ok(()), Err)
     }
 
     async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn Subscription>> {

@@ -15,13 +15,35 @@ use std::time::Duration;
 
 pub use drain::Outbox;
 
+/// A message the backend will never take, whatever the retries (too large for the broker, a
+/// topic it refuses): the `index`-th of the batch. The ones before it were stored.
+#[derive(Debug)]
+pub struct Refused {
+    pub index: usize,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "message {} of the batch refused for good: {}",
+            self.index, self.reason
+        )
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// A durable, ordered log of topics with consumer-group offsets. Implemented by the embedded
 /// store and by Kafka; `tests::contract` runs the same checks against each.
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Human-readable name and location, for the start-up log and readiness.
     fn describe(&self) -> String;
-    /// Appends `messages` in order. `Ok` means every one of them is durably stored.
+    /// Appends `messages` in order. `Ok` means every one of them is durably stored. An error
+    /// that retrying cannot fix is a [`Refused`] (in the `anyhow` chain); any other is worth
+    /// retrying.
     async fn publish(&self, messages: &[Message]) -> Result<()>;
     /// Starts reading `topic` for consumer group `group`, after its last committed record.
     async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn Subscription>>;

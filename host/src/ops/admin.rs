@@ -70,6 +70,7 @@ fn route(runtime: &Runtime, method: &Method, path: &str) -> Resp {
                     "messaging": runtime.backend.describe(),
                     "messaging_reachable": runtime.backend_up.load(Ordering::Acquire),
                     "outbox_depth": runtime.outbox.depth().ok(),
+                    "outbox_parked": runtime.outbox.parked().ok(),
                 }),
             )
         }
@@ -78,6 +79,9 @@ fn route(runtime: &Runtime, method: &Method, path: &str) -> Resp {
             metrics::get()
                 .outbox_depth
                 .set(runtime.outbox.depth().unwrap_or(0) as i64);
+            metrics::get()
+                .outbox_parked
+                .set(runtime.outbox.parked().unwrap_or(0) as i64);
             let mut resp = hyper::Response::new(Full::new(Bytes::from(metrics::render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,

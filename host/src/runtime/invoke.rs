@@ -11,7 +11,7 @@ use crate::capabilities::exports::{handler, http_handler, Message, Request};
 use crate::storage::{CommitError, Txn};
 use crate::types::contract::SERVICE_SUFFIX;
 use crate::types::http::{busy, header_list, response};
-use crate::types::{json_error, Delivery, HttpRequest, Resp, REQUEST_ID};
+use crate::types::{json_error, Delivery, HttpRequest, Overrun, Resp, REQUEST_ID};
 use anyhow::{anyhow, Result};
 use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
@@ -66,7 +66,8 @@ pub async fn http(
                             call_handler(&mut warm.store, handler, &req).await
                         }
                         Entry::WasiHttp(proxy) => {
-                            call_wasi_http(&mut warm.store, proxy, &req).await
+                            let limit = runtime.settings.invocation_host_bytes;
+                            call_wasi_http(&mut warm.store, proxy, &req, limit).await
                         }
                     }
                 };
@@ -79,6 +80,13 @@ pub async fn http(
             }
             Err(e) => (Err(e), Txn::default()),
         };
+        if let Some(overrun) = txn.budget.overrun() {
+            tracing::error!(service = %service.name, request_id, error = %overrun, "component failed; its writes were rolled back");
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("{}{SERVICE_SUFFIX} failed: {overrun}", service.name),
+            );
+        }
         let resp = match outcome {
             Ok(resp) => resp,
             Err(e) if e.is::<WallClock>() => {
@@ -139,18 +147,22 @@ type ResponseSender =
 type ResponseReceiver =
     tokio::sync::oneshot::Receiver<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>;
 
-/// The guest's response, buffered: it is released only after the caller decided to commit.
-async fn collect_response(rx: ResponseReceiver) -> Result<Resp> {
+/// The guest's response, buffered (at most `limit` bytes): it is released only after the
+/// caller decided to commit.
+async fn collect_response(rx: ResponseReceiver, limit: usize) -> Result<Resp> {
     let resp = match rx.await {
         Ok(Ok(resp)) => resp,
         Ok(Err(code)) => return Err(anyhow!("component answered with error {code:?}")),
         Err(_) => return Err(anyhow!("component did not send a response")),
     };
     let (parts, body) = resp.into_parts();
-    let body = body
+    let body = http_body_util::Limited::new(body, limit)
         .collect()
         .await
-        .map_err(|e| anyhow!("component's response body failed: {e:?}"))?
+        .map_err(|e| match e.downcast::<http_body_util::LengthLimitError>() {
+            Ok(_) => anyhow!(Overrun { limit }),
+            Err(e) => anyhow!("component's response body failed: {e:?}"),
+        })?
         .to_bytes();
     Ok(hyper::Response::from_parts(parts, Full::new(body)))
 }
@@ -161,9 +173,10 @@ async fn call_wasi_http(
     store: &mut Store<Ctx>,
     proxy: &Proxy,
     req: &HttpRequest,
+    limit: usize,
 ) -> (bool, Result<Resp>) {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let collect = collect_response(rx);
+    let collect = collect_response(rx, limit);
     tokio::pin!(collect);
     let mut collected = None;
     let called = {
@@ -306,6 +319,9 @@ pub async fn message(
             }
             Err(e) => (Err(e), Txn::default()),
         };
+        if let Some(overrun) = txn.budget.overrun() {
+            return Handled::Retry(overrun.to_string());
+        }
         match called {
             Err(e) if e.is::<WallClock>() => return Handled::Retry(format!("handler {e}")),
             Err(e) => return Handled::Retry(format!("trap: {}", e.root_cause())),

@@ -11,7 +11,7 @@ use crate::capabilities::services::ServiceCalls;
 use crate::config::{Args, ServiceSpec};
 use crate::messaging::{Backend, Outbox, RetryPolicy};
 use crate::storage::{CommitError, Db, Txn};
-use crate::types::{HttpRequest, Resp};
+use crate::types::{HttpRequest, Message, Resp};
 use anyhow::{Context as _, Result};
 use futures_util::future::BoxFuture;
 use std::path::PathBuf;
@@ -33,6 +33,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Wall-clock limit of one invocation (a request or a message).
     pub request_timeout: Duration,
+    /// Host bytes one invocation may make the host hold (`INVOCATION_HOST_BYTES`).
+    pub invocation_host_bytes: usize,
     pub compile_cache: PathBuf,
     pub retry: RetryPolicy,
     /// Requests per instance (1 = a fresh instance per request).
@@ -49,6 +51,8 @@ impl Settings {
             body_timeout: args.body_timeout,
             max_connections: args.max_connections.max(1),
             request_timeout: args.request_timeout,
+            invocation_host_bytes: usize::try_from(args.invocation_host_bytes)
+                .unwrap_or(usize::MAX),
             compile_cache: args.compile_cache.clone(),
             retry: RetryPolicy {
                 max_attempts: args.retry_max_attempts.max(1),
@@ -159,6 +163,17 @@ impl Runtime {
             self.outbox.poke();
         }
         Ok(())
+    }
+
+    /// Puts `message` in the outbox on its own (durably), for the drainer to publish: a
+    /// dead-lettered record waits there while the broker is away, and is set aside like any
+    /// other if the broker refuses it for good.
+    pub async fn send_later(&self, service: &str, message: Message) -> Result<()> {
+        let mut txn = Txn::new(service.into());
+        txn.send(message)?;
+        self.commit(txn, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// Applies a message handler's writes (visible at once, durable with a later durable

@@ -30,6 +30,8 @@ pub struct Ctx {
     /// Epoch ticks the current invocation has computed for, against `budget`.
     ticks: u128,
     budget: u128,
+    /// Host bytes each invocation may make the host hold.
+    host_bytes: usize,
     pub(super) txn: Txn,
 }
 
@@ -63,6 +65,7 @@ impl Ctx {
     pub(super) fn services(&mut self) -> ServicesView<'_> {
         ServicesView {
             outbound: &self.outbound,
+            budget: &mut self.txn.budget,
         }
     }
 
@@ -77,7 +80,7 @@ impl Ctx {
     /// Starts a new invocation in this store: a new transaction, request id and CPU budget.
     pub(super) fn begin(&mut self, request_id: &str) {
         request_id.clone_into(&mut self.outbound.request_id);
-        self.txn = Txn::new(self.name.clone());
+        self.txn = Txn::limited(self.name.clone(), self.host_bytes);
         self.ticks = 0;
     }
 }
@@ -130,6 +133,7 @@ pub(super) fn new_store(runtime: &Runtime, spec: &Arc<ServiceSpec>, name: &Arc<s
             .build(),
         ticks: 0,
         budget: spec.limits.cpu.as_millis() / EPOCH_TICK.as_millis().max(1),
+        host_bytes: runtime.settings.invocation_host_bytes,
         txn: Txn::new(name.clone()),
     };
     let mut store = Store::new(&runtime.engine, ctx);

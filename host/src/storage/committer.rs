@@ -48,6 +48,16 @@ impl Db {
         result.await.map_err(|_| stopped())?
     }
 
+    /// Queues `txn` for the committer without waiting for it: for bookkeeping nobody waits on.
+    pub(super) fn queue_lazily(&self, txn: Txn) {
+        let (done, _) = tokio::sync::oneshot::channel();
+        let _ = self.0.committer.send(Pending {
+            txn,
+            durable: false,
+            done,
+        });
+    }
+
     /// Applies an invocation's writes and messages atomically, or reports a conflict. Visible
     /// to later invocations at once; durable only after [`Db::wait_durable`]. Blocking.
     pub fn apply_blocking(&self, txn: &Txn) -> Result<(), CommitError> {
@@ -93,6 +103,12 @@ impl Db {
             }
         }
         wtx.commit()?;
+        for (txn, result) in txns.iter().zip(&results) {
+            if result.is_ok() {
+                txn.committed.store(true, Ordering::SeqCst);
+                self.settle(txn);
+            }
+        }
         if durable {
             let mut st = self.0.sync.lock().unwrap();
             st.durable = st.durable.max(covers);
@@ -135,7 +151,7 @@ mod tests {
     use super::*;
 
     fn set(t: &mut Txn, key: &str, value: &[u8]) {
-        t.put("b".into(), key.into(), Some(value.to_vec()));
+        t.put("b".into(), key.into(), Some(value.to_vec())).unwrap();
     }
 
     #[test]
@@ -180,7 +196,7 @@ mod tests {
             let db = db.clone();
             tokio::spawn(async move {
                 let mut txn = Txn::new("user".into());
-                txn.put("q".into(), format!("k{i}"), Some(vec![i]));
+                txn.put("q".into(), format!("k{i}"), Some(vec![i])).unwrap();
                 db.commit(txn).await
             })
         });

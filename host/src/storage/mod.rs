@@ -215,7 +215,7 @@ mod tests {
         {
             let db = Db::open(dir.path()).unwrap();
             let mut t = Txn::new("s".into());
-            t.put("b".into(), "k".into(), Some(b"v".to_vec()));
+            t.put("b".into(), "k".into(), Some(b"v".to_vec())).unwrap();
             db.commit_blocking(&t).unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
@@ -227,7 +227,8 @@ mod tests {
     fn buckets_are_scoped_per_service() {
         let db = Db::in_memory().unwrap();
         let mut t = Txn::new("user".into());
-        t.put("b".into(), "k".into(), Some(b"secret".to_vec()));
+        t.put("b".into(), "k".into(), Some(b"secret".to_vec()))
+            .unwrap();
         db.commit_blocking(&t).unwrap();
         let mut other = Txn::new("order".into());
         assert_eq!(other.get(&db, "b", "k").unwrap(), None);

@@ -21,14 +21,44 @@ pub(super) fn append(wtx: &WriteTransaction, messages: &[Message]) -> Result<()>
     Ok(())
 }
 
-/// Messages waiting.
-pub fn depth(db: &Db) -> Result<u64> {
+/// Messages the backend refused for good (too large for the broker, say), set aside with the
+/// reason so that the ones after them flow: sequence number -> postcard-encoded
+/// `(reason, Message)`. An operator reads them here; nothing is dropped.
+const PARKED: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_parked");
+
+fn count(db: &Db, table: TableDefinition<u64, &[u8]>) -> Result<u64> {
     let rtx = db.redb().begin_read()?;
-    match rtx.open_table(OUTBOX) {
+    match rtx.open_table(table) {
         Ok(t) => Ok(t.len()?),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Messages waiting.
+pub fn depth(db: &Db) -> Result<u64> {
+    count(db, OUTBOX)
+}
+
+/// Messages set aside as never publishable.
+pub fn parked(db: &Db) -> Result<u64> {
+    count(db, PARKED)
+}
+
+/// Sets message `seq` aside with `reason`, and removes the ones before it (published). Blocking.
+pub fn park(db: &Db, seq: u64, reason: &str) -> Result<()> {
+    db.write_lazily(|wtx| {
+        let mut outbox = wtx.open_table(OUTBOX)?;
+        outbox.retain_in(..seq, |_, _| false)?;
+        let Some(message) = outbox.remove(seq)? else {
+            return Ok(());
+        };
+        let message: Message = postcard::from_bytes(message.value())?;
+        let mut parked = wtx.open_table(PARKED)?;
+        let next = parked.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
+        parked.insert(next, postcard::to_allocvec(&(reason, message))?.as_slice())?;
+        Ok(())
+    })
 }
 
 /// Up to `max` of the oldest messages with their sequence numbers, all of them on disk.
@@ -82,7 +112,7 @@ mod tests {
         for batch in [vec!["a", "b"], vec!["c"]] {
             let mut txn = Txn::new("user".into());
             for p in batch {
-                txn.send(msg(p));
+                txn.send(msg(p)).unwrap();
             }
             db.commit_blocking(&txn).unwrap();
         }
@@ -95,13 +125,35 @@ mod tests {
     }
 
     #[test]
+    fn a_parked_message_leaves_the_queue_with_those_before_it_and_is_kept() {
+        let db = Db::in_memory().unwrap();
+        let mut txn = Txn::new("user".into());
+        for p in ["a", "huge", "c"] {
+            txn.send(msg(p)).unwrap();
+        }
+        db.commit_blocking(&txn).unwrap();
+        let pending = oldest(&db, 256).unwrap();
+        park(&db, pending[1].0, "too large").unwrap();
+        assert_eq!((depth(&db).unwrap(), parked(&db).unwrap()), (1, 1));
+        assert_eq!(oldest(&db, 256).unwrap()[0].1.payload, b"c");
+        let rtx = db.redb().begin_read().unwrap();
+        let table = rtx.open_table(PARKED).unwrap();
+        let (_, kept) = table.first().unwrap().unwrap();
+        let (reason, message): (String, Message) = postcard::from_bytes(kept.value()).unwrap();
+        assert_eq!(
+            (reason.as_str(), message.payload.as_slice()),
+            ("too large", &b"huge"[..])
+        );
+    }
+
+    #[test]
     fn a_conflicting_commit_sends_nothing() {
         let db = Db::in_memory().unwrap();
         let mut reader = Txn::new("user".into());
         reader.get(&db, "b", "k").unwrap();
-        reader.send(msg("lost"));
+        reader.send(msg("lost")).unwrap();
         let mut writer = Txn::new("user".into());
-        writer.put("b".into(), "k".into(), Some(vec![1]));
+        writer.put("b".into(), "k".into(), Some(vec![1])).unwrap();
         db.commit_blocking(&writer).unwrap();
         assert!(db.commit_blocking(&reader).is_err());
         assert_eq!(depth(&db).unwrap(), 0);

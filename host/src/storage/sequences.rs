@@ -1,13 +1,27 @@
 //! Id sequences: ids that never repeat and never make concurrent invocations conflict.
 
 use super::{Db, KvKey, Txn};
+use crate::types::budget::ENTRY_OVERHEAD;
 use anyhow::Result;
 use redb::ReadableTable;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-/// Last id handed out per (service, bucket, key) sequence, ahead of what is committed.
-pub(super) type Sequences = Mutex<HashMap<(Arc<str>, String, String), u64>>;
+/// Sequences with ids handed out ahead of what is stored. An entry lives only while some
+/// transaction holds ids of it, or until the last id handed out is stored: so the map stays as
+/// small as the work in flight, however many names guests make up.
+pub(super) type Sequences = Mutex<HashMap<Slot, Head>>;
+
+type Slot = (Arc<str>, String, String);
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Head {
+    /// The last id handed out.
+    last: u64,
+    /// Transactions in flight that took ids of this sequence.
+    holders: u32,
+}
 
 /// Why no id was handed out.
 #[derive(Debug)]
@@ -29,10 +43,16 @@ impl Db {
     /// The next id of `bucket/key` for `txn`'s service. Taken at once under a lock, not
     /// validated at commit: an id taken by an invocation that then fails is skipped.
     pub fn next_id(&self, txn: &mut Txn, bucket: String, key: String) -> Result<u64, NextIdError> {
+        let held = !txn.sequences.contains_key(&(bucket.clone(), key.clone()));
+        if held {
+            txn.budget
+                .charge(bucket.len() + key.len() + ENTRY_OVERHEAD)
+                .map_err(|e| NextIdError::Storage(e.into()))?;
+        }
         let mut sequences = self.0.sequences.lock().unwrap();
         let slot = (txn.service.clone(), bucket, key);
         let last = match sequences.get(&slot) {
-            Some(&last) => last,
+            Some(head) => head.last,
             None => match self
                 .read_value(&slot.0, &slot.1, &slot.2)
                 .map_err(NextIdError::Storage)?
@@ -44,10 +64,81 @@ impl Db {
         let id = last
             .checked_add(1)
             .ok_or_else(|| NextIdError::NotASequence("sequence exhausted".into()))?;
-        sequences.insert(slot.clone(), id);
+        let head = sequences.entry(slot.clone()).or_insert(Head {
+            last: 0,
+            holders: 0,
+        });
+        head.last = id;
+        head.holders += u32::from(held);
+        txn.lease.get_or_insert_with(|| self.clone());
         let taken = txn.sequences.entry((slot.1, slot.2)).or_insert(0);
         *taken = (*taken).max(id);
         Ok(id)
+    }
+
+    /// `txn` is done with its sequences (committed or not). The last holder of a sequence
+    /// forgets it once its last id is stored, or has that id stored first: an id handed to an
+    /// invocation that failed stays skipped.
+    pub(super) fn release(&self, txn: &Txn) {
+        let committed = txn.committed.load(Ordering::SeqCst);
+        let mut unstored = Vec::new();
+        {
+            let mut sequences = self.0.sequences.lock().unwrap();
+            for ((bucket, key), &id) in &txn.sequences {
+                let slot = (txn.service.clone(), bucket.clone(), key.clone());
+                let Some(head) = sequences.get_mut(&slot) else {
+                    continue;
+                };
+                head.holders = head.holders.saturating_sub(1);
+                if head.holders > 0 {
+                    continue;
+                }
+                if committed && head.last == id {
+                    sequences.remove(&slot);
+                } else {
+                    unstored.push((bucket.clone(), key.clone(), head.last));
+                }
+            }
+        }
+        if !unstored.is_empty() {
+            // Stored by the committer, which then forgets the entries (see `settle`).
+            let mut skip = Txn::new(txn.service.clone());
+            for (bucket, key, last) in unstored {
+                skip.sequences.insert((bucket, key), last);
+            }
+            self.queue_lazily(skip);
+        }
+    }
+
+    /// After `txn`'s ids are stored: forgets sequences nobody holds whose last id is stored.
+    pub(super) fn settle(&self, txn: &Txn) {
+        if txn.lease.is_some() {
+            return; // its holders release it when it is dropped
+        }
+        let mut sequences = self.0.sequences.lock().unwrap();
+        for ((bucket, key), &id) in &txn.sequences {
+            let slot = (txn.service.clone(), bucket.clone(), key.clone());
+            if sequences
+                .get(&slot)
+                .is_some_and(|h| h.holders == 0 && h.last <= id)
+            {
+                sequences.remove(&slot);
+            }
+        }
+    }
+
+    /// Sequences in memory, for tests.
+    #[cfg(test)]
+    pub(super) fn sequences_held(&self) -> usize {
+        self.0.sequences.lock().unwrap().len()
+    }
+}
+
+impl Drop for Txn {
+    fn drop(&mut self) {
+        if let Some(db) = self.lease.take() {
+            db.release(self);
+        }
     }
 }
 
@@ -78,6 +169,8 @@ mod tests {
         assert_eq!((take(&db, &mut a), take(&db, &mut b)), (1, 2));
         db.commit_blocking(&b).unwrap();
         db.commit_blocking(&a).unwrap();
+        drop((a, b));
+        assert_eq!(db.sequences_held(), 0, "stored ids are not kept in memory");
         // One that fails (never commits) leaves a gap; the next one moves on.
         let mut failed = Txn::new("user".into());
         assert_eq!(take(&db, &mut failed), 3);
@@ -85,9 +178,18 @@ mod tests {
         let mut c = Txn::new("user".into());
         assert_eq!(take(&db, &mut c), 4);
         db.commit_blocking(&c).unwrap();
+        drop(c);
         // After a restart the sequence continues from what was committed.
         drop(db);
-        let db = Db::open(dir.path()).unwrap();
+        // The committer thread may still hold the file for a moment after storing the skip.
+        let started = std::time::Instant::now();
+        let db = loop {
+            match Db::open(dir.path()) {
+                Ok(db) => break db,
+                Err(e) if started.elapsed().as_secs() > 5 => panic!("{e:#}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        };
         let mut d = Txn::new("user".into());
         assert_eq!(take(&db, &mut d), 5);
         // Sequences are per service, like everything else.
@@ -96,10 +198,28 @@ mod tests {
     }
 
     #[test]
+    fn made_up_names_of_failed_invocations_are_not_kept_in_memory() {
+        let db = Db::in_memory().unwrap();
+        for i in 0..1000 {
+            let mut t = Txn::new("s".into());
+            assert_eq!(db.next_id(&mut t, "m".into(), format!("n{i}")).unwrap(), 1);
+        }
+        // The skipped ids are stored by the committer; then nothing is left in memory.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while db.sequences_held() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(db.sequences_held(), 0);
+        let mut t = Txn::new("s".into());
+        assert_eq!(db.next_id(&mut t, "m".into(), "n7".into()).unwrap(), 2);
+    }
+
+    #[test]
     fn a_key_that_is_not_a_sequence_is_an_error() {
         let db = Db::in_memory().unwrap();
         let mut t = Txn::new("s".into());
-        t.put("m".into(), "seq".into(), Some(b"text".to_vec()));
+        t.put("m".into(), "seq".into(), Some(b"text".to_vec()))
+            .unwrap();
         db.commit_blocking(&t).unwrap();
         let mut t = Txn::new("s".into());
         assert!(matches!(

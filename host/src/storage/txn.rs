@@ -1,9 +1,11 @@
 //! One invocation's optimistic transaction: reads recorded for validation, writes buffered.
 
 use super::{scan_keys, Db, KvKey};
-use crate::types::Message;
+use crate::types::budget::ENTRY_OVERHEAD;
+use crate::types::{Budget, Message, Overrun};
 use anyhow::Result;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// What one invocation has read and written so far.
@@ -16,14 +18,26 @@ pub struct Txn {
     /// Highest id taken per sequence.
     pub(super) sequences: BTreeMap<(String, String), u64>,
     pub(super) outbox: Vec<Message>,
+    /// What all of the above may cost the host.
+    pub budget: Budget,
+    /// The store whose sequences this transaction took ids from, to release them when done.
+    pub(super) lease: Option<Db>,
+    /// Set once its writes are in the store.
+    pub(super) committed: AtomicBool,
 }
 
 impl Txn {
     pub fn new(service: Arc<str>) -> Txn {
-        Txn {
-            service,
-            ..Txn::default()
-        }
+        let mut txn = Txn::default();
+        txn.service = service;
+        txn
+    }
+
+    /// A transaction that may make the host hold at most `limit` bytes.
+    pub fn limited(service: Arc<str>, limit: usize) -> Txn {
+        let mut txn = Txn::new(service);
+        txn.budget = Budget::new(limit);
+        txn
     }
 
     /// Nothing to commit: read-only invocations skip the write lock entirely.
@@ -37,8 +51,10 @@ impl Txn {
     }
 
     /// Stages `message`: it reaches the outbox with the commit, or never.
-    pub fn send(&mut self, message: Message) {
+    pub fn send(&mut self, message: Message) -> Result<(), Overrun> {
+        self.budget.charge(message.size() + ENTRY_OVERHEAD)?;
         self.outbox.push(message);
+        Ok(())
     }
 
     /// The value at `bucket/key` as this invocation sees it: its own write, else the store's
@@ -48,19 +64,35 @@ impl Txn {
             return Ok(v.clone());
         }
         let value = db.read_value(&self.service, bucket, key)?;
+        let held = bucket.len() + key.len() + value.as_ref().map_or(0, Vec::len);
+        self.budget.charge(held + ENTRY_OVERHEAD)?;
         self.reads
             .push((bucket.to_string(), key.to_string(), value.clone()));
         Ok(value)
     }
 
     /// Buffers a write (`None` deletes).
-    pub fn put(&mut self, bucket: String, key: String, value: Option<Vec<u8>>) {
-        self.writes.insert((bucket, key), value);
+    pub fn put(
+        &mut self,
+        bucket: String,
+        key: String,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), Overrun> {
+        let entry = bucket.len() + key.len() + ENTRY_OVERHEAD;
+        self.budget
+            .charge(entry + value.as_ref().map_or(0, Vec::len))?;
+        if let Some(old) = self.writes.insert((bucket, key), value) {
+            // Overwriting a staged value frees the old one: a loop over one key stays cheap.
+            self.budget.refund(entry + old.map_or(0, |v| v.len()));
+        }
+        Ok(())
     }
 
     /// Keys of `bucket` starting with `prefix` as this invocation sees them, in byte order.
     pub fn list_keys(&mut self, db: &Db, bucket: &str, prefix: &str) -> Result<Vec<String>> {
         let committed = db.read_keys(&self.service, bucket, prefix)?;
+        let held: usize = committed.iter().map(|k| k.len() + ENTRY_OVERHEAD).sum();
+        self.budget.charge(bucket.len() + prefix.len() + 2 * held)?;
         self.lists
             .push((bucket.to_string(), prefix.to_string(), committed.clone()));
         let mut keys: BTreeSet<String> = committed.into_iter().collect();
@@ -116,7 +148,7 @@ mod tests {
     fn writes_are_invisible_until_commit_and_visible_after() {
         let db = Db::in_memory().unwrap();
         let mut t1 = Txn::new("user".into());
-        t1.put("b".into(), "k".into(), Some(b"v".to_vec()));
+        t1.put("b".into(), "k".into(), Some(b"v".to_vec())).unwrap();
         assert_eq!(t1.get(&db, "b", "k").unwrap(), Some(b"v".to_vec()));
         let mut t2 = Txn::new("user".into());
         assert_eq!(t2.get(&db, "b", "k").unwrap(), None);
@@ -130,7 +162,7 @@ mod tests {
         let db = Db::in_memory().unwrap();
         let bump = |t: &mut Txn| {
             let n = t.get(&db, "m", "id").unwrap().map_or(0, |v| v[0]);
-            t.put("m".into(), "id".into(), Some(vec![n + 1]));
+            t.put("m".into(), "id".into(), Some(vec![n + 1])).unwrap();
             n + 1
         };
         let (mut a, mut b) = (Txn::new("user".into()), Txn::new("user".into()));
@@ -145,17 +177,17 @@ mod tests {
     fn list_keys_merges_own_writes_and_detects_phantoms() {
         let db = Db::in_memory().unwrap();
         let mut seed = Txn::new("s".into());
-        seed.put("b".into(), "a1".into(), Some(vec![1]));
-        seed.put("b".into(), "a2".into(), Some(vec![2]));
+        seed.put("b".into(), "a1".into(), Some(vec![1])).unwrap();
+        seed.put("b".into(), "a2".into(), Some(vec![2])).unwrap();
         db.commit_blocking(&seed).unwrap();
 
         let mut t = Txn::new("s".into());
-        t.put("b".into(), "a1".into(), None);
-        t.put("b".into(), "a3".into(), Some(vec![3]));
+        t.put("b".into(), "a1".into(), None).unwrap();
+        t.put("b".into(), "a3".into(), Some(vec![3])).unwrap();
         assert_eq!(t.list_keys(&db, "b", "a").unwrap(), vec!["a2", "a3"]);
 
         let mut other = Txn::new("s".into());
-        other.put("b".into(), "a9".into(), Some(vec![9]));
+        other.put("b".into(), "a9".into(), Some(vec![9])).unwrap();
         db.commit_blocking(&other).unwrap();
         assert!(matches!(db.commit_blocking(&t), Err(CommitError::Conflict)));
     }

@@ -12,6 +12,12 @@ pub struct Message {
 }
 
 impl Message {
+    /// Bytes the message holds: topic, key, payload and headers.
+    pub fn size(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.topic.len() + self.key.as_ref().map_or(0, String::len) + self.payload.len() + headers
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()

@@ -43,8 +43,18 @@ pub fn components_copy() -> tempfile::TempDir {
 /// A host whose product-service runs the fixture `fixture` (e.g. `misbehave.wasm`), started
 /// with `extra` flags. The returned dir holds the components; keep it as long as the host.
 pub async fn with_product(fixture_file: &str, extra: &[&str]) -> (Host, tempfile::TempDir) {
+    with_fixture_as("product", fixture_file, extra).await
+}
+
+/// A host whose `service` runs the fixture `fixture_file` instead of its seed component.
+pub async fn with_fixture_as(
+    service: &str,
+    fixture_file: &str,
+    extra: &[&str],
+) -> (Host, tempfile::TempDir) {
     let comps = components_copy();
-    std::fs::copy(fixture(fixture_file), comps.path().join("product.wasm")).unwrap();
+    let target = comps.path().join(format!("{service}.wasm"));
+    std::fs::copy(fixture(fixture_file), target).unwrap();
     let host = Host::start_in(comps.path(), None, extra).await;
     (host, comps)
 }
@@ -175,6 +185,17 @@ impl Host {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The host process's resident memory, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kb * 1024
     }
 
     pub fn log(&self) -> String {

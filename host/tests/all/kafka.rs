@@ -2,7 +2,7 @@
 //! These tests fail, never skip, when no broker can be started.
 
 use crate::broker::Broker;
-use crate::harness::Host;
+use crate::harness::{with_fixture_as, Host};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -241,4 +241,39 @@ async fn restart_resumes_from_committed_offsets_without_loss_or_replay_effects()
         assert_eq!(o["user"]["id"], o["userId"]);
     }
     drop(keep);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_of_the_largest_size_a_service_may_send_does_not_block_the_ones_after_it() {
+    let broker = broker();
+    // The misbehave fixture stands in for user-service, so it may publish `user-created`.
+    let (host, _comps) =
+        with_fixture_as("user", "misbehave.wasm", &["--kafka-brokers", &broker.addr]).await;
+    // Just under the host's 1 MiB, over librdkafka's default limit of 1,000,000 bytes.
+    let r = host
+        .send("POST", "user", "/publish?id=500&pad=1040000", None)
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.json);
+    // Over the host's limit: refused when staged, with a clear error.
+    let r = host
+        .send("POST", "user", "/publish?id=501&pad=1100000", None)
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.json);
+    assert!(
+        r.json["error"]
+            .as_str()
+            .unwrap()
+            .contains("PayloadTooLarge"),
+        "{:?}",
+        r.json
+    );
+    for id in 1..=10 {
+        let path = format!("/publish?id={id}&pad=5");
+        assert_eq!(host.send("POST", "user", &path, None).await.status, 202);
+    }
+    for id in 1..=10 {
+        wait_cached(&host, id, Duration::from_secs(30)).await;
+    }
+    let ready = host.admin_get("/readyz").await;
+    assert_eq!(ready.json["outbox_depth"], 0, "{:?}", ready.json);
 }

@@ -10,6 +10,19 @@ async fn host_with_misbehaving_product(limits: &str) -> (Arc<Host>, tempfile::Te
     (Arc::new(host), comps)
 }
 
+/// Every service port still answers below 500.
+async fn every_port_answers(host: &Host) {
+    for service in ["gateway", "user", "product", "order"] {
+        let path = if service == "gateway" {
+            "/api/users"
+        } else {
+            "/"
+        };
+        let status = host.send("GET", service, path, None).await.status;
+        assert!(status < 500, "{service} answered {status}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_runaway_loop_gets_504_while_everything_else_answers() {
     let (host, _comps) = host_with_misbehaving_product("product=cpu:3s").await;
@@ -178,15 +191,7 @@ async fn a_response_with_thirty_thousand_headers_is_a_500_not_a_crash() {
     let r = host.send("GET", "product", "/headers?n=20", None).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["x-h19"], "v");
-    for service in ["gateway", "user", "product", "order"] {
-        let path = if service == "gateway" {
-            "/api/users"
-        } else {
-            "/"
-        };
-        let status = host.send("GET", service, path, None).await.status;
-        assert!(status < 500, "{service} answered {status}");
-    }
+    every_port_answers(&host).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -322,4 +327,36 @@ async fn request_bodies_held_by_the_host_stay_within_the_body_buffer() {
         &host.send("POST", "product", "/products", Some(&big)).await,
         400,
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_staging_gigabytes_fails_alone_and_the_host_stays_small() {
+    let (host, _comps) = host_with_misbehaving_product("product=cpu:20s").await;
+    assert_eq!(host.send("GET", "product", "/", None).await.status, 200);
+    let baseline = host.rss();
+    let mut peak = baseline;
+    // Each asks the host to hold 20,000 MiB of staged writes, and ignores every refusal.
+    let hoards: Vec<_> = (0..3)
+        .map(|_| host.send("GET", "product", "/hoard-host", None))
+        .collect();
+    let hoards = futures_util::future::join_all(hoards);
+    tokio::pin!(hoards);
+    let replies = loop {
+        tokio::select! {
+            replies = &mut hoards => break replies,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => peak = peak.max(host.rss()),
+        }
+    };
+    for r in &replies {
+        assert_error(r, 500);
+        let error = r.json["error"].as_str().unwrap();
+        assert!(error.contains("INVOCATION_HOST_BYTES"), "{error}");
+    }
+    assert!(
+        peak < baseline + (100 << 20),
+        "RSS went from {} MB to {} MB",
+        baseline >> 20,
+        peak >> 20
+    );
+    every_port_answers(&host).await;
 }

@@ -54,6 +54,7 @@ pub async fn build(args: &Args, specs: &[ServiceSpec]) -> Result<Arc<Runtime>> {
 
 /// Starts everything and serves until Ctrl-C or SIGTERM.
 pub async fn run(args: Args) -> Result<()> {
+    let access = admin::Access::new(args.admin_addr, args.admin_token.clone())?;
     let mut specs = args.services()?;
     let runtime = build(&args, &specs).await?;
 
@@ -61,7 +62,7 @@ pub async fn run(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("binding admin listener {}", args.admin_addr))?;
     tracing::info!(addr = %admin_listener.local_addr()?, "admin listening");
-    tokio::spawn(admin::serve(admin_listener, runtime.clone()));
+    tokio::spawn(admin::serve(admin_listener, runtime.clone(), access));
 
     // Bind every port before the slow part so a port in use fails the start at once.
     let mut listeners = Vec::new();

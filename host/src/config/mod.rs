@@ -39,9 +39,15 @@ pub struct Args {
     #[arg(long, env = "ORDER_PORT", default_value_t = 3003)]
     pub order_port: u16,
 
-    /// Address of the admin listener (/healthz, /readyz, /components). Keep it on loopback.
+    /// Address of the admin listener (/healthz, /readyz, /components, /metrics, rollback).
+    /// Anything but loopback needs ADMIN_TOKEN.
     #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:3999")]
     pub admin_addr: SocketAddr,
+
+    /// Bearer token every admin call but GET /healthz and /readyz must carry
+    /// (`Authorization: Bearer TOKEN`). Required when ADMIN_ADDR is not loopback.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 
     /// Directory of the durable state (users, products, orders, caches, outbox, embedded log).
     #[arg(long, env = "DATA_DIR", default_value = "data")]

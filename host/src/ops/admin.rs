@@ -5,7 +5,7 @@ use crate::runtime::Runtime;
 use crate::types::{json_error, Resp};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, StatusCode};
@@ -17,7 +17,71 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>) {
+/// Who may use the admin API: anyone who can reach it, or holders of a bearer token.
+#[derive(Clone, Default)]
+pub struct Access {
+    token: Option<Arc<str>>,
+}
+
+impl Access {
+    /// `token` is `ADMIN_TOKEN`; without one the listener must be on loopback, where only this
+    /// machine reaches it.
+    pub fn new(addr: std::net::SocketAddr, token: Option<String>) -> anyhow::Result<Access> {
+        let token = token.filter(|t| !t.is_empty());
+        if token.is_none() && !addr.ip().is_loopback() {
+            anyhow::bail!(
+                "ADMIN_ADDR {addr} is reachable from other machines: set ADMIN_TOKEN (a bearer \
+                 token every admin call but /healthz and /readyz must carry), or bind loopback"
+            );
+        }
+        Ok(Access {
+            token: token.map(Into::into),
+        })
+    }
+
+    /// The refusal for a request that may not do what it asks, if any.
+    fn check(&self, method: &Method, path: &str, headers: &HeaderMap) -> Option<Resp> {
+        let probe = method == Method::GET && matches!(path, "/healthz" | "/readyz");
+        let bearer = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if let Some(token) = &self.token {
+            let ok = bearer.is_some_and(|b| same(b.as_bytes(), token.as_bytes()));
+            if !ok && !probe {
+                let mut resp = json_error(
+                    StatusCode::UNAUTHORIZED,
+                    "admin calls need Authorization: Bearer <ADMIN_TOKEN>",
+                );
+                resp.headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return Some(resp);
+            }
+            return None;
+        }
+        // No token (loopback only): a web page the operator visits can still make the browser
+        // send a form POST here. A form cannot set a JSON content type, and a script that sets
+        // one needs a CORS preflight this listener never grants.
+        let json_body = headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if method == Method::POST && !json_body {
+            return Some(json_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "admin POSTs need Content-Type: application/json",
+            ));
+        }
+        None
+    }
+}
+
+/// Compares in time independent of where the inputs differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, access: Access) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -29,10 +93,14 @@ pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>) {
             }
         };
         let runtime = runtime.clone();
+        let access = access.clone();
         tokio::spawn(async move {
             let header_timeout = runtime.settings.header_timeout;
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let resp = route(&runtime, req.method(), req.uri().path());
+                let (method, path) = (req.method(), req.uri().path());
+                let resp = access
+                    .check(method, path, req.headers())
+                    .unwrap_or_else(|| route(&runtime, method, path));
                 async move { Ok::<_, Infallible>(resp) }
             });
             // The service ports' cut-off for slow and idle clients holds here too.
@@ -91,11 +159,12 @@ fn route(runtime: &Runtime, method: &Method, path: &str) -> Resp {
             );
             resp
         }
-        (method, path) if rollback_target(path).is_some() => {
+        (method, path) if version_move(path).is_some() => {
             if method != Method::POST {
                 return json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
             }
-            rollback(runtime, rollback_target(path).unwrap_or_default())
+            let (name, forward) = version_move(path).unwrap_or_default();
+            move_version(runtime, name, forward)
         }
         (_, "/healthz" | "/readyz" | "/components" | "/metrics") => {
             json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
@@ -131,29 +200,42 @@ fn components(runtime: &Runtime) -> Value {
     Value::Array(list)
 }
 
-/// `NAME` of `/components/NAME/rollback`, if `path` is one (`NAME` not empty).
-fn rollback_target(path: &str) -> Option<&str> {
-    path.strip_prefix("/components/")?
-        .strip_suffix("/rollback")
-        .filter(|name| !name.is_empty())
+/// `NAME` of `/components/NAME/rollback` or `/rollforward` (then `true`), if `path` is one
+/// (`NAME` not empty).
+fn version_move(path: &str) -> Option<(&str, bool)> {
+    let rest = path.strip_prefix("/components/")?;
+    let (name, forward) = match rest.strip_suffix("/rollback") {
+        Some(name) => (name, false),
+        None => (rest.strip_suffix("/rollforward")?, true),
+    };
+    (!name.is_empty()).then_some((name, forward))
 }
 
-fn rollback(runtime: &Runtime, name: &str) -> Resp {
+fn move_version(runtime: &Runtime, name: &str, forward: bool) -> Resp {
     let Some(service) = runtime.service(name) else {
         return json_error(StatusCode::NOT_FOUND, &format!("no service named {name:?}"));
     };
-    match service.rollback() {
+    let (moved, verb) = if forward {
+        (service.rollforward(), "rolled forward")
+    } else {
+        (service.rollback(), "rolled back")
+    };
+    match moved {
         Some((generation, loaded)) => {
             metrics::get()
                 .swaps
                 .get_or_create(&metrics::labels([("service", name)]))
                 .inc();
-            tracing::info!(service = name, generation, sha256 = %loaded.sha256, "rolled back");
+            tracing::info!(service = name, generation, sha256 = %loaded.sha256, "{verb}");
             json(
                 StatusCode::OK,
                 json!({ "name": name, "generation": generation, "sha256": loaded.sha256 }),
             )
         }
+        None if forward => json_error(
+            StatusCode::CONFLICT,
+            &format!("{name} has no rolled-back version to roll forward to"),
+        ),
         None => json_error(
             StatusCode::CONFLICT,
             &format!("{name} has no previous version to roll back to"),
@@ -217,6 +299,56 @@ mod tests {
         serde_json::from_slice(&bytes).expect("a JSON body")
     }
 
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn without_a_token_only_loopback_and_only_json_posts() {
+        let public: std::net::SocketAddr = "0.0.0.0:3999".parse().unwrap();
+        let err = Access::new(public, None).err().unwrap().to_string();
+        assert!(err.contains("ADMIN_TOKEN"), "{err}");
+        assert!(Access::new(public, Some(String::new())).is_err());
+        let open = Access::new("127.0.0.1:3999".parse().unwrap(), None).unwrap();
+        let path = "/components/user/rollback";
+        let form = headers(&[("content-type", "application/x-www-form-urlencoded")]);
+        let refused = open.check(&Method::POST, path, &form).unwrap();
+        assert_eq!(refused.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert!(body(refused)["error"].is_string());
+        assert!(open.check(&Method::POST, path, &HeaderMap::new()).is_some());
+        let json = headers(&[("content-type", "application/json")]);
+        assert!(open.check(&Method::POST, path, &json).is_none());
+        assert!(open
+            .check(&Method::GET, "/components", &HeaderMap::new())
+            .is_none());
+    }
+
+    #[test]
+    fn with_a_token_everything_but_the_probes_needs_it() {
+        let access = Access::new("0.0.0.0:3999".parse().unwrap(), Some("s3cret".into())).unwrap();
+        let none = HeaderMap::new();
+        let good = headers(&[("authorization", "Bearer s3cret")]);
+        let bad = headers(&[("authorization", "Bearer s3cres")]);
+        for probe in ["/healthz", "/readyz"] {
+            assert!(access.check(&Method::GET, probe, &none).is_none());
+        }
+        for (method, path) in [
+            (Method::GET, "/components"),
+            (Method::GET, "/metrics"),
+            (Method::POST, "/components/user/rollback"),
+        ] {
+            let refused = access.check(&method, path, &bad).unwrap();
+            assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(refused.headers()[WWW_AUTHENTICATE], "Bearer");
+            assert!(access.check(&method, path, &none).is_some());
+            // The token is enough: a script with it needs no JSON content type.
+            assert!(access.check(&method, path, &good).is_none(), "{path}");
+        }
+    }
+
     #[test]
     fn rollback_paths_without_a_name_are_not_found_not_a_panic() {
         let runtime = runtime();
@@ -240,7 +372,7 @@ mod tests {
             method in prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH", "BREW"]),
             prefix in prop::sample::select(vec!["", "/components", "/components/", "/healthz", "/metrics", "/readyz"]),
             rest in "[a-z/%.]{0,20}",
-            suffix in prop::sample::select(vec!["", "/rollback", "rollback", "/"]),
+            suffix in prop::sample::select(vec!["", "/rollback", "rollback", "/", "/rollforward"]),
         ) {
             let runtime = runtime();
             let method = Method::from_bytes(method.as_bytes()).unwrap();

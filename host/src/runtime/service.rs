@@ -39,6 +39,8 @@ struct Swaps {
     generation: u64,
     /// Versions replaced by swaps, oldest first, for rollback.
     previous: Vec<Arc<Loaded>>,
+    /// Versions left by rollbacks, most recent last, for rolling forward again.
+    undone: Vec<Arc<Loaded>>,
     rejected: Option<Rejected>,
 }
 
@@ -88,6 +90,8 @@ impl Service {
         if swaps.previous.len() > HISTORY {
             swaps.previous.remove(0);
         }
+        // A new version starts a new line of history, as a new commit after an undo does.
+        swaps.undone.clear();
         swaps.generation += 1;
         swaps.generation
     }
@@ -100,12 +104,31 @@ impl Service {
         });
     }
 
-    /// Goes back to the version before the current one; `None` if there is none.
+    /// Goes back to the version before the current one, keeping the current one for
+    /// [`Service::rollforward`]; `None` if there is none.
     pub fn rollback(&self) -> Option<(u64, Arc<Loaded>)> {
-        let mut swaps = self.swaps.lock().unwrap();
-        let prev = swaps.previous.pop()?;
-        self.loaded.store(prev.clone());
+        self.step(false)
+    }
+
+    /// Undoes the last rollback; `None` if there is none to undo.
+    pub fn rollforward(&self) -> Option<(u64, Arc<Loaded>)> {
+        self.step(true)
+    }
+
+    /// Installs the last version of one history and keeps the current one in the other.
+    fn step(&self, forward: bool) -> Option<(u64, Arc<Loaded>)> {
+        let mut guard = self.swaps.lock().unwrap();
+        let swaps = &mut *guard;
+        let (from, to) = if forward {
+            (&mut swaps.undone, &mut swaps.previous)
+        } else {
+            (&mut swaps.previous, &mut swaps.undone)
+        };
+        let target = from.pop()?;
+        let left = self.loaded.swap(target.clone());
+        left.idle.lock().unwrap().clear();
+        to.push(left);
         swaps.generation += 1;
-        Some((swaps.generation, prev))
+        Some((swaps.generation, target))
     }
 }

@@ -128,3 +128,49 @@ async fn garbage_requests_cannot_grow_the_metric_series_without_bound() {
         "the cap was never reached"
     );
 }
+
+#[tokio::test]
+async fn an_admin_listener_off_loopback_needs_a_token_and_then_every_call_carries_it() {
+    // Without a token the host refuses to start rather than expose rollback to the network.
+    let data = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_host"))
+            .args(["--admin-addr", "0.0.0.0:0", "--in-memory"])
+            .arg("--data-dir")
+            .arg(data.path())
+            .output(),
+    )
+    .await
+    .expect("the host exits instead of starting")
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ADMIN_TOKEN"), "{stderr}");
+
+    let host = Host::start_with(None, &["--admin-token", "s3cret"]).await;
+    let anyone = reqwest::Client::new();
+    let url = |path: &str| format!("http://{}{path}", host.admin);
+    let r = anyone.get(url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "probes stay open");
+    let refused = crate::harness::reply(anyone.get(url("/components")).send().await.unwrap()).await;
+    assert_eq!(refused.status, 401);
+    assert!(refused.json["error"].as_str().unwrap().contains("Bearer"));
+    let r = anyone
+        .get(url("/components"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rollback = url("/components/user/rollback");
+    let r = anyone.post(&rollback).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = anyone
+        .post(&rollback)
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409, "authorized; nothing to roll back to");
+}

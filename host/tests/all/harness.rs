@@ -73,6 +73,8 @@ pub async fn stalled(port: u16, bytes: &[u8]) -> tokio::net::TcpStream {
 pub struct Host {
     child: Child,
     pub admin: String,
+    /// `--admin-token`, when the test passed one.
+    admin_token: Option<String>,
     pub ports: HashMap<String, u16>,
     pub data: PathBuf,
     _tmp: Option<tempfile::TempDir>,
@@ -137,9 +139,15 @@ impl Host {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("starting the host binary");
+        let admin_token = extra
+            .iter()
+            .position(|a| *a == "--admin-token")
+            .and_then(|i| extra.get(i + 1))
+            .map(|t| t.to_string());
         let mut host = Host {
             child,
             admin,
+            admin_token,
             ports: HashMap::new(),
             data,
             _tmp: tmp,
@@ -207,13 +215,11 @@ impl Host {
     }
 
     pub async fn admin_get(&self, path: &str) -> Reply {
-        let r = self
-            .http
-            .get(format!("http://{}{path}", self.admin))
-            .send()
-            .await
-            .unwrap();
-        reply(r).await
+        let mut get = self.http.get(format!("http://{}{path}", self.admin));
+        if let Some(token) = &self.admin_token {
+            get = get.bearer_auth(token);
+        }
+        reply(get.send().await.unwrap()).await
     }
 
     /// The admin listener's Prometheus text.

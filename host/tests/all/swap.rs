@@ -1,6 +1,6 @@
 //! Hot swap: replacing a component file while the host serves.
 
-use crate::harness::{components_copy, fixture, Host};
+use crate::harness::{assert_error, components_copy, fixture, Host};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -232,11 +232,15 @@ async fn rollback_returns_to_the_previous_version() {
     let comps = components_copy();
     let host = Host::start_in(comps.path(), None, &[]).await;
     let first = component(&host, "user").await["sha256"].clone();
-    let rollback = |host: &Host| {
-        let url = format!("http://{}/components/user/rollback", host.admin);
+    let move_version = |host: &Host, how: &str| {
+        let url = format!("http://{}/components/user/{how}", host.admin);
         let client = host.http.clone();
-        async move { crate::harness::reply(client.post(url).send().await.unwrap()).await }
+        async move {
+            let post = client.post(url).header("content-type", "application/json");
+            crate::harness::reply(post.send().await.unwrap()).await
+        }
     };
+    let rollback = |host: &Host| move_version(host, "rollback");
     assert_eq!(
         rollback(&host).await.status,
         409,
@@ -251,9 +255,36 @@ async fn rollback_returns_to_the_previous_version() {
     assert_eq!(r.json["sha256"], first);
     assert_eq!(build_tag(&host, "user", "/users").await, None);
     assert_eq!(component(&host, "user").await["sha256"], first);
+    // The version left is kept: rolling forward brings it back.
+    let r = move_version(&host, "rollforward").await;
+    assert_eq!(
+        (r.status, r.json["generation"].as_u64()),
+        (200, Some(4)),
+        "{:?}",
+        r.json
+    );
+    assert_eq!(
+        build_tag(&host, "user", "/users").await.as_deref(),
+        Some("b")
+    );
+    assert_eq!(move_version(&host, "rollforward").await.status, 409);
+    let r = rollback(&host).await;
+    assert_eq!((r.status, r.json["sha256"].clone()), (200, first));
+    // A browser form (no JSON content type) cannot trigger it.
+    let form = host
+        .http
+        .post(format!("http://{}/components/user/rollforward", host.admin))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("a=1")
+        .send()
+        .await
+        .unwrap();
+    assert_error(&crate::harness::reply(form).await, 415);
+    assert_eq!(build_tag(&host, "user", "/users").await, None);
     let missing = crate::harness::reply(
         host.http
             .post(format!("http://{}/components/billing/rollback", host.admin))
+            .header("content-type", "application/json")
             .send()
             .await
             .unwrap(),

@@ -57,6 +57,11 @@ pub struct Args {
     #[arg(long, env = "COMPILE_CACHE", default_value = "build/compile-cache")]
     pub compile_cache: PathBuf,
 
+    /// Bytes of compiled components the compile cache keeps; least recently used entries are
+    /// removed past it.
+    #[arg(long, env = "COMPILE_CACHE_MAX", default_value = "512MiB", value_parser = parse_size)]
+    pub compile_cache_max: u64,
+
     /// Swap a service's component when its file in the components dir changes.
     #[arg(long, env = "WATCH_COMPONENTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub watch: bool,

@@ -1,5 +1,6 @@
 //! The runtime: one engine, the loaded services, and invocations of their components.
 
+pub mod cache;
 pub mod component;
 pub mod engine;
 pub mod invoke;
@@ -13,8 +14,8 @@ use crate::messaging::{Backend, Outbox, RetryPolicy};
 use crate::storage::{CommitError, Db, Txn};
 use crate::types::{HttpRequest, Message, Resp};
 use anyhow::{Context as _, Result};
+use cache::CompileCache;
 use futures_util::future::BoxFuture;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -35,7 +36,7 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Host bytes one invocation may make the host hold (`INVOCATION_HOST_BYTES`).
     pub invocation_host_bytes: usize,
-    pub compile_cache: PathBuf,
+    pub compile_cache: CompileCache,
     pub retry: RetryPolicy,
     /// Requests per instance (1 = a fresh instance per request).
     pub instance_reuse: u32,
@@ -53,7 +54,10 @@ impl Settings {
             request_timeout: args.request_timeout,
             invocation_host_bytes: usize::try_from(args.invocation_host_bytes)
                 .unwrap_or(usize::MAX),
-            compile_cache: args.compile_cache.clone(),
+            compile_cache: CompileCache {
+                dir: args.compile_cache.clone(),
+                max_bytes: args.compile_cache_max,
+            },
             retry: RetryPolicy {
                 max_attempts: args.retry_max_attempts.max(1),
                 base: args.retry_backoff,

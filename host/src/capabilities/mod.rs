@@ -8,6 +8,7 @@ pub mod outgoing_http;
 pub mod producer;
 pub mod services;
 pub mod state;
+pub mod stderr;
 
 /// The exports of a component that this host calls (`microsvc:platform/http-handler` and
 /// `handler`): generated once here, with the imports, so that they share the WIT types.

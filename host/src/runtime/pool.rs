@@ -59,6 +59,7 @@ impl Warm {
         loaded: &Arc<Loaded>,
     ) -> Txn {
         let txn = std::mem::take(&mut self.store.data_mut().txn);
+        self.store.data_mut().end();
         self.served += 1;
         if !clean
             || !self.store.data().table.is_empty()

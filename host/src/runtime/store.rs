@@ -6,6 +6,7 @@ use crate::capabilities::exports::{handler, http_handler};
 use crate::capabilities::producer::ProducerView;
 use crate::capabilities::services::{Outbound, ServicesView};
 use crate::capabilities::state::StateView;
+use crate::capabilities::stderr::GuestStderr;
 use crate::capabilities::{outgoing_http, producer, services, state};
 use crate::config::ServiceSpec;
 use crate::storage::{Db, Txn};
@@ -30,6 +31,8 @@ pub struct Ctx {
     /// Epoch ticks the current invocation has computed for, against `budget`.
     ticks: u128,
     budget: u128,
+    /// The guest's stderr, tagged with the request being served.
+    stderr: GuestStderr,
     /// Host bytes each invocation may make the host hold.
     host_bytes: usize,
     pub(super) txn: Txn,
@@ -77,9 +80,15 @@ impl Ctx {
         }
     }
 
+    /// Ends the current invocation's side effects on the log.
+    pub(super) fn end(&mut self) {
+        self.stderr.end();
+    }
+
     /// Starts a new invocation in this store: a new transaction, request id and CPU budget.
     pub(super) fn begin(&mut self, request_id: &str) {
         request_id.clone_into(&mut self.outbound.request_id);
+        self.stderr.begin(request_id);
         self.txn = Txn::limited(self.name.clone(), self.host_bytes);
         self.ticks = 0;
     }
@@ -114,11 +123,19 @@ pub fn linker(engine: &Engine) -> Result<Linker<Ctx>> {
 
 /// A store for a new instance of the service `spec` describes.
 pub(super) fn new_store(runtime: &Runtime, spec: &Arc<ServiceSpec>, name: &Arc<str>) -> Store<Ctx> {
+    let stderr = GuestStderr::new(name.clone());
     let ctx = Ctx {
         table: ResourceTable::new(),
         // No preopens, no environment, no sockets: a component reaches the world only
         // through wasi:http (to the services it may call) and the platform interfaces.
-        wasi: WasiCtx::builder().inherit_stderr().build(),
+        // (wasmtime-wasi denies socket creation by default; said here so that a change of
+        // that default cannot open them.)
+        wasi: WasiCtx::builder()
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build(),
         http: WasiHttpCtx::new(),
         db: runtime.db.clone(),
         name: name.clone(),
@@ -133,6 +150,7 @@ pub(super) fn new_store(runtime: &Runtime, spec: &Arc<ServiceSpec>, name: &Arc<s
             .build(),
         ticks: 0,
         budget: spec.limits.cpu.as_millis() / EPOCH_TICK.as_millis().max(1),
+        stderr,
         host_bytes: runtime.settings.invocation_host_bytes,
         txn: Txn::new(name.clone()),
     };

@@ -360,3 +360,44 @@ async fn a_guest_staging_gigabytes_fails_alone_and_the_host_stays_small() {
     );
     every_port_answers(&host).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guest_stderr_is_tagged_with_its_request_and_capped_per_invocation() {
+    let (host, _comps) = host_with_misbehaving_product("product=cpu:5s").await;
+    let before = host.log().len();
+    let url = host.url("product", "/stderr?kb=10240");
+    let r = host
+        .http
+        .get(url)
+        .header("x-request-id", "loud-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let log = host.log();
+    let added = &log[before..];
+    // 10 MiB written; the log keeps 64 KiB of it, each line tagged.
+    assert!(
+        added.len() < 512 << 10,
+        "the log grew by {} bytes",
+        added.len()
+    );
+    let lines: Vec<&str> = added.lines().filter(|l| l.contains("eeeeeeee")).collect();
+    assert!(lines.len() >= 1000, "{} guest lines logged", lines.len());
+    assert!(lines
+        .iter()
+        .all(|l| l.contains("loud-1") && l.contains("product")));
+    assert!(added.contains("the rest was dropped"), "{added}");
+    every_port_answers(&host).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn components_cannot_open_sockets() {
+    let (host, _comps) = host_with_misbehaving_product("product=cpu:5s").await;
+    let r = host.send("GET", "product", "/sockets", None).await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    for kind in ["tcp", "udp"] {
+        let outcome = r.json[kind].as_str().unwrap();
+        assert!(outcome.contains("access-denied"), "{kind}: {:?}", r.json);
+    }
+}

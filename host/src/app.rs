@@ -2,7 +2,7 @@
 
 use crate::config::{Args, ServiceSpec};
 use crate::ingress;
-use crate::messaging::embedded::Embedded;
+use crate::messaging::embedded::{Embedded, Retention};
 use crate::messaging::kafka::{Kafka, KafkaConfig};
 use crate::messaging::{self, Backend};
 use crate::ops::{admin, watch};
@@ -46,7 +46,15 @@ pub async fn build(args: &Args, specs: &[ServiceSpec]) -> Result<Arc<Runtime>> {
             }
             Arc::new(kafka)
         }
-        None => Arc::new(Embedded::new(db.clone())),
+        None => {
+            let retention = Retention {
+                age: args.log_retention,
+                bytes: args.log_retention_bytes,
+            };
+            let log = Arc::new(Embedded::with_retention(db.clone(), retention));
+            tokio::spawn(log.clone().retain(Duration::from_secs(30)));
+            log
+        }
     };
     tracing::info!(backend = %backend.describe(), "messaging backend");
     Runtime::new(args, specs, db, backend)

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub outbox_depth: Gauge,
     pub parked: Family<Labels, Counter>,
     pub outbox_parked: Gauge,
+    pub outbox_bytes: Gauge,
+    pub log_trimmed: Counter,
+    pub log_bytes: Gauge,
     pub consumer_lag: Family<Labels, Gauge>,
 }
 
@@ -49,6 +52,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         outbox_depth: Gauge::default(),
         parked: Family::default(),
         outbox_parked: Gauge::default(),
+        outbox_bytes: Gauge::default(),
+        log_trimmed: Counter::default(),
+        log_bytes: Gauge::default(),
         consumer_lag: Family::default(),
     };
     registry.register(
@@ -85,6 +91,21 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "outbox_parked",
         "Messages set aside from the outbox, waiting for an operator",
         m.outbox_parked.clone(),
+    );
+    registry.register(
+        "outbox_bytes",
+        "Bytes of events waiting in the outbox (refused past OUTBOX_MAX)",
+        m.outbox_bytes.clone(),
+    );
+    registry.register(
+        "log_records_trimmed",
+        "Records the embedded message log removed under its retention",
+        m.log_trimmed.clone(),
+    );
+    registry.register(
+        "log_bytes",
+        "Bytes of records in the embedded message log",
+        m.log_bytes.clone(),
     );
     registry.register(
         "messages_produced",

@@ -131,6 +131,20 @@ pub struct Args {
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
+    /// How long the embedded message log keeps records every consumer group has handled.
+    #[arg(long, env = "LOG_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub log_retention: Duration,
+
+    /// Bytes per topic past which the embedded log removes its oldest handled records, however
+    /// young.
+    #[arg(long, env = "LOG_RETENTION_BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub log_retention_bytes: u64,
+
+    /// Bytes of events the outbox may hold while the messaging backend does not take them;
+    /// beyond it requests that would send an event get 503 (a message handler is retried).
+    #[arg(long, env = "OUTBOX_MAX", default_value = "1GiB", value_parser = parse_size)]
+    pub outbox_max: u64,
+
     /// Host memory one invocation may make the host hold for it, outside the guest's memory
     /// limit: staged writes, copies of values read, listed keys, outgoing messages, its
     /// response body and the responses of services it calls. Past it the invocation fails (500

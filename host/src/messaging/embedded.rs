@@ -7,33 +7,160 @@ use crate::storage::Db;
 use crate::types::{Delivery, Message};
 use anyhow::Result;
 use redb::{ReadableTable, TableDefinition};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 /// (topic, offset) -> postcard-encoded [`Message`].
 const LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log");
 /// (group, topic) -> next offset to deliver.
 const OFFSETS: TableDefinition<(&str, &str), u64> = TableDefinition::new("offsets");
+/// (topic, offset) -> when the record was appended (ms since the Unix epoch), for retention.
+const APPENDED_AT: TableDefinition<(&str, u64), u64> = TableDefinition::new("log_appended_at");
+/// topic -> encoded bytes of its records in the log.
+const LOG_BYTES: TableDefinition<&str, u64> = TableDefinition::new("log_bytes");
+
+/// How long the log keeps records every consumer group has handled.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// Records older than this go.
+    pub age: Duration,
+    /// Past this many bytes in a topic, its oldest records go.
+    pub bytes: u64,
+}
 
 pub struct Embedded {
     db: Db,
     /// Bumped after every append so waiting subscriptions look again.
     appended: watch::Sender<u64>,
+    retention: Retention,
 }
 
 impl Embedded {
     pub fn new(db: Db) -> Embedded {
+        Embedded::with_retention(
+            db,
+            Retention {
+                age: Duration::from_secs(7 * 24 * 3600),
+                bytes: 1 << 30,
+            },
+        )
+    }
+
+    pub fn with_retention(db: Db, retention: Retention) -> Embedded {
         Embedded {
             db,
             appended: watch::Sender::new(0),
+            retention,
         }
     }
+
+    /// Trims the log every `every`, forever.
+    pub async fn retain(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            let (db, retention) = (self.db.clone(), self.retention);
+            match tokio::task::spawn_blocking(move || trim(&db, retention, SystemTime::now())).await
+            {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(records = n, "trimmed the embedded message log"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "trimming the message log failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "log trim panicked"),
+            }
+        }
+    }
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Removes, per topic, the oldest records that every consumer group of the topic has
+/// committed past, while they are older than the retention age or the topic is over its
+/// retention size. A topic no group reads (a dead-letter topic) is trimmed by age and size
+/// alone. Returns how many records went. Blocking.
+pub fn trim(db: &Db, retention: Retention, now: SystemTime) -> Result<u64> {
+    let cutoff = millis(now).saturating_sub(retention.age.as_millis() as u64);
+    let mut removed = 0;
+    db.write_lazily(|wtx| {
+        let topics: Vec<(String, u64)> = {
+            let sizes = wtx.open_table(LOG_BYTES)?;
+            let mut topics = Vec::new();
+            for entry in sizes.iter()? {
+                let (topic, bytes) = entry?;
+                topics.push((topic.value().to_string(), bytes.value()));
+            }
+            topics
+        };
+        let offsets = wtx.open_table(OFFSETS)?;
+        let mut log = wtx.open_table(LOG)?;
+        let mut times = wtx.open_table(APPENDED_AT)?;
+        let mut sizes = wtx.open_table(LOG_BYTES)?;
+        for (topic, mut bytes) in topics {
+            let mut handled = u64::MAX;
+            for entry in offsets.iter()? {
+                let (key, next) = entry?;
+                if key.value().1 == topic {
+                    handled = handled.min(next.value());
+                }
+            }
+            loop {
+                let Some(first) = log
+                    .range((topic.as_str(), 0)..(topic.as_str(), handled))?
+                    .next()
+                    .transpose()?
+                    .map(|(k, v)| (k.value().1, v.value().len() as u64))
+                else {
+                    break;
+                };
+                let (offset, len) = first;
+                let at = times
+                    .get((topic.as_str(), offset))?
+                    .map_or(0, |t| t.value());
+                if at >= cutoff && bytes <= retention.bytes {
+                    break;
+                }
+                log.remove((topic.as_str(), offset))?;
+                times.remove((topic.as_str(), offset))?;
+                bytes = bytes.saturating_sub(len);
+                removed += 1;
+            }
+            sizes.insert(topic.as_str(), bytes)?;
+        }
+        Ok(())
+    })?;
+    if removed > 0 {
+        crate::metrics::get().log_trimmed.inc_by(removed);
+    }
+    Ok(removed)
+}
+
+/// Bytes of all topics in the log.
+pub fn log_bytes(db: &Db) -> Result<u64> {
+    let rtx = db.redb().begin_read()?;
+    let sizes = match rtx.open_table(LOG_BYTES) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let mut total = 0;
+    for entry in sizes.iter()? {
+        total += entry?.1.value();
+    }
+    Ok(total)
 }
 
 /// Lazily durable: the outbox entries it replaces are removed after it, in order, so a crash
 /// can at worst publish them again.
 fn append_blocking(db: &Db, messages: &[Message]) -> Result<()> {
+    let now = millis(SystemTime::now());
     db.write_lazily(|wtx| {
         let mut log = wtx.open_table(LOG)?;
+        let mut times = wtx.open_table(APPENDED_AT)?;
+        let mut sizes = wtx.open_table(LOG_BYTES)?;
         for m in messages {
             let next = log
                 .range((m.topic.as_str(), 0)..=(m.topic.as_str(), u64::MAX))?
@@ -41,10 +168,11 @@ fn append_blocking(db: &Db, messages: &[Message]) -> Result<()> {
                 .transpose()?
                 .map(|(k, _)| k.value().1 + 1)
                 .unwrap_or(0);
-            log.insert(
-                (m.topic.as_str(), next),
-                postcard::to_allocvec(m)?.as_slice(),
-            )?;
+            let encoded = postcard::to_allocvec(m)?;
+            log.insert((m.topic.as_str(), next), encoded.as_slice())?;
+            times.insert((m.topic.as_str(), next), now)?;
+            let bytes = sizes.get(m.topic.as_str())?.map_or(0, |b| b.value());
+            sizes.insert(m.topic.as_str(), bytes + encoded.len() as u64)?;
         }
         Ok(())
     })
@@ -69,12 +197,16 @@ impl Backend for Embedded {
     }
 
     async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn Subscription>> {
-        let rtx = self.db.redb().begin_read()?;
-        let cursor = match rtx.open_table(OFFSETS) {
-            Ok(t) => t.get((group, topic))?.map(|v| v.value()).unwrap_or(0),
-            Err(redb::TableError::TableDoesNotExist(_)) => 0,
-            Err(e) => return Err(e.into()),
-        };
+        // A new group is registered at once (at offset 0), so that trimming keeps what it has
+        // not read yet.
+        let cursor = self.db.write_lazily(|wtx| {
+            let mut offsets = wtx.open_table(OFFSETS)?;
+            let cursor = offsets.get((group, topic))?.map(|v| v.value());
+            if cursor.is_none() {
+                offsets.insert((group, topic), 0)?;
+            }
+            Ok(cursor.unwrap_or(0))
+        })?;
         Ok(Box::new(EmbeddedSubscription {
             db: self.db.clone(),
             group: group.to_string(),
@@ -94,15 +226,21 @@ struct EmbeddedSubscription {
 }
 
 impl EmbeddedSubscription {
-    fn read(&self, offset: u64) -> Result<Option<Message>> {
+    /// The first record at `offset` or after it (records below the retained ones are gone),
+    /// with its offset.
+    fn read(&self, offset: u64) -> Result<Option<(u64, Message)>> {
         let rtx = self.db.redb().begin_read()?;
         let log = match rtx.open_table(LOG) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let value = log.get((self.topic.as_str(), offset))?;
-        Ok(value.map(|v| postcard::from_bytes(v.value())).transpose()?)
+        let topic = self.topic.as_str();
+        let Some(entry) = log.range((topic, offset)..=(topic, u64::MAX))?.next() else {
+            return Ok(None);
+        };
+        let (k, v) = entry?;
+        Ok(Some((k.value().1, postcard::from_bytes(v.value())?)))
     }
 }
 
@@ -113,9 +251,8 @@ impl Subscription for EmbeddedSubscription {
             // Mark the current generation seen *before* reading, so an append between the
             // read and the wait still wakes us.
             self.appended.borrow_and_update();
-            if let Some(message) = self.read(self.cursor)? {
-                let offset = self.cursor;
-                self.cursor += 1;
+            if let Some((offset, message)) = self.read(self.cursor)? {
+                self.cursor = offset + 1;
                 return Ok(Delivery {
                     message,
                     partition: 0,
@@ -158,7 +295,52 @@ impl Subscription for EmbeddedSubscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use crate::messaging::tests::msg;
+
+    #[tokio::test]
+    async fn trimming_keeps_what_a_group_has_not_handled_and_new_groups_start_at_the_oldest() {
+        let db = Db::in_memory().unwrap();
+        let log = Embedded::new(db.clone());
+        let batch: Vec<Message> = (0..10).map(|i| msg("t", "k", &format!("m{i}"))).collect();
+        log.publish(&batch).await.unwrap();
+        log.publish(&[msg("t.dlq", "k", "dead")]).await.unwrap();
+        let mut sub = log.subscribe("g", "t").await.unwrap();
+        for _ in 0..4 {
+            let d = sub.next().await.unwrap();
+            sub.commit(&d).await.unwrap();
+        }
+        let total = log_bytes(&db).unwrap();
+        // Nothing is old and nothing is over the size: nothing goes.
+        let keep_all = Retention {
+            age: Duration::from_secs(3600),
+            bytes: 1 << 30,
+        };
+        assert_eq!(trim(&db, keep_all, SystemTime::now()).unwrap(), 0);
+        // A day later everything old goes, but only below what `g` handled (4 records), and
+        // all of the dead-letter topic, which no group reads.
+        let later = SystemTime::now() + Duration::from_secs(86_400);
+        assert_eq!(trim(&db, keep_all, later).unwrap(), 5);
+        assert!(log_bytes(&db).unwrap() < total);
+        // `g` goes on where it was; a new group starts at the oldest record kept.
+        let d = sub.next().await.unwrap();
+        assert_eq!(d.message.payload, b"m4");
+        sub.commit(&d).await.unwrap();
+        let mut fresh = log.subscribe("h", "t").await.unwrap();
+        let first = fresh.next().await.unwrap();
+        assert_eq!(
+            (first.offset, first.message.payload.as_slice()),
+            (4, &b"m4"[..])
+        );
+        // Over the size cap (here: any byte), records go even when young, but still only
+        // below what every group handled: nothing while `h` has handled nothing.
+        let tiny = Retention {
+            age: Duration::from_secs(3600),
+            bytes: 0,
+        };
+        assert_eq!(trim(&db, tiny, SystemTime::now()).unwrap(), 0);
+        fresh.commit(&first).await.unwrap();
+        assert_eq!(trim(&db, tiny, SystemTime::now()).unwrap(), 1);
+    }
 
     #[tokio::test]
     async fn contract_in_memory() {

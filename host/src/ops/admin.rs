@@ -1,7 +1,9 @@
 //! The admin listener (loopback by default): health, readiness, components, metrics, rollback.
 
+use crate::messaging::embedded;
 use crate::metrics;
 use crate::runtime::Runtime;
+use crate::storage::outbox;
 use crate::types::{json_error, Resp};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -139,6 +141,7 @@ fn route(runtime: &Runtime, method: &Method, path: &str) -> Resp {
                     "messaging_reachable": runtime.backend_up.load(Ordering::Acquire),
                     "outbox_depth": runtime.outbox.depth().ok(),
                     "outbox_parked": runtime.outbox.parked().ok(),
+                    "outbox_bytes": outbox::bytes(&runtime.db),
                 }),
             )
         }
@@ -147,9 +150,12 @@ fn route(runtime: &Runtime, method: &Method, path: &str) -> Resp {
             metrics::get()
                 .outbox_depth
                 .set(runtime.outbox.depth().unwrap_or(0) as i64);
-            metrics::get()
-                .outbox_parked
+            let m = metrics::get();
+            m.outbox_parked
                 .set(runtime.outbox.parked().unwrap_or(0) as i64);
+            m.outbox_bytes.set(outbox::bytes(&runtime.db) as i64);
+            m.log_bytes
+                .set(embedded::log_bytes(&runtime.db).unwrap_or(0) as i64);
             let mut resp = hyper::Response::new(Full::new(Bytes::from(metrics::render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,

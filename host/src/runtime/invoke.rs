@@ -133,6 +133,10 @@ pub async fn http(
             Err(CommitError::Conflict) => {
                 rerunning = Some(service.rerun.clone().lock_owned().await);
             }
+            Err(CommitError::Full(m)) => {
+                tracing::warn!(service = %service.name, request_id, "{m}");
+                return busy(&m);
+            }
             Err(CommitError::Storage(e)) => {
                 tracing::error!(service = %service.name, request_id, error = %format!("{e:#}"), "commit failed");
                 return json_error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable");
@@ -330,6 +334,7 @@ pub async fn message(
             Ok(Ok(())) => match runtime.commit_handled(txn).await {
                 Ok(()) => return Handled::Done,
                 Err(CommitError::Conflict) => continue,
+                Err(CommitError::Full(m)) => return Handled::Retry(m),
                 Err(CommitError::Storage(e)) => {
                     return Handled::Retry(format!("commit failed: {e:#}"))
                 }

@@ -34,6 +34,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Wall-clock limit of one invocation (a request or a message).
     pub request_timeout: Duration,
+    /// Bytes of waiting events beyond which sending invocations are refused (`OUTBOX_MAX`).
+    pub outbox_max: u64,
     /// Host bytes one invocation may make the host hold (`INVOCATION_HOST_BYTES`).
     pub invocation_host_bytes: usize,
     pub compile_cache: CompileCache,
@@ -52,6 +54,7 @@ impl Settings {
             body_timeout: args.body_timeout,
             max_connections: args.max_connections.max(1),
             request_timeout: args.request_timeout,
+            outbox_max: args.outbox_max,
             invocation_host_bytes: usize::try_from(args.invocation_host_bytes)
                 .unwrap_or(usize::MAX),
             compile_cache: CompileCache {
@@ -161,10 +164,27 @@ impl Runtime {
         serialized: Option<tokio::sync::OwnedMutexGuard<()>>,
     ) -> Result<(), CommitError> {
         let sent = txn.sends();
+        if sent {
+            self.outbox_has_room()?;
+        }
         self.db.commit(txn).await?;
         drop(serialized);
         if sent {
             self.outbox.poke();
+        }
+        Ok(())
+    }
+
+    /// Refuses new messages while the outbox holds `OUTBOX_MAX` bytes: an unreachable broker
+    /// must not fill the disk.
+    fn outbox_has_room(&self) -> Result<(), CommitError> {
+        let held = crate::storage::outbox::bytes(&self.db);
+        if held >= self.settings.outbox_max {
+            return Err(CommitError::Full(format!(
+                "the outbox holds {held} bytes of events the messaging backend has not taken \
+                 (OUTBOX_MAX is {}); retry later",
+                self.settings.outbox_max
+            )));
         }
         Ok(())
     }
@@ -185,6 +205,9 @@ impl Runtime {
     /// their offsets (see `ingress::consumer`).
     async fn commit_handled(&self, txn: Txn) -> Result<(), CommitError> {
         let sent = txn.sends();
+        if sent {
+            self.outbox_has_room()?;
+        }
         self.db.apply(txn).await?;
         if sent {
             self.outbox.poke();

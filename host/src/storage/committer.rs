@@ -97,12 +97,14 @@ impl Db {
                 });
             }
         }
+        let mut appended = 0;
         for (txn, result) in txns.iter().zip(&results) {
             if result.is_ok() {
-                outbox::append(&wtx, &txn.outbox)?;
+                appended += outbox::append(&wtx, &txn.outbox)?;
             }
         }
         wtx.commit()?;
+        self.0.outbox_bytes.fetch_add(appended, Ordering::SeqCst);
         for (txn, result) in txns.iter().zip(&results) {
             if result.is_ok() {
                 txn.committed.store(true, Ordering::SeqCst);

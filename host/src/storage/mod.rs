@@ -43,6 +43,8 @@ struct Inner {
     /// that a durable commit knows which writes it covers.
     written: AtomicU64,
     sequences: sequences::Sequences,
+    /// Encoded bytes of the messages in the outbox, kept as they come and go.
+    outbox_bytes: AtomicU64,
     sync: Mutex<Syncs>,
     synced: Condvar,
     /// To the committer thread, which stops when this is dropped.
@@ -63,6 +65,9 @@ struct Syncs {
 pub enum CommitError {
     /// Something this invocation read was changed by another one: run it again.
     Conflict,
+    /// The outbox holds as much as it may (`OUTBOX_MAX`): nothing that sends is taken until
+    /// the messaging backend drains it.
+    Full(String),
     Storage(anyhow::Error),
 }
 
@@ -76,6 +81,7 @@ impl std::fmt::Display for CommitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CommitError::Conflict => write!(f, "conflicting concurrent update"),
+            CommitError::Full(m) => write!(f, "{m}"),
             CommitError::Storage(e) => write!(f, "storage error: {e:#}"),
         }
     }
@@ -87,27 +93,29 @@ impl Db {
             .with_context(|| format!("creating data dir {}", dir.display()))?;
         let path = dir.join("state.redb");
         let db = Database::create(&path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Db::wrap(db))
+        Db::wrap(db)
     }
 
     /// Same layout, nothing on disk: for tests and throwaway runs.
     pub fn in_memory() -> Result<Db> {
         let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
-        Ok(Db::wrap(db))
+        Db::wrap(db)
     }
 
-    fn wrap(db: Database) -> Db {
+    fn wrap(db: Database) -> Result<Db> {
         let (committer, queue) = mpsc::channel();
+        let outbox_bytes = AtomicU64::new(outbox::bytes_stored(&db)?);
         let inner = Arc::new(Inner {
             db,
             written: AtomicU64::new(0),
             sequences: Default::default(),
+            outbox_bytes,
             sync: Mutex::default(),
             synced: Condvar::new(),
             committer,
         });
         committer::spawn(Arc::downgrade(&inner), queue);
-        Db(inner)
+        Ok(Db(inner))
     }
 
     pub fn redb(&self) -> &Database {

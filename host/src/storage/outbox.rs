@@ -4,21 +4,55 @@ use super::Db;
 use crate::types::Message;
 use anyhow::Result;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use std::sync::atomic::Ordering;
 
 /// sequence number -> postcard-encoded [`Message`], in commit order.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
-/// Called inside the state commit, so messages exist if and only if their writes do.
-pub(super) fn append(wtx: &WriteTransaction, messages: &[Message]) -> Result<()> {
+/// Called inside the state commit, so messages exist if and only if their writes do. Returns
+/// the bytes added.
+pub(super) fn append(wtx: &WriteTransaction, messages: &[Message]) -> Result<u64> {
     if messages.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let mut table = wtx.open_table(OUTBOX)?;
     let first = table.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
+    let mut bytes = 0;
     for (seq, m) in (first..).zip(messages) {
-        table.insert(seq, postcard::to_allocvec(m)?.as_slice())?;
+        let encoded = postcard::to_allocvec(m)?;
+        bytes += encoded.len() as u64;
+        table.insert(seq, encoded.as_slice())?;
     }
-    Ok(())
+    Ok(bytes)
+}
+
+/// Bytes of the messages in the outbox, counted once when the store is opened.
+pub(super) fn bytes_stored(db: &redb::Database) -> Result<u64> {
+    let rtx = db.begin_read()?;
+    let table = match rtx.open_table(OUTBOX) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let mut bytes = 0;
+    for entry in table.iter()? {
+        bytes += entry?.1.value().len() as u64;
+    }
+    Ok(bytes)
+}
+
+/// Bytes of the messages waiting in the outbox.
+pub fn bytes(db: &Db) -> u64 {
+    db.0.outbox_bytes.load(Ordering::SeqCst)
+}
+
+/// Takes `removed` bytes off the outbox's count.
+fn forget(db: &Db, removed: u64) {
+    let _ =
+        db.0.outbox_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                Some(b.saturating_sub(removed))
+            });
 }
 
 /// Messages the backend refused for good (too large for the broker, say), set aside with the
@@ -47,18 +81,25 @@ pub fn parked(db: &Db) -> Result<u64> {
 
 /// Sets message `seq` aside with `reason`, and removes the ones before it (published). Blocking.
 pub fn park(db: &Db, seq: u64, reason: &str) -> Result<()> {
+    let mut removed = 0;
     db.write_lazily(|wtx| {
         let mut outbox = wtx.open_table(OUTBOX)?;
-        outbox.retain_in(..seq, |_, _| false)?;
+        outbox.retain_in(..seq, |_, v| {
+            removed += v.len() as u64;
+            false
+        })?;
         let Some(message) = outbox.remove(seq)? else {
             return Ok(());
         };
+        removed += message.value().len() as u64;
         let message: Message = postcard::from_bytes(message.value())?;
         let mut parked = wtx.open_table(PARKED)?;
         let next = parked.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
         parked.insert(next, postcard::to_allocvec(&(reason, message))?.as_slice())?;
         Ok(())
-    })
+    })?;
+    forget(db, removed);
+    Ok(())
 }
 
 /// Up to `max` of the oldest messages with their sequence numbers, all of them on disk.
@@ -86,10 +127,16 @@ pub fn oldest(db: &Db, max: usize) -> Result<Vec<(u64, Message)>> {
 /// Removes every message up to sequence `last`. Lazily durable: after a crash, a batch whose
 /// removal was lost is published again. Blocking.
 pub fn remove_through(db: &Db, last: u64) -> Result<()> {
+    let mut removed = 0;
     db.write_lazily(|wtx| {
-        wtx.open_table(OUTBOX)?.retain_in(..=last, |_, _| false)?;
+        wtx.open_table(OUTBOX)?.retain_in(..=last, |_, v| {
+            removed += v.len() as u64;
+            false
+        })?;
         Ok(())
-    })
+    })?;
+    forget(db, removed);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -119,8 +166,12 @@ mod tests {
         let pending = oldest(&db, 256).unwrap();
         let payloads: Vec<_> = pending.iter().map(|(_, m)| m.payload.clone()).collect();
         assert_eq!(payloads, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+        let all = bytes(&db);
+        assert!(all > 0);
         remove_through(&db, pending[1].0).unwrap();
         assert_eq!(depth(&db).unwrap(), 1);
+        assert!(bytes(&db) > 0 && bytes(&db) < all);
+        assert_eq!(bytes(&db), bytes_stored(db.redb()).unwrap());
         assert_eq!(oldest(&db, 256).unwrap()[0].1.payload, b"c");
     }
 
@@ -135,6 +186,7 @@ mod tests {
         let pending = oldest(&db, 256).unwrap();
         park(&db, pending[1].0, "too large").unwrap();
         assert_eq!((depth(&db).unwrap(), parked(&db).unwrap()), (1, 1));
+        assert_eq!(bytes(&db), bytes_stored(db.redb()).unwrap());
         assert_eq!(oldest(&db, 256).unwrap()[0].1.payload, b"c");
         let rtx = db.redb().begin_read().unwrap();
         let table = rtx.open_table(PARKED).unwrap();

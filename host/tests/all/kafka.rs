@@ -277,3 +277,101 @@ async fn an_event_of_the_largest_size_a_service_may_send_does_not_block_the_ones
     let ready = host.admin_get("/readyz").await;
     assert_eq!(ready.json["outbox_depth"], 0, "{:?}", ready.json);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_outbox_refuses_new_events_with_503_and_takes_them_again_once_drained() {
+    let broker = broker();
+    let host = Host::start_with(
+        None,
+        &["--kafka-brokers", &broker.addr, "--outbox-max", "1KiB"],
+    )
+    .await;
+    let create = |i: usize| {
+        let body = json!({"name": format!("U{i}"), "email": format!("u{i}@ex.com")});
+        let host = &host;
+        async move { host.post("/api/users", &body).await }
+    };
+    let id = |r: &crate::harness::Reply| r.json["id"].as_u64().unwrap();
+    let mut ids = vec![id(&create(0).await)];
+    broker.freeze();
+    let refused = loop {
+        let r = create(ids.len()).await;
+        if r.status != 201 {
+            break r;
+        }
+        ids.push(id(&r));
+        assert!(ids.len() < 100, "the outbox never filled up");
+    };
+    assert_eq!(refused.status, 503, "{:?}", refused.json);
+    let error = refused.json["error"].as_str().unwrap();
+    assert!(error.contains("OUTBOX_MAX"), "{error}");
+    assert!(ids.len() > 2, "1 KiB holds a few events");
+    // Nothing refused was stored; reading still works.
+    let users = host.get("/api/users").await;
+    assert_eq!(users.status, 200);
+    assert_eq!(users.json.as_array().unwrap().len(), ids.len());
+    broker.thaw();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = create(ids.len()).await;
+        if r.status == 201 {
+            ids.push(id(&r));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the outbox never drained");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in ids {
+        wait_cached(&host, id, Duration::from_secs(60)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_mid_drain_some_events_may_repeat_and_nothing_changes_twice() {
+    let broker = broker();
+    let host = kafka_host(&broker, None).await;
+    // Forty events wait in the outbox; the host is killed while it publishes them.
+    broker.freeze();
+    let mut users = Vec::new();
+    for i in 0..40 {
+        let email = format!("k{i}@ex.com");
+        let r = host
+            .post(
+                "/api/users",
+                &json!({"name": format!("K{i}"), "email": email}),
+            )
+            .await;
+        assert_eq!(r.status, 201);
+        users.push((r.json["id"].as_u64().unwrap(), email));
+    }
+    broker.thaw();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let data = host.data.clone();
+    let keep = host.kill();
+
+    let host = kafka_host(&broker, Some(&data)).await;
+    let seeded = host.get("/api/orders").await.json;
+    let seeded = seeded.as_array().unwrap().clone();
+    for (id, _) in &users {
+        wait_cached(&host, *id, Duration::from_secs(60)).await;
+    }
+    // Whatever was published or handled twice: one user per creation, one order per placement,
+    // each with the user as created.
+    assert_eq!(
+        host.get("/api/users").await.json.as_array().unwrap().len(),
+        40
+    );
+    let orders = host.get("/api/orders").await.json;
+    let placed: Vec<_> = orders
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| !seeded.iter().any(|s| s["id"] == o["id"]))
+        .collect();
+    assert_eq!(placed.len(), 40);
+    for o in placed {
+        let (_, email) = users.iter().find(|(id, _)| o["userId"] == *id).unwrap();
+        assert_eq!(o["user"]["email"], email.as_str());
+    }
+    drop(keep);
+}

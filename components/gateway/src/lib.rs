@@ -23,8 +23,8 @@ const UPSTREAMS: [(&str, &str, &str); 6] = [
 /// Request headers passed on to the service; everything else stays at the gateway.
 const FORWARDED_REQUEST_HEADERS: [&str; 3] = ["content-type", "accept", "x-request-id"];
 /// Response headers passed back. `allow` goes with the upstream's 405s, which are otherwise
-/// not actionable.
-const FORWARDED_RESPONSE_HEADERS: [&str; 2] = ["content-type", "allow"];
+/// not actionable; `link` (the next page of a list) is rewritten to the public path.
+const FORWARDED_RESPONSE_HEADERS: [&str; 3] = ["content-type", "allow", "link"];
 
 const JSON: &str = "application/json";
 
@@ -86,14 +86,14 @@ fn forward(req: Request, service: &str, path: &str) -> Response {
     };
     let headers = forwarded_headers(&req.headers);
     match sdk::fetch(&req.method, &url, headers, req.body) {
-        Ok(upstream) => relay(upstream),
+        Ok(upstream) => relay(upstream, path, &req.path),
         Err(e) => e.to_response(service),
     }
 }
 
 /// The upstream's answer as ours: status and body unchanged, only the headers that describe
-/// them.
-fn relay(upstream: Response) -> Response {
+/// them, with links to the upstream's `path` made links to our `public` one.
+fn relay(upstream: Response, path: &str, public: &str) -> Response {
     let headers = upstream
         .headers
         .into_iter()
@@ -101,6 +101,13 @@ fn relay(upstream: Response) -> Response {
             FORWARDED_RESPONSE_HEADERS
                 .iter()
                 .any(|h| name.eq_ignore_ascii_case(h))
+        })
+        .map(|(name, value)| {
+            let value = match value.strip_prefix(&format!("<{path}?")) {
+                Some(rest) if name.eq_ignore_ascii_case("link") => format!("<{public}?{rest}"),
+                _ => value,
+            };
+            (name, value)
         })
         .collect();
     Response::new(upstream.status, headers, upstream.body)
@@ -254,14 +261,19 @@ mod tests {
                 h("content-type", "application/json"),
                 h("allow", "GET"),
                 h("content-length", "9"),
+                h("link", "</users?limit=2&cursor=k30>; rel=\"next\""),
             ],
             b"{\"a\":1}".to_vec(),
         );
-        let relayed = relay(upstream);
+        let relayed = relay(upstream, "/users", "/api/v1/users");
         assert_eq!(relayed.status, 405);
         assert_eq!(
             relayed.headers,
-            vec![h("content-type", "application/json"), h("allow", "GET")]
+            vec![
+                h("content-type", "application/json"),
+                h("allow", "GET"),
+                h("link", "</api/v1/users?limit=2&cursor=k30>; rel=\"next\""),
+            ]
         );
         assert_eq!(relayed.body, b"{\"a\":1}");
     }

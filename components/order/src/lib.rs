@@ -71,7 +71,7 @@ fn cache_user(payload: &[u8]) -> Result<(), HandleError> {
 
 fn route(req: Request) -> Response {
     let outcome = match (req.method.as_str(), req.segments().as_slice()) {
-        ("GET", ["orders"]) => list_orders(),
+        ("GET", ["orders"]) => list_orders(&req),
         ("POST", ["orders"]) => create_order(&req.body),
         (method, ["orders"]) => Err(Response::method_not_allowed(method, &["GET", "POST"])),
         ("GET", ["orders", id]) => get_order(id),
@@ -99,14 +99,8 @@ fn with_user(order: Order) -> Result<OrderView, store::StoreError> {
     Ok(OrderView { order, user })
 }
 
-fn list_orders() -> Outcome {
-    let mut orders = vec![SEED];
-    orders.extend(store::list_json::<Order>(ORDERS)?);
-    let orders = orders
-        .into_iter()
-        .map(with_user)
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Response::json(200, &orders))
+fn list_orders(req: &Request) -> Outcome {
+    sdk::page::list(req, ORDERS, vec![SEED], with_user)
 }
 
 fn get_order(id: &str) -> Outcome {

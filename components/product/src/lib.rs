@@ -27,7 +27,7 @@ sdk::http_service!(super::route);
 
 fn route(req: Request) -> Response {
     let outcome = match (req.method.as_str(), req.segments().as_slice()) {
-        ("GET", ["products"]) => list_products(),
+        ("GET", ["products"]) => list_products(&req),
         ("POST", ["products"]) => create_product(&req.body),
         (method, ["products"]) => Err(Response::method_not_allowed(method, &["GET", "POST"])),
         ("GET", ["products", id]) => get_product(id),
@@ -45,10 +45,8 @@ fn seeds() -> impl Iterator<Item = Product> {
     })
 }
 
-fn list_products() -> Outcome {
-    let mut products: Vec<Product> = seeds().collect();
-    products.extend(store::list_json::<Product>(PRODUCTS)?);
-    Ok(Response::json(200, &products))
+fn list_products(req: &Request) -> Outcome {
+    sdk::page::list(req, PRODUCTS, seeds().collect::<Vec<Product>>(), Ok)
 }
 
 fn get_product(id: &str) -> Outcome {

@@ -53,6 +53,7 @@ pub mod handler;
 pub mod http;
 pub mod input;
 pub mod message;
+pub mod page;
 pub mod store;
 
 pub use http::{

@@ -92,19 +92,6 @@ pub fn put_json<T: Serialize + ?Sized>(
     set_raw(bucket, key, &bytes)
 }
 
-/// Every record of a bucket, in key order.
-pub fn list_json<T: DeserializeOwned>(bucket: &str) -> Result<Vec<T>, StoreError> {
-    let keys = state::list_keys(bucket, "").map_err(|e| failed("list-keys", bucket, "", e))?;
-    let mut out = Vec::with_capacity(keys.len());
-    for key in keys {
-        // Reads are transactional, so a listed key is still there; skipping is just defensive.
-        if let Some(v) = get_json(bucket, &key)? {
-            out.push(v);
-        }
-    }
-    Ok(out)
-}
-
 /// Next id (1, 2, ...) of the sequence `key` in [`META_BUCKET`]. Concurrent requests get
 /// distinct ids without conflicting; a request that fails after taking one leaves a gap, so
 /// call it only once the request is known to succeed.

@@ -22,7 +22,7 @@ sdk::http_service!(super::route);
 
 fn route(req: Request) -> Response {
     let outcome = match (req.method.as_str(), req.segments().as_slice()) {
-        ("GET", ["users"]) => list_users(),
+        ("GET", ["users"]) => list_users(&req),
         ("POST", ["users"]) => create_user(&req.body),
         (method, ["users"]) => Err(Response::method_not_allowed(method, &["GET", "POST"])),
         ("GET", ["users", id]) => get_user(id),
@@ -32,9 +32,8 @@ fn route(req: Request) -> Response {
     outcome.unwrap_or_else(|response| response)
 }
 
-fn list_users() -> Outcome {
-    let users: Vec<User> = store::list_json(USERS)?;
-    Ok(Response::json(200, &users))
+fn list_users(req: &Request) -> Outcome {
+    sdk::page::list(req, USERS, Vec::<User>::new(), Ok)
 }
 
 fn get_user(id: &str) -> Outcome {

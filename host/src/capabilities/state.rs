@@ -1,7 +1,7 @@
 //! `microsvc:platform/state`: key-value buckets owned by the host, one transaction per invocation.
 
 use super::bindings::microsvc::platform::state::{self as wit, Error as WitError};
-use crate::storage::{Db, NextIdError, Txn};
+use crate::storage::{Db, NextIdError, Txn, MAX_PAGE};
 use crate::types::contract::{MAX_BODY, MAX_NAME};
 use crate::types::Overrun;
 use anyhow::Result;
@@ -90,6 +90,23 @@ impl wit::Host for StateView<'_> {
         check_name("bucket", &bucket)?;
         self.txn
             .list_keys(self.db, &bucket, &prefix)
+            .map_err(storage)
+    }
+
+    fn list_keys_after(
+        &mut self,
+        bucket: String,
+        prefix: String,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<String>, WitError> {
+        check_name("bucket", &bucket)?;
+        if let Some(after) = &after {
+            check_name("after", after)?;
+        }
+        let limit = (limit as usize).min(MAX_PAGE);
+        self.txn
+            .list_page(self.db, &bucket, &prefix, after.as_deref(), limit)
             .map_err(storage)
     }
 

@@ -21,6 +21,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 pub use sequences::NextIdError;
 pub use txn::Txn;
+pub use txn::MAX_PAGE;
 
 /// (service, bucket, key) -> value. The service part is set by the host, never by the guest.
 const KV: TableDefinition<KvKey, &[u8]> = TableDefinition::new("kv");
@@ -185,30 +186,58 @@ impl Db {
             .map(|v| v.value().to_vec()))
     }
 
-    fn read_keys(&self, service: &str, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+    fn read_keys(&self, service: &str, range: &KeyRange, limit: usize) -> Result<Vec<String>> {
         let rtx = self.0.db.begin_read()?;
         match rtx.open_table(KV) {
-            Ok(table) => scan_keys(&table, service, bucket, prefix),
+            Ok(table) => scan_keys(&table, service, range, limit),
             Err(redb::TableError::TableDoesNotExist(_)) => Ok(Vec::new()),
             Err(e) => Err(e.into()),
         }
     }
 }
 
+/// Keys of one bucket that start with `prefix`, after `after` (exclusive) and up to `upto`
+/// (inclusive) when given.
+#[derive(Clone, Debug, Default)]
+pub struct KeyRange {
+    pub bucket: String,
+    pub prefix: String,
+    pub after: Option<String>,
+    pub upto: Option<String>,
+}
+
+impl KeyRange {
+    fn holds(&self, key: &str) -> bool {
+        key.starts_with(&self.prefix)
+            && self.after.as_deref().is_none_or(|a| key > a)
+            && self.upto.as_deref().is_none_or(|u| key <= u)
+    }
+}
+
+/// Up to `limit` keys of `range`, in byte order.
 fn scan_keys(
     table: &impl ReadableTable<KvKey, &'static [u8]>,
     service: &str,
-    bucket: &str,
-    prefix: &str,
+    range: &KeyRange,
+    limit: usize,
 ) -> Result<Vec<String>> {
+    let start = match &range.after {
+        Some(after) if after.as_str() > range.prefix.as_str() => after.as_str(),
+        _ => range.prefix.as_str(),
+    };
     let mut keys = Vec::new();
-    for entry in table.range((service, bucket, prefix)..)? {
+    for entry in table.range((service, range.bucket.as_str(), start)..)? {
         let (k, _) = entry?;
         let (s, b, key) = k.value();
-        if s != service || b != bucket || !key.starts_with(prefix) {
+        if s != service || b != range.bucket || !key.starts_with(&range.prefix) {
             break;
         }
-        keys.push(key.to_string());
+        if range.upto.as_deref().is_some_and(|u| key > u) || keys.len() == limit {
+            break;
+        }
+        if range.holds(key) {
+            keys.push(key.to_string());
+        }
     }
     Ok(keys)
 }

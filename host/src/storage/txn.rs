@@ -1,19 +1,41 @@
 //! One invocation's optimistic transaction: reads recorded for validation, writes buffered.
 
-use super::{scan_keys, Db, KvKey};
+use super::{scan_keys, Db, KeyRange, KvKey};
 use crate::types::budget::ENTRY_OVERHEAD;
 use crate::types::{Budget, Message, Overrun};
 use anyhow::Result;
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+
+/// Most keys one `list-keys-after` call returns.
+pub const MAX_PAGE: usize = 1000;
+
+type Seen = [u8; 32];
+
+fn digest_of(value: &[u8]) -> Seen {
+    Sha256::digest(value).into()
+}
+
+fn digest_keys(keys: &[String]) -> Seen {
+    let mut h = Sha256::new();
+    for k in keys {
+        h.update(k.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().into()
+}
 
 /// What one invocation has read and written so far.
 #[derive(Default)]
 pub struct Txn {
     pub(super) service: Arc<str>,
-    reads: Vec<(String, String, Option<Vec<u8>>)>,
-    lists: Vec<(String, String, Vec<String>)>,
+    /// What each read saw: a digest of the value, not a copy, so that a read costs the host
+    /// the same whatever its size.
+    reads: Vec<(String, String, Option<Seen>)>,
+    /// Each key range listed, with a digest of the keys it held.
+    lists: Vec<(KeyRange, Seen)>,
     writes: BTreeMap<(String, String), Option<Vec<u8>>>,
     /// Highest id taken per sequence.
     pub(super) sequences: BTreeMap<(String, String), u64>,
@@ -64,10 +86,10 @@ impl Txn {
             return Ok(v.clone());
         }
         let value = db.read_value(&self.service, bucket, key)?;
-        let held = bucket.len() + key.len() + value.as_ref().map_or(0, Vec::len);
+        let held = bucket.len() + key.len() + std::mem::size_of::<Seen>();
         self.budget.charge(held + ENTRY_OVERHEAD)?;
-        self.reads
-            .push((bucket.to_string(), key.to_string(), value.clone()));
+        let seen = value.as_deref().map(digest_of);
+        self.reads.push((bucket.to_string(), key.to_string(), seen));
         Ok(value)
     }
 
@@ -90,21 +112,53 @@ impl Txn {
 
     /// Keys of `bucket` starting with `prefix` as this invocation sees them, in byte order.
     pub fn list_keys(&mut self, db: &Db, bucket: &str, prefix: &str) -> Result<Vec<String>> {
-        let committed = db.read_keys(&self.service, bucket, prefix)?;
+        self.list_page(db, bucket, prefix, None, usize::MAX)
+    }
+
+    /// Up to `limit` keys of `bucket` starting with `prefix` and after `after`, as this
+    /// invocation sees them, in byte order. The commit checks only the range this page covered,
+    /// so a page does not conflict with inserts beyond it.
+    pub fn list_page(
+        &mut self,
+        db: &Db,
+        bucket: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let mut range = KeyRange {
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            after: after.map(str::to_string),
+            upto: None,
+        };
+        let own = |(b, k): &(String, String)| b == bucket && range.holds(k);
+        // Own deletes may hide committed keys: read that many more.
+        let deletes = self
+            .writes
+            .iter()
+            .filter(|(bk, v)| own(bk) && v.is_none())
+            .count();
+        let want = limit.saturating_add(deletes);
+        let committed = db.read_keys(&self.service, &range, want)?;
         let held: usize = committed.iter().map(|k| k.len() + ENTRY_OVERHEAD).sum();
-        self.budget.charge(bucket.len() + prefix.len() + 2 * held)?;
-        self.lists
-            .push((bucket.to_string(), prefix.to_string(), committed.clone()));
-        let mut keys: BTreeSet<String> = committed.into_iter().collect();
-        for ((b, k), v) in &self.writes {
-            if b == bucket && k.starts_with(prefix) {
+        self.budget
+            .charge(bucket.len() + prefix.len() + 2 * held + ENTRY_OVERHEAD)?;
+        let mut keys: BTreeSet<String> = committed.iter().cloned().collect();
+        for (bk, v) in &self.writes {
+            if own(bk) {
                 match v {
-                    Some(_) => keys.insert(k.clone()),
-                    None => keys.remove(k),
+                    Some(_) => keys.insert(bk.1.clone()),
+                    None => keys.remove(&bk.1),
                 };
             }
         }
-        Ok(keys.into_iter().collect())
+        if committed.len() == want {
+            // Cut short: this page saw the keys up to the last one read, no further.
+            range.upto = committed.last().cloned();
+        }
+        self.lists.push((range, digest_keys(&committed)));
+        Ok(keys.into_iter().take(limit).collect())
     }
 }
 
@@ -114,13 +168,13 @@ pub(super) fn is_current(table: &redb::Table<KvKey, &[u8]>, txn: &Txn) -> Result
     for (bucket, key, seen) in &txn.reads {
         let now = table
             .get((&*txn.service, bucket.as_str(), key.as_str()))?
-            .map(|v| v.value().to_vec());
+            .map(|v| digest_of(v.value()));
         if now != *seen {
             return Ok(false);
         }
     }
-    for (bucket, prefix, seen) in &txn.lists {
-        if scan_keys(table, &txn.service, bucket, prefix)? != *seen {
+    for (range, seen) in &txn.lists {
+        if digest_keys(&scan_keys(table, &txn.service, range, usize::MAX)?) != *seen {
             return Ok(false);
         }
     }
@@ -171,6 +225,61 @@ mod tests {
         assert!(matches!(db.commit_blocking(&b), Err(CommitError::Conflict)));
         let mut c = Txn::new("user".into());
         assert_eq!(bump(&mut c), 2);
+    }
+
+    #[test]
+    fn pages_walk_every_key_once_and_conflict_only_within_their_range() {
+        let db = Db::in_memory().unwrap();
+        let mut seed = Txn::new("s".into());
+        for i in 0..25 {
+            seed.put("b".into(), format!("k{i:02}"), Some(vec![i]))
+                .unwrap();
+        }
+        seed.put("other".into(), "k00".into(), Some(vec![0]))
+            .unwrap();
+        db.commit_blocking(&seed).unwrap();
+
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut t = Txn::new("s".into());
+            let page = t.list_page(&db, "b", "k", after.as_deref(), 10).unwrap();
+            seen.extend(page.iter().cloned());
+            if page.len() < 10 {
+                break;
+            }
+            after = page.last().cloned();
+        }
+        let all: Vec<String> = (0..25).map(|i| format!("k{i:02}")).collect();
+        assert_eq!(seen, all);
+
+        // Own writes count: a delete inside the page is filled from beyond it.
+        let mut t = Txn::new("s".into());
+        t.put("b".into(), "k03".into(), None).unwrap();
+        t.put("b".into(), "k035".into(), Some(vec![1])).unwrap();
+        let page = t.list_page(&db, "b", "k", Some("k01"), 3).unwrap();
+        assert_eq!(page, ["k02", "k035", "k04"]);
+
+        // A page of k00..k09 conflicts with an insert inside it, not with one after it.
+        let mut first = Txn::new("s".into());
+        first.list_page(&db, "b", "k", None, 10).unwrap();
+        first.put("b".into(), "x".into(), Some(vec![1])).unwrap();
+        let mut beyond = Txn::new("s".into());
+        beyond.put("b".into(), "k99".into(), Some(vec![1])).unwrap();
+        db.commit_blocking(&beyond).unwrap();
+        db.commit_blocking(&first).unwrap();
+        let mut inside = Txn::new("s".into());
+        inside.list_page(&db, "b", "k", None, 10).unwrap();
+        inside.put("b".into(), "y".into(), Some(vec![1])).unwrap();
+        let mut phantom = Txn::new("s".into());
+        phantom
+            .put("b".into(), "k055".into(), Some(vec![1]))
+            .unwrap();
+        db.commit_blocking(&phantom).unwrap();
+        assert!(matches!(
+            db.commit_blocking(&inside),
+            Err(CommitError::Conflict)
+        ));
     }
 
     #[test]

@@ -207,3 +207,79 @@ async fn racing_requests_with_one_email_create_one_user() {
         1
     );
 }
+
+/// The `rel="next"` URL of a `Link` header, if any.
+fn next_link(r: &crate::harness::Reply) -> Option<String> {
+    let link = r.headers.get("link")?.to_str().unwrap();
+    let url = link.strip_prefix('<')?.split_once(">; rel=\"next\"")?.0;
+    Some(url.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lists_come_in_pages_and_walking_the_links_visits_every_record_once() {
+    let host = Host::start().await;
+    for chunk in 0..21 {
+        let creations = (chunk * 50..chunk * 50 + 50).map(|i| {
+            let body = json!({"name": format!("P{i}"), "email": format!("p{i}@ex.com")});
+            let host = &host;
+            async move { host.post("/api/users", &body).await.status }
+        });
+        for status in futures_util::future::join_all(creations).await {
+            assert_eq!(status, 201);
+        }
+    }
+
+    // The default page: 100 users, the body still a plain array, and a link to the next.
+    let first = host.get("/api/users").await;
+    assert_eq!(first.json.as_array().unwrap().len(), 100);
+    assert!(next_link(&first)
+        .unwrap()
+        .starts_with("/api/users?limit=100&cursor="));
+    let dashboard = host.get("/api/dashboard").await;
+    assert_eq!(dashboard.json["users"].as_array().unwrap().len(), 100);
+
+    let mut seen = HashSet::new();
+    let mut pages = 0;
+    let mut next = Some("/api/v1/users?limit=250".to_string());
+    while let Some(path) = next {
+        let page = host.get(&path).await;
+        assert_eq!(page.status, 200, "{path}: {:?}", page.json);
+        for user in page.json.as_array().unwrap() {
+            assert!(seen.insert(user["id"].as_u64().unwrap()), "{user} twice");
+        }
+        pages += 1;
+        next = next_link(&page);
+        assert!(next
+            .as_deref()
+            .is_none_or(|n| n.starts_with("/api/v1/users?limit=250&")));
+    }
+    assert_eq!((seen.len(), pages), (1050, 5));
+
+    // Fixed records (the seed products) come first and count towards the limit too.
+    for i in 0..2 {
+        let p = json!({"name": format!("Extra{i}"), "price": 1});
+        assert_eq!(host.post("/api/products", &p).await.status, 201);
+    }
+    let all = host.get("/api/products?limit=1000").await;
+    let mut walked = Vec::new();
+    let mut next = Some("/api/products?limit=2".to_string());
+    while let Some(path) = next {
+        let page = host.get(&path).await;
+        assert!(page.json.as_array().unwrap().len() <= 2);
+        walked.extend(page.json.as_array().unwrap().iter().cloned());
+        next = next_link(&page);
+    }
+    assert_eq!(&walked, all.json.as_array().unwrap());
+
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "limit=ten",
+        "cursor=nonsense",
+        "cursor=k7",
+        "cursor=kff",
+    ] {
+        let r = host.get(&format!("/api/users?{bad}")).await;
+        assert_error(&r, 400);
+    }
+}

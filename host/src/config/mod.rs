@@ -116,6 +116,11 @@ pub struct Args {
     #[arg(long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
 
+    /// Longest a response write may wait for the client to read; past it the connection is
+    /// closed (a client that stops reading cannot hold a connection and its response).
+    #[arg(long, env = "WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
     /// Open connections per service port; further clients wait in the listen backlog until one
     /// closes.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]

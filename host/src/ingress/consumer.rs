@@ -31,8 +31,23 @@ pub async fn run(
         match runtime.backend.subscribe(group, &topic).await {
             Ok(mut sub) => {
                 tracing::info!(service = %service.name, topic, group, "consuming");
-                if let Err(e) = consume(&runtime, &service, sub.as_mut(), &mut stopping).await {
-                    tracing::warn!(service = %service.name, topic, error = %format!("{e:#}"), "consumer stopped; resubscribing");
+                // A bug that panics here must not end consumption for good: resubscribe.
+                let consumed = std::panic::AssertUnwindSafe(consume(
+                    &runtime,
+                    &service,
+                    sub.as_mut(),
+                    &mut stopping,
+                ))
+                .catch_unwind()
+                .await;
+                match consumed {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(service = %service.name, topic, error = %format!("{e:#}"), "consumer stopped; resubscribing")
+                    }
+                    Err(_) => {
+                        tracing::error!(service = %service.name, topic, "consumer panicked; resubscribing")
+                    }
                 }
             }
             Err(e) => {

@@ -3,7 +3,7 @@
 use crate::metrics;
 use crate::runtime::{invoke, Runtime, Service};
 use crate::types::contract::{MAX_BODY, SERVICE_SUFFIX};
-use crate::types::http::busy;
+use crate::types::http::{busy, write_limited};
 use crate::types::{json_error, request_id, HttpRequest, Resp, REQUEST_ID};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -51,6 +51,7 @@ pub async fn serve(
         let (runtime, service, budget) = (runtime.clone(), service.clone(), budget.clone());
         let watcher = connections.watcher();
         let header_timeout = runtime.settings.header_timeout;
+        let write_timeout = runtime.settings.write_timeout;
         tokio::spawn(async move {
             let _slot = slot;
             let svc = service_fn(move |req| {
@@ -63,7 +64,7 @@ pub async fn serve(
                 .header_read_timeout(header_timeout)
                 .max_headers(100)
                 .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
+                .serve_connection(TokioIo::new(write_limited(stream, write_timeout)), svc);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }

@@ -4,6 +4,7 @@ use crate::messaging::embedded;
 use crate::metrics;
 use crate::runtime::Runtime;
 use crate::storage::outbox;
+use crate::types::http::write_limited;
 use crate::types::{json_error, Resp};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -98,6 +99,7 @@ pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, access: Access)
         let access = access.clone();
         tokio::spawn(async move {
             let header_timeout = runtime.settings.header_timeout;
+            let write_timeout = runtime.settings.write_timeout;
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let (method, path) = (req.method(), req.uri().path());
                 let resp = access
@@ -109,7 +111,7 @@ pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, access: Access)
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection(TokioIo::new(write_limited(stream, write_timeout)), svc)
                 .await;
         });
     }

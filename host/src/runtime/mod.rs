@@ -29,6 +29,8 @@ pub use store::Ctx;
 pub struct Settings {
     pub outbound_timeout: Duration,
     pub header_timeout: Duration,
+    /// Longest one response write may wait for the client to read.
+    pub write_timeout: Duration,
     pub body_timeout: Duration,
     /// Open connections per service port.
     pub max_connections: usize,
@@ -51,6 +53,7 @@ impl Settings {
         Settings {
             outbound_timeout: args.outbound_timeout,
             header_timeout: args.header_timeout,
+            write_timeout: args.write_timeout,
             body_timeout: args.body_timeout,
             max_connections: args.max_connections.max(1),
             request_timeout: args.request_timeout,

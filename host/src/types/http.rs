@@ -132,6 +132,18 @@ pub fn response(
     Ok(resp)
 }
 
+/// `stream` with a cap on how long one write may wait for the client to read: a client that
+/// stops reading its response is cut off instead of holding the connection and the response's
+/// memory forever. For the service ports and the admin listener alike.
+pub fn write_limited(
+    stream: tokio::net::TcpStream,
+    timeout: std::time::Duration,
+) -> std::pin::Pin<Box<tokio_io_timeout::TimeoutStream<tokio::net::TcpStream>>> {
+    let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(timeout));
+    Box::pin(stream)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -401,3 +401,34 @@ async fn components_cannot_open_sockets() {
         assert!(outcome.contains("access-denied"), "{kind}: {:?}", r.json);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_write_timeout() {
+    use tokio::io::AsyncReadExt;
+    let (host, _comps) = with_product(
+        "misbehave.wasm",
+        &[
+            "--write-timeout",
+            "1s",
+            "--service-limits",
+            "product=memory:64MiB",
+        ],
+    )
+    .await;
+    // Asks for 12 MiB, far more than the socket buffers hold, and reads nothing for 3 s.
+    let mut conn = stalled(
+        host.ports["product"],
+        b"GET /big?mb=12 HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut received)).await;
+    assert!(read.is_ok(), "the host kept the connection open");
+    assert!(
+        received.len() < 12 << 20,
+        "the whole response arrived ({} bytes): nothing was cut off",
+        received.len()
+    );
+    every_port_answers(&host).await;
+}

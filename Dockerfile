@@ -1,4 +1,4 @@
-# The host and its four components, built from this repo (used by docker-compose.yml).
+# The host, its four components and their manifest, built from this repo (used by docker-compose.yml).
 FROM rust:1.95-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/* \
     && rustup target add wasm32-wasip2
@@ -12,6 +12,7 @@ RUN cargo build --release --target wasm32-wasip2 -p gateway -p user -p product -
 FROM debian:bookworm-slim
 COPY --from=build /src/target/release/host /usr/local/bin/host
 COPY --from=build /out/components /components
-ENV COMPONENTS_DIR=/components COMPILE_CACHE=/data/compile-cache WATCH_COMPONENTS=false
+COPY services.toml /services.toml
+ENV COMPONENTS_DIR=/components MANIFEST=/services.toml COMPILE_CACHE=/data/compile-cache WATCH_COMPONENTS=false
 EXPOSE 3000 3001 3002 3003 3999
 ENTRYPOINT ["host"]

@@ -54,20 +54,11 @@ async fn start(
         .arg(cache)
         .arg("--data-dir")
         .arg(data)
-        .args([
-            "--admin-addr",
-            &admin,
-            "--gateway-port",
-            &gateway.to_string(),
-        ])
-        .args([
-            "--user-port",
-            "0",
-            "--product-port",
-            "0",
-            "--order-port",
-            "0",
-        ])
+        .arg("--manifest")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../services.toml"))
+        .args(["--admin-addr", &admin])
+        .arg("--port")
+        .arg(format!("gateway={gateway},user=0,product=0,order=0"))
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

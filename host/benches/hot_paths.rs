@@ -31,6 +31,8 @@ fn runtime(rt: &Tokio, reuse: u32, data: &Path, product: &str) -> Arc<Runtime> {
         "host".into(),
         "--components-dir".into(),
         root().join("build/components").into_os_string(),
+        "--manifest".into(),
+        root().join("services.toml").into_os_string(),
         "--compile-cache".into(),
         root().join("build/compile-cache").into_os_string(),
         "--data-dir".into(),
@@ -40,7 +42,7 @@ fn runtime(rt: &Tokio, reuse: u32, data: &Path, product: &str) -> Arc<Runtime> {
     ]);
     let mut specs = args.services().unwrap();
     for spec in &mut specs {
-        if spec.name == "product" {
+        if &*spec.name == "product" {
             spec.file = root().join(format!("build/fixtures/{product}.wasm"));
         }
     }

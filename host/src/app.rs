@@ -74,13 +74,13 @@ pub async fn run(args: Args) -> Result<()> {
 
     // Bind every port before the slow part so a port in use fails the start at once.
     let mut listeners = Vec::new();
-    for spec in &mut specs {
+    for spec in specs.iter_mut().filter(|s| s.serves_http) {
         let addr = (args.bind_addr, spec.port);
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {} port {}", spec.name, spec.port))?;
         spec.port = listener.local_addr()?.port();
-        listeners.push(listener);
+        listeners.push((spec.name.clone(), listener));
     }
     runtime.load_services(specs).await?;
 
@@ -105,7 +105,10 @@ pub async fn run(args: Args) -> Result<()> {
             .min(tokio::sync::Semaphore::MAX_PERMITS),
     ));
     let mut accepting = Vec::new();
-    for (listener, service) in listeners.into_iter().zip(runtime.services()) {
+    for (name, listener) in listeners {
+        let service = runtime
+            .service(&name)
+            .context("a bound service is loaded")?;
         accepting.push(tokio::spawn(ingress::http::serve(
             listener,
             runtime.clone(),

@@ -3,12 +3,23 @@
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,wasmtime_wasi_http=warn".into()),
         )
         .init();
-    host::app::run(host::config::Args::parse()).await
+    match host::app::run(host::config::Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // A manifest that cannot be used: one message, the usage-error status, nothing started.
+        Err(e) if e.is::<host::config::ManifestError>() => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! `microsvc:platform/producer`: messages staged in the invocation, sent only if it commits.
 
 use super::bindings::microsvc::platform::producer::{self as wit, SendError};
+use crate::config::manifest::valid_topic;
 use crate::storage::Txn;
 use crate::types::contract::MAX_BODY;
 use crate::types::http::MAX_HEADERS;
@@ -25,15 +26,6 @@ pub fn add_to_linker<T: Send + 'static>(
     f: fn(&mut T) -> ProducerView<'_>,
 ) -> wasmtime::Result<()> {
     wit::add_to_linker::<T, HasProducer>(linker, f)
-}
-
-/// Kafka's rule for topic names, so that a topic valid here is valid on every backend.
-pub fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty()
-        && topic.len() <= 249
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 impl wit::Host for ProducerView<'_> {

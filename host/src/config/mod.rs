@@ -1,43 +1,38 @@
 //! Command-line and environment configuration, and the table of services the host runs.
 
+pub mod manifest;
 mod units;
 
-use units::{parse_allow, parse_limits, parse_rules, parse_size};
+pub use manifest::ManifestError;
+use units::parse_size;
 
-use anyhow::{Context as _, Result};
 use clap::Parser;
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Runs the gateway, user, product and order services as WebAssembly components in one process.
+/// Runs the services of a manifest (`services.toml`) as WebAssembly components in one process.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "host", version)]
 pub struct Args {
-    /// Directory holding gateway.wasm, user.wasm, product.wasm and order.wasm.
+    /// Directory the manifest's component files are relative to.
     #[arg(long, env = "COMPONENTS_DIR", default_value = "build/components")]
     pub components_dir: PathBuf,
 
-    /// Address the four service ports bind to.
+    /// Address the service ports bind to.
     #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1")]
     pub bind_addr: IpAddr,
 
-    /// Port of the API gateway (0 = any free port).
-    #[arg(long, env = "GATEWAY_PORT", default_value_t = 3000)]
-    pub gateway_port: u16,
+    /// The manifest: which services run, from which component, on which port, with which
+    /// permissions and limits (see the README's manifest reference).
+    #[arg(long, env = "MANIFEST", default_value = "services.toml")]
+    pub manifest: PathBuf,
 
-    /// Port of user-service (0 = any free port).
-    #[arg(long, env = "USER_PORT", default_value_t = 3001)]
-    pub user_port: u16,
-
-    /// Port of product-service (0 = any free port).
-    #[arg(long, env = "PRODUCT_PORT", default_value_t = 3002)]
-    pub product_port: u16,
-
-    /// Port of order-service (0 = any free port).
-    #[arg(long, env = "ORDER_PORT", default_value_t = 3003)]
-    pub order_port: u16,
+    /// Overrides a service's port, as NAME=PORT (repeatable; env PORTS=NAME=PORT,...). 0 = any
+    /// free port. For tests, and for two hosts side by side.
+    #[arg(long = "port", env = "PORTS", value_delimiter = ',', value_parser = manifest::parse_port)]
+    pub ports: Vec<(String, u16)>,
 
     /// Address of the admin listener (/healthz, /readyz, /components, /metrics, rollback).
     /// Anything but loopback needs ADMIN_TOKEN.
@@ -70,16 +65,8 @@ pub struct Args {
     #[arg(long, env = "STATE_IN_MEMORY")]
     pub in_memory: bool,
 
-    /// Which services each service may call, as `caller=callee,callee;caller=...`.
-    #[arg(
-        long,
-        env = "OUTBOUND_ALLOW",
-        default_value = "gateway=user,product,order;order=product"
-    )]
-    pub outbound_allow: String,
-
     /// Largest linear memory one instance may have (e.g. 64MiB); growing past it fails that
-    /// request with 500.
+    /// request with 500. A service's `limits` in the manifest override this and the next two.
     #[arg(long, env = "MEMORY_LIMIT", default_value = "64MiB", value_parser = parse_size)]
     pub memory_limit: u64,
 
@@ -90,11 +77,6 @@ pub struct Args {
     /// Requests in flight per service; beyond it 503 with Retry-After (0 = 64 per core).
     #[arg(long, env = "MAX_CONCURRENT", default_value_t = 0)]
     pub max_concurrent: usize,
-
-    /// Per-service overrides of the three limits above, as
-    /// `service=memory:32MiB/cpu:1s/concurrency:16,service=...`.
-    #[arg(long, env = "SERVICE_LIMITS", default_value = "")]
-    pub service_limits: String,
 
     /// On SIGTERM/Ctrl-C, how long in-flight requests and handlers may take to finish.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -166,10 +148,6 @@ pub struct Args {
     #[arg(long, env = "OUTBOUND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub outbound_timeout: Duration,
 
-    /// Testing aid: delay every call into a service, as `service=duration,...` (e.g. `user=200ms`).
-    #[arg(long, env = "INJECT_LATENCY", default_value = "")]
-    pub inject_latency: String,
-
     /// Kafka bootstrap servers (`host:port,...`). Without it, messaging uses the embedded backend.
     #[arg(long, env = "KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
@@ -191,10 +169,6 @@ pub struct Args {
     #[arg(long, env = "KAFKA_BATCH_MESSAGES", default_value_t = 1)]
     pub kafka_batch_messages: u32,
 
-    /// Consumer group of each subscribing service, as `service=group,...` (default `<name>-service`).
-    #[arg(long, env = "CONSUMER_GROUPS", default_value = "")]
-    pub consumer_groups: String,
-
     /// Attempts at handling one message before it is dead-lettered to `<topic>.dlq`.
     #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value_t = 5)]
     pub retry_max_attempts: u32,
@@ -211,8 +185,11 @@ pub struct Args {
 /// One service the host runs: where its component is, what it may do.
 #[derive(Debug, Clone)]
 pub struct ServiceSpec {
-    pub name: &'static str,
+    pub name: Arc<str>,
+    /// 0 = any free port.
     pub port: u16,
+    /// Whether it has a port at all; without one only other services reach it.
+    pub serves_http: bool,
     pub file: PathBuf,
     /// Services it may call over `http://<name>-service/`.
     pub calls: Vec<String>,
@@ -238,10 +215,11 @@ impl ServiceSpec {
     /// A service with no file, port, calls, topics or limits beyond the defaults: a starting
     /// point for tests.
     #[cfg(test)]
-    pub fn named(name: &'static str) -> ServiceSpec {
+    pub fn named(name: &str) -> ServiceSpec {
         ServiceSpec {
-            name,
+            name: name.into(),
             port: 0,
+            serves_http: true,
             file: PathBuf::new(),
             calls: vec![],
             subscribes: vec![],
@@ -257,22 +235,9 @@ impl ServiceSpec {
     }
 }
 
-pub const SERVICES: [&str; 4] = ["gateway", "user", "product", "order"];
-pub const USER_CREATED: &str = "user-created";
-
 impl Args {
-    pub fn services(&self) -> Result<Vec<ServiceSpec>> {
-        let mut allow = parse_allow(&self.outbound_allow)?;
-        let mut latency = parse_rules("INJECT_LATENCY", &self.inject_latency)?
-            .into_iter()
-            .map(|(name, d)| {
-                humantime::parse_duration(&d)
-                    .with_context(|| format!("INJECT_LATENCY duration {d:?}"))
-                    .map(|d| (name, d))
-            })
-            .collect::<Result<BTreeMap<_, _>>>()?;
-        let mut groups = parse_rules("CONSUMER_GROUPS", &self.consumer_groups)?;
-        let mut overrides = parse_rules("SERVICE_LIMITS", &self.service_limits)?;
+    /// The services of the manifest, with the limits the flags set as their defaults.
+    pub fn services(&self) -> Result<Vec<ServiceSpec>, ManifestError> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let defaults = Limits {
             memory: self.memory_limit,
@@ -283,39 +248,14 @@ impl Args {
                 self.max_concurrent
             },
         };
-        let port = |name: &str| match name {
-            "gateway" => self.gateway_port,
-            "user" => self.user_port,
-            "product" => self.product_port,
-            _ => self.order_port,
-        };
-        SERVICES
-            .iter()
-            .map(|&name| -> Result<ServiceSpec> {
-                Ok(ServiceSpec {
-                    name,
-                    port: port(name),
-                    file: self.components_dir.join(format!("{name}.wasm")),
-                    calls: allow.remove(name).unwrap_or_default(),
-                    subscribes: match name {
-                        "order" => vec![USER_CREATED.to_string()],
-                        _ => vec![],
-                    },
-                    group: groups
-                        .remove(name)
-                        .unwrap_or_else(|| format!("{name}-service")),
-                    produces: match name {
-                        "user" => vec![USER_CREATED.to_string()],
-                        _ => vec![],
-                    },
-                    latency: latency.remove(name),
-                    limits: match overrides.remove(name) {
-                        Some(spec) => parse_limits(&defaults, &spec)?,
-                        None => defaults.clone(),
-                    },
-                })
-            })
-            .collect()
+        let ports = self.ports.iter().cloned().collect();
+        manifest::Context {
+            path: &self.manifest,
+            components_dir: &self.components_dir,
+            defaults: &defaults,
+            ports: &ports,
+        }
+        .load()
     }
 }
 
@@ -324,74 +264,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_allowlist_matches_the_seed() {
-        let args = Args::parse_from(["host"]);
-        let services = args.services().unwrap();
-        let calls = |n: &str| services.iter().find(|s| s.name == n).unwrap().calls.clone();
-        assert_eq!(calls("gateway"), ["user", "product", "order"]);
-        assert_eq!(calls("order"), ["product"]);
-        assert!(calls("user").is_empty());
-        assert_eq!(
-            services[0].file,
-            PathBuf::from("build/components/gateway.wasm")
-        );
-    }
-
-    #[test]
-    fn limits_have_defaults_and_per_service_overrides() {
+    fn the_repository_manifest_declares_the_seed_with_flag_defaults() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let dir = tempfile::tempdir().unwrap();
+        for c in ["gateway", "user", "product", "order"] {
+            std::fs::write(dir.path().join(format!("{c}.wasm")), b"").unwrap();
+        }
+        let manifest = format!("{root}/services.toml");
+        let components = dir.path().to_str().unwrap();
         let args = Args::parse_from([
             "host",
+            "--manifest",
+            &manifest,
+            "--components-dir",
+            components,
             "--memory-limit",
             "32MiB",
             "--max-concurrent",
             "7",
-            "--service-limits",
-            "product=cpu:250ms/memory:1GiB",
+            "--port",
+            "user=0,order=4003",
         ]);
-        let s = args.services().unwrap();
+        let services = args.services().unwrap();
+        let names: Vec<&str> = services.iter().map(|s| &*s.name).collect();
+        assert_eq!(names, ["gateway", "user", "product", "order"]);
+        let ports: Vec<u16> = services.iter().map(|s| s.port).collect();
+        assert_eq!(ports, [3000, 0, 3002, 4003]);
+        assert_eq!(services[0].calls, ["user", "product", "order"]);
+        assert_eq!(services[3].calls, ["product"]);
+        assert_eq!(services[1].produces, ["user-created"]);
+        assert_eq!(services[3].subscribes, ["user-created"]);
+        assert_eq!(services[3].group, "order-service");
         assert_eq!(
-            s[0].limits,
+            services[0].limits,
             Limits {
                 memory: 32 << 20,
                 cpu: Duration::from_secs(5),
                 concurrency: 7
             }
         );
-        assert_eq!(
-            s[2].limits,
-            Limits {
-                memory: 1 << 30,
-                cpu: Duration::from_millis(250),
-                concurrency: 7
-            }
-        );
-        let bad = |v: &str| {
-            Args::parse_from(["host", "--service-limits", v])
-                .services()
-                .is_err()
-        };
-        assert!(bad("product=speed:1"));
-        assert!(bad("product=memory:lots"));
-        assert!(bad("product=cpu"));
-    }
-
-    #[test]
-    fn latency_and_group_rules_parse() {
-        let args = Args::parse_from([
-            "host",
-            "--inject-latency",
-            "user=200ms, product=1s",
-            "--consumer-groups",
-            "order=orders-v2",
-        ]);
-        let services = args.services().unwrap();
-        assert_eq!(services[1].latency, Some(Duration::from_millis(200)));
-        assert_eq!(services[2].latency, Some(Duration::from_secs(1)));
-        assert_eq!(services[3].group, "orders-v2");
-        assert_eq!(services[0].group, "gateway-service");
-        let bad = |flag: &str, v: &str| Args::parse_from(["host", flag, v]).services().is_err();
-        assert!(bad("--inject-latency", "user=soon"));
-        assert!(bad("--inject-latency", "billing=1s"));
-        assert!(bad("--consumer-groups", "order="));
+        assert_eq!(services[0].file, dir.path().join("gateway.wasm"));
     }
 }

@@ -189,7 +189,7 @@ fn components(runtime: &Runtime) -> Value {
             let loaded = s.loaded.load();
             json!({
                 "name": &*s.name,
-                "port": s.spec.port,
+                "port": s.spec.serves_http.then_some(s.spec.port),
                 "path": loaded.path.display().to_string(),
                 "sha256": loaded.sha256,
                 "loaded_at": humantime::format_rfc3339_millis(loaded.loaded_at).to_string(),

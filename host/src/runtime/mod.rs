@@ -135,7 +135,7 @@ impl Runtime {
             .await
             .with_context(|| format!("loading the {} component", spec.name))?;
             tracing::info!(
-                service = spec.name,
+                service = %spec.name,
                 port = spec.port,
                 path = %loaded.path.display(),
                 sha256 = %loaded.sha256,

@@ -50,16 +50,16 @@ const HISTORY: usize = 8;
 impl Service {
     pub fn new(spec: ServiceSpec, loaded: Loaded) -> Service {
         Service {
-            name: spec.name.into(),
+            name: spec.name.clone(),
             permits: Arc::new(tokio::sync::Semaphore::new(spec.limits.concurrency)),
             rerun: Arc::default(),
             latency: metrics::get()
                 .latency
-                .get_or_create(&metrics::labels([("service", spec.name)]))
+                .get_or_create(&metrics::labels([("service", &spec.name)]))
                 .clone(),
             instances: metrics::get()
                 .instances
-                .get_or_create(&metrics::labels([("service", spec.name)]))
+                .get_or_create(&metrics::labels([("service", &spec.name)]))
                 .clone(),
             routes: Mutex::default(),
             spec: Arc::new(spec),

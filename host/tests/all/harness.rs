@@ -42,21 +42,58 @@ pub fn components_copy() -> tempfile::TempDir {
 
 /// A host whose product-service runs the fixture `fixture` (e.g. `misbehave.wasm`), started
 /// with `extra` flags. The returned dir holds the components; keep it as long as the host.
-pub async fn with_product(fixture_file: &str, extra: &[&str]) -> (Host, tempfile::TempDir) {
-    with_fixture_as("product", fixture_file, extra).await
+pub async fn with_product(
+    fixture_file: &str,
+    edits: &[(&str, &str)],
+    extra: &[&str],
+) -> (Host, tempfile::TempDir) {
+    with_fixture_as("product", fixture_file, edits, extra).await
 }
 
 /// A host whose `service` runs the fixture `fixture_file` instead of its seed component.
 pub async fn with_fixture_as(
     service: &str,
     fixture_file: &str,
+    edits: &[(&str, &str)],
     extra: &[&str],
 ) -> (Host, tempfile::TempDir) {
     let comps = components_copy();
     let target = comps.path().join(format!("{service}.wasm"));
     std::fs::copy(fixture(fixture_file), target).unwrap();
-    let host = Host::start_in(comps.path(), None, extra).await;
+    let host = Host::start_edited(comps.path(), None, edits, extra).await;
     (host, comps)
+}
+
+/// The repository's `services.toml` with every port 0 (any free port) and `edits` applied:
+/// `(service, "key = value")` sets that key of `[service.NAME]`, replacing it if present.
+pub fn manifest(edits: &[(&str, &str)]) -> String {
+    let seed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../services.toml")).unwrap();
+    let mut lines: Vec<String> = seed
+        .lines()
+        .map(|l| match l.strip_prefix("port = ") {
+            Some(_) => "port = 0".to_string(),
+            None => l.to_string(),
+        })
+        .collect();
+    for (service, setting) in edits {
+        let key = setting.split('=').next().unwrap().trim();
+        let header = lines
+            .iter()
+            .position(|l| l.trim() == format!("[service.{service}]"))
+            .unwrap_or_else(|| panic!("no [service.{service}] in services.toml"));
+        let end = lines[header + 1..]
+            .iter()
+            .position(|l| l.starts_with('['))
+            .map_or(lines.len(), |i| header + 1 + i);
+        let existing =
+            (header + 1..end).find(|&i| lines[i].split('=').next().map(str::trim) == Some(key));
+        match existing {
+            Some(i) => lines[i] = setting.to_string(),
+            None => lines.insert(header + 1, setting.to_string()),
+        }
+    }
+    lines.join("\n")
 }
 
 /// A raw connection to `port` that has sent `bytes` and then sends nothing more: a client
@@ -97,8 +134,23 @@ impl Host {
         Host::start_in(&components_dir(), data, extra).await
     }
 
+    /// The seed services with the manifest changed by `edits` (see [`manifest`]).
+    pub async fn edited(edits: &[(&str, &str)], extra: &[&str]) -> Host {
+        Host::start_edited(&components_dir(), None, edits, extra).await
+    }
+
     /// Like `start_with`, loading the components from `components`.
     pub async fn start_in(components: &Path, data: Option<&Path>, extra: &[&str]) -> Host {
+        Host::start_edited(components, data, &[], extra).await
+    }
+
+    /// Like `start_in`, with the seed manifest changed by `edits` (see [`manifest`]).
+    pub async fn start_edited(
+        components: &Path,
+        data: Option<&Path>,
+        edits: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Host {
         let (tmp, data) = match data {
             Some(d) => (None, d.to_path_buf()),
             None => {
@@ -107,6 +159,8 @@ impl Host {
                 (Some(t), p)
             }
         };
+        let manifest_file = data.join("services.toml");
+        std::fs::write(&manifest_file, manifest(edits)).unwrap();
         let admin = format!("127.0.0.1:{}", free_port());
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -122,16 +176,13 @@ impl Host {
             .arg("--compile-cache")
             .arg(cache)
             .args(["--admin-addr", &admin, "--max-instances", "128"])
-            .args([
-                "--gateway-port",
-                "0",
-                "--user-port",
-                "0",
-                "--product-port",
-                "0",
-                "--order-port",
-                "0",
-            ])
+            // A test that brings its own manifest says so in `extra`.
+            .args(
+                (!extra.contains(&"--manifest"))
+                    .then_some(["--manifest".as_ref(), manifest_file.as_os_str()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(["--retry-backoff", "20ms", "--retry-backoff-max", "100ms"])
             .args(extra)
             .env("RUST_LOG", "info")
@@ -159,10 +210,10 @@ impl Host {
         host.wait_ready().await;
         let comps = host.admin_get("/components").await.json;
         for c in comps.as_array().unwrap() {
-            host.ports.insert(
-                c["name"].as_str().unwrap().to_string(),
-                c["port"].as_u64().unwrap() as u16,
-            );
+            if let Some(port) = c["port"].as_u64() {
+                host.ports
+                    .insert(c["name"].as_str().unwrap().to_string(), port as u16);
+            }
         }
         host
     }

@@ -247,8 +247,13 @@ async fn restart_resumes_from_committed_offsets_without_loss_or_replay_effects()
 async fn an_event_of_the_largest_size_a_service_may_send_does_not_block_the_ones_after_it() {
     let broker = broker();
     // The misbehave fixture stands in for user-service, so it may publish `user-created`.
-    let (host, _comps) =
-        with_fixture_as("user", "misbehave.wasm", &["--kafka-brokers", &broker.addr]).await;
+    let (host, _comps) = with_fixture_as(
+        "user",
+        "misbehave.wasm",
+        &[],
+        &["--kafka-brokers", &broker.addr],
+    )
+    .await;
     // Just under the host's 1 MiB, over librdkafka's default limit of 1,000,000 bytes.
     let r = host
         .send("POST", "user", "/publish?id=500&pad=1040000", None)

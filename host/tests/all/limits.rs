@@ -5,8 +5,10 @@ use crate::harness::{assert_error, stalled, with_product, Host};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// `limits`: the product service's `limits` in the manifest, an inline table.
 async fn host_with_misbehaving_product(limits: &str) -> (Arc<Host>, tempfile::TempDir) {
-    let (host, comps) = with_product("misbehave.wasm", &["--service-limits", limits]).await;
+    let limits = format!("limits = {limits}");
+    let (host, comps) = with_product("misbehave.wasm", &[("product", &limits)], &[]).await;
     (Arc::new(host), comps)
 }
 
@@ -25,7 +27,7 @@ async fn every_port_answers(host: &Host) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_runaway_loop_gets_504_while_everything_else_answers() {
-    let (host, _comps) = host_with_misbehaving_product("product=cpu:3s").await;
+    let (host, _comps) = host_with_misbehaving_product(r#"{ cpu = "3s" }"#).await;
     let looping = {
         let host = host.clone();
         tokio::spawn(async move {
@@ -61,7 +63,7 @@ async fn a_runaway_loop_gets_504_while_everything_else_answers() {
 
 #[tokio::test]
 async fn memory_hogs_traps_and_panics_fail_only_their_request() {
-    let (host, _comps) = host_with_misbehaving_product("product=memory:16MiB").await;
+    let (host, _comps) = host_with_misbehaving_product(r#"{ memory = "16MiB" }"#).await;
     for path in ["/alloc", "/trap", "/panic"] {
         let r = host
             .http
@@ -102,7 +104,7 @@ async fn memory_hogs_traps_and_panics_fail_only_their_request() {
 
 #[tokio::test]
 async fn calling_a_service_outside_the_allowlist_is_refused() {
-    let (host, _comps) = host_with_misbehaving_product("product=cpu:5s").await;
+    let (host, _comps) = host_with_misbehaving_product(r#"{ cpu = "5s" }"#).await;
     let r = host.send("GET", "product", "/forbidden", None).await;
     assert_error(&r, 502);
     assert!(
@@ -115,7 +117,7 @@ async fn calling_a_service_outside_the_allowlist_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn beyond_the_concurrency_limit_requests_get_503_with_retry_after() {
-    let (host, _comps) = host_with_misbehaving_product("product=concurrency:1/cpu:1s").await;
+    let (host, _comps) = host_with_misbehaving_product(r#"{ concurrency = 1, cpu = "1s" }"#).await;
     let busy = {
         let host = host.clone();
         tokio::spawn(async move { host.send("GET", "product", "/loop", None).await.status })
@@ -179,7 +181,7 @@ async fn slow_header_senders_and_idle_connections_are_cut_off() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_response_with_thirty_thousand_headers_is_a_500_not_a_crash() {
-    let (host, _comps) = host_with_misbehaving_product("product=cpu:5s").await;
+    let (host, _comps) = host_with_misbehaving_product(r#"{ cpu = "5s" }"#).await;
     let r = host.send("GET", "product", "/headers?n=30000", None).await;
     assert_error(&r, 500);
     assert!(
@@ -197,14 +199,9 @@ async fn a_response_with_thirty_thousand_headers_is_a_500_not_a_crash() {
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_bodies_are_cut_off_and_do_not_starve_their_service() {
     use tokio::io::AsyncReadExt;
-    let host = Host::start_with(
-        None,
-        &[
-            "--service-limits",
-            "user=concurrency:2",
-            "--body-timeout",
-            "1s",
-        ],
+    let host = Host::edited(
+        &[("user", "limits = { concurrency = 2 }")],
+        &["--body-timeout", "1s"],
     )
     .await;
     // More stalled uploads than user-service may serve requests at once: headers and part of a
@@ -246,12 +243,8 @@ async fn slow_bodies_are_cut_off_and_do_not_starve_their_service() {
 async fn a_guest_waiting_past_the_request_timeout_gets_504_and_frees_its_permit() {
     let (host, _comps) = with_product(
         "misbehave.wasm",
-        &[
-            "--service-limits",
-            "product=concurrency:1",
-            "--request-timeout",
-            "1s",
-        ],
+        &[("product", "limits = { concurrency = 1 }")],
+        &["--request-timeout", "1s"],
     )
     .await;
     let began = Instant::now();
@@ -331,7 +324,7 @@ async fn request_bodies_held_by_the_host_stay_within_the_body_buffer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_guest_staging_gigabytes_fails_alone_and_the_host_stays_small() {
-    let (host, _comps) = host_with_misbehaving_product("product=cpu:20s").await;
+    let (host, _comps) = host_with_misbehaving_product(r#"{ cpu = "20s" }"#).await;
     assert_eq!(host.send("GET", "product", "/", None).await.status, 200);
     let baseline = host.rss();
     let mut peak = baseline;
@@ -363,7 +356,7 @@ async fn a_guest_staging_gigabytes_fails_alone_and_the_host_stays_small() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn guest_stderr_is_tagged_with_its_request_and_capped_per_invocation() {
-    let (host, _comps) = host_with_misbehaving_product("product=cpu:5s").await;
+    let (host, _comps) = host_with_misbehaving_product(r#"{ cpu = "5s" }"#).await;
     let before = host.log().len();
     let url = host.url("product", "/stderr?kb=10240");
     let r = host
@@ -393,7 +386,7 @@ async fn guest_stderr_is_tagged_with_its_request_and_capped_per_invocation() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn components_cannot_open_sockets() {
-    let (host, _comps) = host_with_misbehaving_product("product=cpu:5s").await;
+    let (host, _comps) = host_with_misbehaving_product(r#"{ cpu = "5s" }"#).await;
     let r = host.send("GET", "product", "/sockets", None).await;
     assert_eq!(r.status, 200, "{:?}", r.json);
     for kind in ["tcp", "udp"] {
@@ -405,16 +398,7 @@ async fn components_cannot_open_sockets() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_write_timeout() {
     use tokio::io::AsyncReadExt;
-    let (host, _comps) = with_product(
-        "misbehave.wasm",
-        &[
-            "--write-timeout",
-            "1s",
-            "--service-limits",
-            "product=memory:64MiB",
-        ],
-    )
-    .await;
+    let (host, _comps) = with_product("misbehave.wasm", &[], &["--write-timeout", "1s"]).await;
     // Asks for 12 MiB, far more than the socket buffers hold, and reads nothing for 3 s.
     let mut conn = stalled(
         host.ports["product"],

@@ -5,11 +5,7 @@ use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn calls_outside_the_allowlist_are_refused_with_a_clear_error() {
-    let host = Host::start_with(
-        None,
-        &["--outbound-allow", "gateway=user,product;order=product"],
-    )
-    .await;
+    let host = Host::edited(&[("gateway", r#"calls = ["user", "product"]"#)], &[]).await;
     let r = host.get("/api/orders/101").await;
     assert_error(&r, 502);
     assert!(
@@ -24,7 +20,14 @@ async fn calls_outside_the_allowlist_are_refused_with_a_clear_error() {
 #[tokio::test]
 async fn dashboard_calls_run_in_parallel() {
     // Each upstream takes at least 1 s; in sequence the dashboard would take 2 s or more.
-    let host = Host::start_with(None, &["--inject-latency", "user=1s,product=1s"]).await;
+    let host = Host::edited(
+        &[
+            ("user", r#"latency = "1s""#),
+            ("product", r#"latency = "1s""#),
+        ],
+        &[],
+    )
+    .await;
     let start = Instant::now();
     let r = host.get("/api/v1/dashboard").await;
     let took = start.elapsed();
@@ -41,9 +44,9 @@ async fn dashboard_calls_run_in_parallel() {
 
 #[tokio::test]
 async fn slow_upstream_gives_504_not_a_hang() {
-    let host = Host::start_with(
-        None,
-        &["--inject-latency", "user=3s", "--outbound-timeout", "300ms"],
+    let host = Host::edited(
+        &[("user", r#"latency = "3s""#)],
+        &["--outbound-timeout", "300ms"],
     )
     .await;
     let start = Instant::now();

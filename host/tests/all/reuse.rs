@@ -9,7 +9,7 @@ const PRODUCT_INSTANCES: &str = r#"host_instances_created_total{service="product
 #[tokio::test]
 async fn by_default_instances_are_reused_and_one_flag_gives_each_request_a_fresh_one() {
     for (flags, instances) in [(&[][..], 1.0), (&["--instance-reuse", "1"][..], 10.0)] {
-        let (host, _comps) = with_product("misbehave.wasm", flags).await;
+        let (host, _comps) = with_product("misbehave.wasm", &[], flags).await;
         for _ in 0..10 {
             assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
         }
@@ -19,7 +19,7 @@ async fn by_default_instances_are_reused_and_one_flag_gives_each_request_a_fresh
 
 #[tokio::test]
 async fn a_reused_instance_serves_until_its_quota_and_a_trap_discards_it() {
-    let (host, _comps) = with_product("misbehave.wasm", &["--instance-reuse", "25"]).await;
+    let (host, _comps) = with_product("misbehave.wasm", &[], &["--instance-reuse", "25"]).await;
     for _ in 0..20 {
         assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
     }

@@ -5,13 +5,15 @@
 
 use crate::harness::{assert_error, with_product, Host};
 
-async fn host_with_relaying_product(allow: &str) -> (Host, tempfile::TempDir) {
-    with_product("misbehave.wasm", &["--outbound-allow", allow]).await
+/// `(service, calls)`: whom `service` may call, in place of the seed manifest's `calls`.
+async fn host_with_relaying_product(allow: (&str, &str)) -> (Host, tempfile::TempDir) {
+    let calls = format!("calls = {}", allow.1);
+    with_product("misbehave.wasm", &[(allow.0, &calls)], &[]).await
 }
 
 #[tokio::test]
 async fn both_interfaces_reach_an_allowed_service_and_get_its_answer() {
-    let (host, _comps) = host_with_relaying_product("product=user").await;
+    let (host, _comps) = host_with_relaying_product(("product", r#"["user"]"#)).await;
     let created = host
         .send(
             "POST",
@@ -34,7 +36,7 @@ async fn both_interfaces_reach_an_allowed_service_and_get_its_answer() {
 
 #[tokio::test]
 async fn refused_and_unknown_destinations_are_errors_naming_them() {
-    let (host, _comps) = host_with_relaying_product("gateway=user").await;
+    let (host, _comps) = host_with_relaying_product(("gateway", r#"["user"]"#)).await;
     let cases = [
         ("user-service", "user-service: request denied"),
         ("nobody-service", "destination not found"),
@@ -55,7 +57,7 @@ async fn refused_and_unknown_destinations_are_errors_naming_them() {
 
 #[tokio::test]
 async fn a_component_with_only_wasi_http_is_served_through_it() {
-    let (host, _comps) = with_product("hello-wasi.wasm", &[]).await;
+    let (host, _comps) = with_product("hello-wasi.wasm", &[], &[]).await;
     let r = host.send("GET", "product", "/", None).await;
     assert_eq!((r.status, r.json.as_str()), (200, Some("hello")));
     let body = "x".repeat(100_000);

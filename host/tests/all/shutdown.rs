@@ -7,7 +7,7 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
     // Every call into user-service takes 300 ms, so requests are surely in flight at SIGTERM.
-    let host = Host::start_with(None, &["--inject-latency", "user=300ms"]).await;
+    let host = Host::edited(&[("user", r#"latency = "300ms""#)], &[]).await;
     let url = host.url("gateway", "/api/users");
     let mut clients = Vec::new();
     for t in 0..4 {
@@ -58,7 +58,7 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_of_the_signal_right_after_it_still_drains() {
-    let host = Host::start_with(None, &["--inject-latency", "user=1500ms"]).await;
+    let host = Host::edited(&[("user", r#"latency = "1500ms""#)], &[]).await;
     let (http, url) = (host.http.clone(), host.url("gateway", "/api/users"));
     let in_flight = tokio::spawn(async move { http.get(url).send().await });
     tokio::time::sleep(Duration::from_millis(300)).await;

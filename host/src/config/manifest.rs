@@ -1,0 +1,394 @@
+//! The manifest (`services.toml`): which services this host runs, and what each may do.
+//!
+//! Parsed with serde (`deny_unknown_fields`) and validated before anything starts. Every error
+//! names the file, the line and column, and the field, so the host can refuse a bad manifest
+//! with one message instead of starting half of it.
+
+use super::units::parse_size;
+use super::{Limits, ServiceSpec};
+use indexmap::IndexMap;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    service: IndexMap<Spanned<String>, Entry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    /// The component file, relative to `--components-dir`.
+    component: Spanned<String>,
+    /// Omitted: reachable only from other services.
+    port: Option<Spanned<u16>>,
+    #[serde(default)]
+    calls: Vec<Spanned<String>>,
+    #[serde(default)]
+    produces: Vec<Spanned<String>>,
+    #[serde(default)]
+    subscribe: Vec<Subscribe>,
+    #[serde(default)]
+    limits: EntryLimits,
+    /// Testing aid: a delay before each in-process call into the service.
+    latency: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Subscribe {
+    topic: Spanned<String>,
+    group: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EntryLimits {
+    memory: Option<Spanned<String>>,
+    cpu: Option<Spanned<String>>,
+    concurrency: Option<usize>,
+}
+
+/// A manifest that cannot be used, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError(pub String);
+
+impl std::fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+/// What the manifest's services run with unless they say otherwise, and where things are.
+pub struct Context<'a> {
+    pub path: &'a Path,
+    pub components_dir: &'a Path,
+    pub defaults: &'a Limits,
+    /// `--port NAME=PORT` overrides.
+    pub ports: &'a BTreeMap<String, u16>,
+}
+
+/// Kafka's rule for topic names, so that a topic valid here is valid on every backend.
+pub fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= 249
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Service names become host names (`<name>-service`), metric labels and state scopes.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+}
+
+impl Context<'_> {
+    fn error(&self, text: &str, span: Option<Range<usize>>, message: String) -> ManifestError {
+        let at = span.map_or(String::new(), |span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(":{line}:{column}")
+        });
+        ManifestError(format!("{}{at}: {message}", self.path.display()))
+    }
+
+    /// Reads and validates the manifest at `self.path`.
+    pub fn load(&self) -> Result<Vec<ServiceSpec>, ManifestError> {
+        let text = std::fs::read_to_string(self.path)
+            .map_err(|e| ManifestError(format!("{}: {e}", self.path.display())))?;
+        self.parse(&text)
+    }
+
+    /// Validates `text` as the manifest at `self.path`.
+    pub fn parse(&self, text: &str) -> Result<Vec<ServiceSpec>, ManifestError> {
+        let file: File = toml::from_str(text)
+            .map_err(|e| self.error(text, e.span(), e.message().trim().to_string()))?;
+        let err = |span: Range<usize>, message: String| self.error(text, Some(span), message);
+        if file.service.is_empty() {
+            return Err(self.error(text, None, "declares no [service.NAME]".into()));
+        }
+        if let Some(name) = self
+            .ports
+            .keys()
+            .find(|n| !file.service.keys().any(|k| k.get_ref() == *n))
+        {
+            return Err(self.error(
+                text,
+                None,
+                format!("--port names {name:?}, which is not declared"),
+            ));
+        }
+        let declared = |name: &str| file.service.keys().any(|k| k.get_ref() == name);
+        let mut ports: BTreeMap<u16, &str> = BTreeMap::new();
+        let mut specs = Vec::new();
+        if let Some(bad) = file.service.keys().find(|n| !valid_name(n.get_ref())) {
+            let message = format!("service name {:?}: use a-z, 0-9 and -", bad.get_ref());
+            return Err(err(bad.span(), message));
+        }
+        for (name, entry) in &file.service {
+            let (span, name) = (name.span(), name.get_ref().as_str());
+            let file = self.components_dir.join(entry.component.get_ref());
+            if !file.is_file() {
+                return Err(err(
+                    entry.component.span(),
+                    format!("service.{name}.component: no file {}", file.display()),
+                ));
+            }
+            for callee in &entry.calls {
+                if !declared(callee.get_ref()) {
+                    return Err(err(
+                        callee.span(),
+                        format!(
+                            "service.{name}.calls: {:?} is not a declared service",
+                            callee.get_ref()
+                        ),
+                    ));
+                }
+            }
+            let topics = entry
+                .produces
+                .iter()
+                .chain(entry.subscribe.iter().map(|s| &s.topic));
+            for topic in topics {
+                if !valid_topic(topic.get_ref()) {
+                    return Err(err(
+                        topic.span(),
+                        format!(
+                            "service.{name}: topic {:?} is not a valid topic name (1-249 of a-z A-Z 0-9 . _ -)",
+                            topic.get_ref()
+                        ),
+                    ));
+                }
+            }
+            let port = match self.ports.get(name) {
+                Some(&port) => port,
+                None => entry.port.as_ref().map_or(0, |p| *p.get_ref()),
+            };
+            if port != 0 {
+                if let Some(other) = ports.insert(port, name) {
+                    let span = entry.port.as_ref().map_or(span.clone(), Spanned::span);
+                    return Err(err(
+                        span,
+                        format!("service.{name}.port: {port} is also {other}'s port"),
+                    ));
+                }
+            }
+            let mut limits = self.defaults.clone();
+            if let Some(memory) = &entry.limits.memory {
+                limits.memory = parse_size(memory.get_ref()).map_err(|e| {
+                    err(memory.span(), format!("service.{name}.limits.memory: {e}"))
+                })?;
+            }
+            if let Some(cpu) = &entry.limits.cpu {
+                limits.cpu = humantime::parse_duration(cpu.get_ref())
+                    .map_err(|e| err(cpu.span(), format!("service.{name}.limits.cpu: {e}")))?;
+            }
+            if let Some(concurrency) = entry.limits.concurrency {
+                limits.concurrency = concurrency.max(1);
+            }
+            let latency = match &entry.latency {
+                None => None,
+                Some(l) => Some(
+                    humantime::parse_duration(l.get_ref())
+                        .map_err(|e| err(l.span(), format!("service.{name}.latency: {e}")))?,
+                ),
+            };
+            let groups: Vec<&str> = entry
+                .subscribe
+                .iter()
+                .filter_map(|s| s.group.as_deref())
+                .collect();
+            if groups.windows(2).any(|g| g[0] != g[1]) {
+                return Err(err(
+                    span,
+                    format!(
+                        "service.{name}.subscribe: one consumer group per service, got {groups:?}"
+                    ),
+                ));
+            }
+            specs.push(ServiceSpec {
+                name: name.into(),
+                port,
+                serves_http: entry.port.is_some() || self.ports.contains_key(name),
+                file,
+                calls: entry.calls.iter().map(|c| c.get_ref().clone()).collect(),
+                subscribes: entry
+                    .subscribe
+                    .iter()
+                    .map(|s| s.topic.get_ref().clone())
+                    .collect(),
+                group: groups
+                    .first()
+                    .map_or_else(|| format!("{name}-service"), |g| g.to_string()),
+                produces: entry.produces.iter().map(|p| p.get_ref().clone()).collect(),
+                latency,
+                limits,
+            });
+        }
+        Ok(specs)
+    }
+}
+
+/// `NAME=PORT` pairs of `--port` (and `PORTS`, comma-separated).
+pub fn parse_port(rule: &str) -> Result<(String, u16), String> {
+    let (name, port) = rule
+        .split_once('=')
+        .ok_or_else(|| format!("{rule:?} is not NAME=PORT"))?;
+    let port = port
+        .trim()
+        .parse()
+        .map_err(|_| format!("{rule:?}: {port:?} is not a port number"))?;
+    Ok((name.trim().to_string(), port))
+}
+
+/// Where `services.toml` is when `--manifest` is not given.
+pub fn default_path() -> PathBuf {
+    PathBuf::from("services.toml")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const SEED: &str = r#"
+[service.gateway]
+component = "gateway.wasm"
+port = 3000
+calls = ["user"]
+
+[service.user]
+component = "user.wasm"
+port = 3001
+produces = ["user-created"]
+
+[service.order]
+component = "order.wasm"
+subscribe = [{ topic = "user-created", group = "order-service" }]
+limits = { memory = "32MiB", cpu = "1s", concurrency = 4 }
+"#;
+
+    fn context(dir: &Path, ports: &BTreeMap<String, u16>, f: impl FnOnce(&Context<'_>)) {
+        for c in ["gateway", "user", "order"] {
+            std::fs::write(dir.join(format!("{c}.wasm")), b"").unwrap();
+        }
+        let defaults = Limits {
+            memory: 64 << 20,
+            cpu: Duration::from_secs(5),
+            concurrency: 64,
+        };
+        f(&Context {
+            path: Path::new("services.toml"),
+            components_dir: dir,
+            defaults: &defaults,
+            ports,
+        });
+    }
+
+    #[test]
+    fn the_seed_shape_parses_in_order_with_defaults_and_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = BTreeMap::from([("gateway".to_string(), 0)]);
+        context(dir.path(), &ports, |c| {
+            let specs = c.parse(SEED).unwrap();
+            let names: Vec<&str> = specs.iter().map(|s| &*s.name).collect();
+            assert_eq!(names, ["gateway", "user", "order"]);
+            assert_eq!((specs[0].port, specs[1].port, specs[2].port), (0, 3001, 0));
+            assert!(specs[0].serves_http && !specs[2].serves_http);
+            assert_eq!(specs[0].calls, ["user"]);
+            assert_eq!(specs[1].produces, ["user-created"]);
+            assert_eq!(
+                (specs[2].subscribes.clone(), specs[2].group.as_str()),
+                (vec!["user-created".to_string()], "order-service")
+            );
+            assert_eq!(
+                specs[2].limits,
+                Limits {
+                    memory: 32 << 20,
+                    cpu: Duration::from_secs(1),
+                    concurrency: 4
+                }
+            );
+            assert_eq!(specs[1].limits.memory, 64 << 20);
+            assert_eq!(specs[1].group, "user-service");
+        });
+    }
+
+    #[test]
+    fn every_mistake_is_refused_with_file_line_column_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = BTreeMap::new();
+        context(dir.path(), &none, |c| {
+            let refused = |text: &str| c.parse(text).unwrap_err().0;
+            let with = |from: &str, to: &str| refused(&SEED.replacen(from, to, 1));
+            let e = with("port = 3001", "port = 3001\ncolour = \"red\"");
+            assert!(
+                e.starts_with("services.toml:10:1: ") && e.contains("colour"),
+                "{e}"
+            );
+            let e = with("calls = [\"user\"]", "calls = [\"user\", \"billing\"]");
+            assert!(
+                e.starts_with("services.toml:5:18: ")
+                    && e.contains("service.gateway.calls")
+                    && e.contains("billing"),
+                "{e}"
+            );
+            let e = with("port = 3001", "port = 3000");
+            assert!(
+                e.starts_with("services.toml:9:8: ") && e.contains("also gateway's port"),
+                "{e}"
+            );
+            let e = with(
+                "produces = [\"user-created\"]",
+                "produces = [\"user created\"]",
+            );
+            assert!(
+                e.starts_with("services.toml:10:13: ") && e.contains("not a valid topic"),
+                "{e}"
+            );
+            let e = with("component = \"order.wasm\"", "component = \"nope.wasm\"");
+            assert!(
+                e.starts_with("services.toml:13:13: ") && e.contains("no file"),
+                "{e}"
+            );
+            let e = with("cpu = \"1s\"", "cpu = \"soon\"");
+            assert!(e.contains("service.order.limits.cpu"), "{e}");
+            let e = with("[service.user]", "[service.User]");
+            assert!(
+                e.starts_with("services.toml:7:10: ") && e.contains("service name"),
+                "{e}"
+            );
+            let e = refused("[service.a]\ncomponent = ");
+            assert!(e.starts_with("services.toml:2:"), "{e}");
+            assert!(refused("").contains("no [service.NAME]"));
+        });
+        let ports = BTreeMap::from([("billing".to_string(), 1)]);
+        context(dir.path(), &ports, |c| {
+            assert!(c
+                .parse(SEED)
+                .unwrap_err()
+                .0
+                .contains("--port names \"billing\""));
+        });
+    }
+
+    #[test]
+    fn ports_parse() {
+        assert_eq!(parse_port("user=0"), Ok(("user".into(), 0)));
+        assert!(parse_port("user").is_err());
+        assert!(parse_port("user=http").is_err());
+    }
+}

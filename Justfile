@@ -1,28 +1,45 @@
 # Recipes for building, running and testing the host and its components.
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-components := "gateway user product order"
+# Every service crate under components/ (`just new NAME` adds one).
+components := `ls components | grep -vx -e sdk -e fixtures | tr '\n' ' '`
 out := env_var_or_default("COMPONENTS_DIR", "build/components")
 fixtures := "build/fixtures"
 
-# Build the four components and the host (release).
+# Build the components and the host (release).
 build: build-components
     cargo build --release -p host
 
-# Build the four components and put them in the components dir (atomically: temp file + rename).
+# Build the components and put them in the components dir (atomically: temp file + rename).
 build-components: _target
     cargo build --release --target wasm32-wasip2 {{ prepend("-p ", components) }}
     mkdir -p {{out}}
     for c in {{components}}; do just _install $c; done
 
-# Rebuild one component (gateway, user, product or order).
+# Rebuild one component (gateway, user, product, order, notification, or one of yours).
 build-component name: _target
     cargo build --release --target wasm32-wasip2 -p {{name}}
     just _install {{name}}
 
+# Scaffold a service: components/NAME from templates/service (one lib.rs with a `route`), a
+# workspace member, and a manifest entry on the next free port. Then `just build-component NAME`.
+new name:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    [[ "{{name}}" =~ ^[a-z][a-z0-9-]*$ ]] || { echo "a service name is a-z, 0-9 and -, starting with a letter" >&2; exit 2; }
+    [ ! -e "components/{{name}}" ] || { echo "components/{{name}} exists" >&2; exit 2; }
+    ! grep -q '^\[service\.{{name}}\]' services.toml || { echo "services.toml already has [service.{{name}}]" >&2; exit 2; }
+    cp -r templates/service "components/{{name}}"
+    sed -i "s/NAME/{{name}}/g" "components/{{name}}/Cargo.toml" "components/{{name}}/src/lib.rs"
+    sed -i 's|^members = \["host", |members = ["host", "components/{{name}}", |' Cargo.toml
+    port=$(( $(grep -oE '^port = [0-9]+' services.toml | awk '{print $3}' | sort -n | tail -1) + 1 ))
+    printf '\n[service.%s]\ncomponent = "%s.wasm"\nport = %s\n' "{{name}}" "{{name}}" "$port" >> services.toml
+    echo "components/{{name}}: edit src/lib.rs; services.toml: [service.{{name}}] on port $port"
+    echo "next: just build-component {{name}}, then (re)start the host: curl localhost:$port/"
+
 _install name:
     mkdir -p {{out}}
-    cp target/wasm32-wasip2/release/{{name}}.wasm {{out}}/.{{name}}.wasm.tmp
+    cp ${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/{{ replace(name, "-", "_") }}.wasm {{out}}/.{{name}}.wasm.tmp
     mv {{out}}/.{{name}}.wasm.tmp {{out}}/{{name}}.wasm
 
 # Test fixtures: tagged builds of user/order (x-build: a|b), components to refuse, a misbehaving
@@ -58,7 +75,7 @@ kafka-down:
 
 # Build everything, then run all tests (Kafka tests start their own tansu broker).
 test: build build-fixtures _tansu
-    cargo test --release -p host -p sdk -p gateway -p user -p product -p order
+    cargo test --release -p host -p sdk {{ prepend("-p ", components) }}
 
 # Benchmarks (not tests): start-up, event latency, hot-path micro-benchmarks, and wrk side by
 # side with the Node seed and `wasmtime serve`. Rewrites BENCHMARKS.md.

@@ -42,23 +42,9 @@ struct CachedUser {
 sdk::http_service!(super::route);
 sdk::message_handler!(super::handle);
 
-fn handle(delivery: Delivery) -> Result<(), HandleError> {
-    let message = &delivery.message;
-    match message.topic.as_str() {
-        USER_CREATED => cache_user(&message.payload),
-        topic => Err(HandleError::Reject(format!(
-            "order-service does not handle topic {topic:?}"
-        ))),
-    }
-}
-
 /// Stores the user under its id. Overwriting makes redelivery of the same message harmless.
-fn cache_user(payload: &[u8]) -> Result<(), HandleError> {
-    let user: CachedUser = serde_json::from_slice(payload).map_err(|e| {
-        HandleError::Reject(format!(
-            "{USER_CREATED} payload is not {{id, name, email}}: {e}"
-        ))
-    })?;
+fn handle(delivery: Delivery) -> Result<(), HandleError> {
+    let user: CachedUser = sdk::handler::json_payload(&delivery, USER_CREATED, "order-service")?;
     if user.id == 0 {
         return Err(HandleError::Reject(format!(
             "{USER_CREATED} payload has id 0"

@@ -60,3 +60,148 @@ async fn a_service_without_a_port_is_reached_only_through_the_services_that_call
         .unwrap();
     assert!(product["port"].is_null());
 }
+
+async fn create(host: &Host, i: u32) {
+    let body = serde_json::json!({"name": format!("N{i}"), "email": format!("n{i}@ex.com")});
+    assert_eq!(host.post("/api/users", &body).await.status, 201);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifth_service_joins_by_its_manifest_entry_and_gets_every_event_too() {
+    let data = tempfile::tempdir().unwrap();
+    let host = Host::start_with(Some(data.path()), &[]).await;
+    // Two users before notification-service exists.
+    create(&host, 1).await;
+    create(&host, 2).await;
+    let (status, _) = host.terminate();
+    assert!(status.success());
+
+    // The same data, and a manifest with a fifth entry: nothing else changes.
+    let text = manifest(&[])
+        + "\n\n[service.notification]\ncomponent = \"notification.wasm\"\nport = 0\n\
+           subscribe = [{ topic = \"user-created\", group = \"notification-service\" }]\n";
+    let file = data.path().join("five.toml");
+    std::fs::write(&file, text).unwrap();
+    let host = Host::start_in(
+        &components_dir(),
+        Some(data.path()),
+        &["--manifest", file.to_str().unwrap()],
+    )
+    .await;
+    create(&host, 3).await;
+    // Its own consumer group starts at the oldest record: every user gets one welcome.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let listed = loop {
+        let r = host
+            .send("GET", "notification", "/notifications", None)
+            .await;
+        if r.json.as_array().is_some_and(|a| a.len() == 3) || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let ids: Vec<u64> = listed
+        .json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["userId"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2, 3], "{:?}", listed.json);
+    let one = host
+        .send("GET", "notification", "/notifications/3", None)
+        .await;
+    assert_eq!(
+        (one.json["to"].as_str(), one.json["message"].as_str()),
+        (Some("n3@ex.com"), Some("Welcome, N3!"))
+    );
+    assert_eq!(
+        host.send("GET", "notification", "/notifications/9", None)
+            .await
+            .status,
+        404
+    );
+    // Fan-out: order-service got the same event in its own group.
+    let r = host
+        .order_when_cached(3, 1, std::time::Duration::from_secs(20))
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.json);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn just_new_scaffolds_a_service_that_answers_on_its_port() {
+    use std::process::Command;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // A copy of the repository as a user has it: the tracked files and the built components.
+    let copy = tempfile::tempdir().unwrap();
+    let files = Command::new("git")
+        .arg("ls-files")
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(files.status.success());
+    for file in String::from_utf8(files.stdout).unwrap().lines() {
+        let to = copy.path().join(file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(root.join(file), to).unwrap();
+    }
+    let built = copy.path().join("build/components");
+    std::fs::create_dir_all(&built).unwrap();
+    for c in ["gateway", "user", "product", "order"] {
+        std::fs::copy(
+            components_dir().join(format!("{c}.wasm")),
+            built.join(format!("{c}.wasm")),
+        )
+        .unwrap();
+    }
+    let just = |args: &[&str]| {
+        // Its own target dir, kept between runs: this test's build never waits on the suite's.
+        let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("scaffold-target");
+        let out = Command::new("just")
+            .args(args)
+            .current_dir(copy.path())
+            .env("CARGO_TARGET_DIR", target)
+            .output()
+            .expect("just is installed (cargo install just --locked)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "just {args:?}: {text}");
+        text
+    };
+    let said = just(&["new", "hello2"]);
+    assert!(said.contains("port 3004"), "{said}");
+    let manifest = std::fs::read_to_string(copy.path().join("services.toml")).unwrap();
+    assert!(
+        manifest.contains("[service.hello2]\ncomponent = \"hello2.wasm\"\nport = 3004"),
+        "{manifest}"
+    );
+    just(&["build-component", "hello2"]);
+    assert!(built.join("hello2.wasm").is_file());
+    // Refused a second time: the scaffold never overwrites.
+    let again = Command::new("just")
+        .args(["new", "hello2"])
+        .current_dir(copy.path())
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+
+    let file = copy.path().join("services.toml");
+    let host = Host::start_in(
+        &built,
+        None,
+        &[
+            "--manifest",
+            file.to_str().unwrap(),
+            "--port",
+            "gateway=0,user=0,product=0,order=0,hello2=0",
+        ],
+    )
+    .await;
+    let r = host.send("GET", "hello2", "/", None).await;
+    assert_eq!(
+        (r.status, r.json["service"].as_str()),
+        (200, Some("hello2")),
+        "{:?}",
+        r.json
+    );
+}

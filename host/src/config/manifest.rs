@@ -5,7 +5,7 @@
 //! with one message instead of starting half of it.
 
 use super::units::parse_size;
-use super::{Limits, ServiceSpec};
+use super::{Limits, ServiceSpec, Start};
 use indexmap::IndexMap;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -44,6 +44,8 @@ struct Entry {
 struct Subscribe {
     topic: Spanned<String>,
     group: Option<String>,
+    #[serde(default)]
+    start: Start,
 }
 
 #[derive(Deserialize, Default)]
@@ -211,11 +213,12 @@ impl Context<'_> {
                 .iter()
                 .filter_map(|s| s.group.as_deref())
                 .collect();
-            if groups.windows(2).any(|g| g[0] != g[1]) {
+            let starts: Vec<Start> = entry.subscribe.iter().map(|s| s.start).collect();
+            if groups.windows(2).any(|g| g[0] != g[1]) || starts.windows(2).any(|s| s[0] != s[1]) {
                 return Err(err(
                     span,
                     format!(
-                        "service.{name}.subscribe: one consumer group per service, got {groups:?}"
+                        "service.{name}.subscribe: one consumer group and start per service, got {groups:?} {starts:?}"
                     ),
                 ));
             }
@@ -233,6 +236,7 @@ impl Context<'_> {
                 group: groups
                     .first()
                     .map_or_else(|| format!("{name}-service"), |g| g.to_string()),
+                start: starts.first().copied().unwrap_or_default(),
                 produces: entry.produces.iter().map(|p| p.get_ref().clone()).collect(),
                 latency,
                 limits,
@@ -324,6 +328,12 @@ limits = { memory = "32MiB", cpu = "1s", concurrency = 4 }
             );
             assert_eq!(specs[1].limits.memory, 64 << 20);
             assert_eq!(specs[1].group, "user-service");
+            assert_eq!(specs[2].start, Start::Earliest);
+            let latest = SEED.replace(
+                "group = \"order-service\" }",
+                "group = \"order-service\", start = \"latest\" }",
+            );
+            assert_eq!(c.parse(&latest).unwrap()[2].start, Start::Latest);
         });
     }
 
@@ -362,6 +372,14 @@ limits = { memory = "32MiB", cpu = "1s", concurrency = 4 }
             let e = with("component = \"order.wasm\"", "component = \"nope.wasm\"");
             assert!(
                 e.starts_with("services.toml:13:13: ") && e.contains("no file"),
+                "{e}"
+            );
+            let e = with(
+                "group = \"order-service\" }",
+                "group = \"order-service\", start = \"now\" }",
+            );
+            assert!(
+                e.starts_with("services.toml:14:") && e.contains("now"),
                 "{e}"
             );
             let e = with("cpu = \"1s\"", "cpu = \"soon\"");

@@ -196,11 +196,24 @@ pub struct ServiceSpec {
     /// Topics its `handler` export receives, and its consumer group.
     pub subscribes: Vec<String>,
     pub group: String,
+    /// Where its consumer group starts reading when it has committed nothing yet.
+    pub start: Start,
     /// Topics `producer::send` accepts from it.
     pub produces: Vec<String>,
     /// Injected delay before each in-process call into it (testing aid).
     pub latency: Option<Duration>,
     pub limits: Limits,
+}
+
+/// Where a new consumer group starts reading a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Start {
+    /// At the oldest record kept: it sees what was published before it existed.
+    #[default]
+    Earliest,
+    /// After the newest record: only what is published from now on.
+    Latest,
 }
 
 /// What one service's invocations may use.
@@ -224,6 +237,7 @@ impl ServiceSpec {
             calls: vec![],
             subscribes: vec![],
             group: format!("{name}-service"),
+            start: Start::Earliest,
             produces: vec![],
             latency: None,
             limits: Limits {

@@ -28,7 +28,11 @@ pub async fn run(
 ) {
     while !*stopping.borrow() {
         let group = &service.spec.group;
-        match runtime.backend.subscribe(group, &topic).await {
+        match runtime
+            .backend
+            .subscribe(group, &topic, service.spec.start)
+            .await
+        {
             Ok(mut sub) => {
                 tracing::info!(service = %service.name, topic, group, "consuming");
                 // A bug that panics here must not end consumption for good: resubscribe.

@@ -165,7 +165,12 @@ mod tests {
             }
             Ok(())
         }
-        async fn subscribe(&self, _: &str, _: &str) -> Result<Box<dyn Subscription>> {
+        async fn subscribe(
+            &self,
+            _: &str,
+            _: &str,
+            _: crate::config::Start,
+        ) -> Result<Box<dyn Subscription>> {
             unimplemented!("publish only")
         }
     }

@@ -3,6 +3,7 @@
 //! One partition per topic (partition 0), so order is total. Used when no Kafka is configured.
 
 use super::{Backend, Subscription};
+use crate::config::Start;
 use crate::storage::Db;
 use crate::types::{Delivery, Message};
 use anyhow::Result;
@@ -196,16 +197,30 @@ impl Backend for Embedded {
         Ok(())
     }
 
-    async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn Subscription>> {
+    async fn subscribe(
+        &self,
+        group: &str,
+        topic: &str,
+        start: Start,
+    ) -> Result<Box<dyn Subscription>> {
         // A new group is registered at once (at offset 0), so that trimming keeps what it has
         // not read yet.
         let cursor = self.db.write_lazily(|wtx| {
             let mut offsets = wtx.open_table(OFFSETS)?;
-            let cursor = offsets.get((group, topic))?.map(|v| v.value());
-            if cursor.is_none() {
-                offsets.insert((group, topic), 0)?;
+            if let Some(cursor) = offsets.get((group, topic))? {
+                return Ok(cursor.value());
             }
-            Ok(cursor.unwrap_or(0))
+            let cursor = match start {
+                Start::Earliest => 0,
+                Start::Latest => wtx
+                    .open_table(LOG)?
+                    .range((topic, 0)..=(topic, u64::MAX))?
+                    .next_back()
+                    .transpose()?
+                    .map_or(0, |(k, _)| k.value().1 + 1),
+            };
+            offsets.insert((group, topic), cursor)?;
+            Ok(cursor)
         })?;
         Ok(Box::new(EmbeddedSubscription {
             db: self.db.clone(),
@@ -304,7 +319,7 @@ mod tests {
         let batch: Vec<Message> = (0..10).map(|i| msg("t", "k", &format!("m{i}"))).collect();
         log.publish(&batch).await.unwrap();
         log.publish(&[msg("t.dlq", "k", "dead")]).await.unwrap();
-        let mut sub = log.subscribe("g", "t").await.unwrap();
+        let mut sub = log.subscribe("g", "t", Start::Earliest).await.unwrap();
         for _ in 0..4 {
             let d = sub.next().await.unwrap();
             sub.commit(&d).await.unwrap();
@@ -325,7 +340,7 @@ mod tests {
         let d = sub.next().await.unwrap();
         assert_eq!(d.message.payload, b"m4");
         sub.commit(&d).await.unwrap();
-        let mut fresh = log.subscribe("h", "t").await.unwrap();
+        let mut fresh = log.subscribe("h", "t", Start::Earliest).await.unwrap();
         let first = fresh.next().await.unwrap();
         assert_eq!(
             (first.offset, first.message.payload.as_slice()),
@@ -340,6 +355,10 @@ mod tests {
         assert_eq!(trim(&db, tiny, SystemTime::now()).unwrap(), 0);
         fresh.commit(&first).await.unwrap();
         assert_eq!(trim(&db, tiny, SystemTime::now()).unwrap(), 1);
+        // A group that starts at the latest record sees only what comes after it.
+        let mut late = log.subscribe("l", "t", Start::Latest).await.unwrap();
+        log.publish(&[msg("t", "k", "m10")]).await.unwrap();
+        assert_eq!(late.next().await.unwrap().message.payload, b"m10");
     }
 
     #[tokio::test]
@@ -361,7 +380,10 @@ mod tests {
             .await
             .unwrap();
         // g1 committed everything up to "d" before the reopen: only "e" is left.
-        let mut sub = backend.subscribe("g1", "contract").await.unwrap();
+        let mut sub = backend
+            .subscribe("g1", "contract", Start::Earliest)
+            .await
+            .unwrap();
         assert_eq!(sub.next().await.unwrap().message.payload, b"e");
     }
 }

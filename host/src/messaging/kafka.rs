@@ -4,6 +4,7 @@
 
 use super::Refused;
 use super::{Backend, Subscription};
+use crate::config::Start;
 use crate::types::contract::MAX_BODY;
 use crate::types::{Delivery, Message};
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -176,12 +177,21 @@ impl Backend for Kafka {
         refused.map_or(Ok(()), Err)
     }
 
-    async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn Subscription>> {
+    async fn subscribe(
+        &self,
+        group: &str,
+        topic: &str,
+        start: Start,
+    ) -> Result<Box<dyn Subscription>> {
+        let reset = match start {
+            Start::Earliest => "earliest",
+            Start::Latest => "latest",
+        };
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.config.brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
+            .set("auto.offset.reset", reset)
             .set(
                 "fetch.wait.max.ms",
                 self.config.fetch_wait.as_millis().to_string(),

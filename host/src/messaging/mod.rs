@@ -8,7 +8,7 @@ pub mod drain;
 pub mod embedded;
 pub mod kafka;
 
-use crate::config::ServiceSpec;
+use crate::config::{ServiceSpec, Start};
 use crate::types::{Delivery, Message};
 use anyhow::Result;
 use std::time::Duration;
@@ -46,7 +46,13 @@ pub trait Backend: Send + Sync + 'static {
     /// retrying.
     async fn publish(&self, messages: &[Message]) -> Result<()>;
     /// Starts reading `topic` for consumer group `group`, after its last committed record.
-    async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn Subscription>>;
+    /// A group with nothing committed yet starts at `start`.
+    async fn subscribe(
+        &self,
+        group: &str,
+        topic: &str,
+        start: Start,
+    ) -> Result<Box<dyn Subscription>>;
     /// Whether the backend keeps its log and offsets in the state store. Then a handler's writes
     /// need not reach the disk before its offset is committed: both go in order, so a crash
     /// loses the offset with the writes and the record is delivered again.
@@ -148,7 +154,10 @@ pub mod tests {
 
         // Records come in publish order per key (keys may sit on different partitions, so
         // records of different keys may interleave either way), headers intact.
-        let mut sub = backend.subscribe("g1", topic).await.unwrap();
+        let mut sub = backend
+            .subscribe("g1", topic, Start::Earliest)
+            .await
+            .unwrap();
         let first = [
             next(&mut sub).await,
             next(&mut sub).await,
@@ -171,7 +180,10 @@ pub mod tests {
         drop(sub);
 
         // A new subscription of the same group resumes after the last commit: `b` again.
-        let mut sub = backend.subscribe("g1", topic).await.unwrap();
+        let mut sub = backend
+            .subscribe("g1", topic, Start::Earliest)
+            .await
+            .unwrap();
         let mut seen = vec![next(&mut sub).await, next(&mut sub).await];
         seen.sort_by_key(|d| d.message.payload.clone());
         assert_eq!(seen[0].message, msg(topic, "1", "b"));
@@ -191,7 +203,10 @@ pub mod tests {
         assert_eq!(waiter.await.unwrap().message, msg(topic, "3", "d"));
 
         // Another group is independent and sees everything from the start.
-        let mut other = backend.subscribe("g2", topic).await.unwrap();
+        let mut other = backend
+            .subscribe("g2", topic, Start::Earliest)
+            .await
+            .unwrap();
         let mut all = Vec::new();
         for _ in 0..4 {
             all.push(String::from_utf8(next(&mut other).await.message.payload).unwrap());

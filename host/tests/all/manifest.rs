@@ -68,6 +68,18 @@ async fn create(host: &Host, i: u32) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fifth_service_joins_by_its_manifest_entry_and_gets_every_event_too() {
+    // Its own consumer group starts at the oldest record: every user gets one welcome.
+    fifth_service_after_two_users("earliest", &[1, 2, 3]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifth_service_starting_at_the_latest_record_sees_only_new_users() {
+    fifth_service_after_two_users("latest", &[3]).await;
+}
+
+/// Two users under the seed manifest; then a restart with notification-service subscribed
+/// from `start`, and a third user: `welcomed` are the users it has a notification for.
+async fn fifth_service_after_two_users(start: &str, welcomed: &[u64]) {
     let data = tempfile::tempdir().unwrap();
     let host = Host::start_with(Some(data.path()), &[]).await;
     // Two users before notification-service exists.
@@ -78,8 +90,10 @@ async fn a_fifth_service_joins_by_its_manifest_entry_and_gets_every_event_too() 
 
     // The same data, and a manifest with a fifth entry: nothing else changes.
     let text = manifest(&[])
-        + "\n\n[service.notification]\ncomponent = \"notification.wasm\"\nport = 0\n\
-           subscribe = [{ topic = \"user-created\", group = \"notification-service\" }]\n";
+        + &format!(
+            "\n\n[service.notification]\ncomponent = \"notification.wasm\"\nport = 0\n\
+             subscribe = [{{ topic = \"user-created\", group = \"notification-service\", start = \"{start}\" }}]\n"
+        );
     let file = data.path().join("five.toml");
     std::fs::write(&file, text).unwrap();
     let host = Host::start_in(
@@ -88,14 +102,27 @@ async fn a_fifth_service_joins_by_its_manifest_entry_and_gets_every_event_too() 
         &["--manifest", file.to_str().unwrap()],
     )
     .await;
+    // "latest" means from when the group first subscribed: wait for that before user 3.
+    let subscribed = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !host
+        .log()
+        .lines()
+        .any(|l| l.contains("consuming") && l.contains("notification-service"))
+    {
+        assert!(
+            std::time::Instant::now() < subscribed,
+            "notification-service never subscribed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     create(&host, 3).await;
-    // Its own consumer group starts at the oldest record: every user gets one welcome.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let listed = loop {
         let r = host
             .send("GET", "notification", "/notifications", None)
             .await;
-        if r.json.as_array().is_some_and(|a| a.len() == 3) || std::time::Instant::now() > deadline {
+        let got = r.json.as_array().map_or(0, Vec::len);
+        if got >= welcomed.len() || std::time::Instant::now() > deadline {
             break r;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -107,7 +134,7 @@ async fn a_fifth_service_joins_by_its_manifest_entry_and_gets_every_event_too() 
         .iter()
         .map(|n| n["userId"].as_u64().unwrap())
         .collect();
-    assert_eq!(ids, [1, 2, 3], "{:?}", listed.json);
+    assert_eq!(ids, welcomed, "{:?}", listed.json);
     let one = host
         .send("GET", "notification", "/notifications/3", None)
         .await;

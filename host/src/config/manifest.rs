@@ -10,7 +10,7 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use toml::Spanned;
 
 #[derive(Deserialize)]
@@ -256,11 +256,6 @@ pub fn parse_port(rule: &str) -> Result<(String, u16), String> {
         .parse()
         .map_err(|_| format!("{rule:?}: {port:?} is not a port number"))?;
     Ok((name.trim().to_string(), port))
-}
-
-/// Where `services.toml` is when `--manifest` is not given.
-pub fn default_path() -> PathBuf {
-    PathBuf::from("services.toml")
 }
 
 #[cfg(test)]

@@ -40,6 +40,33 @@ impl Outbox {
         outbox::parked(&self.db)
     }
 
+    /// Sets aside the message of the batch (`seqs`, `messages`) the backend refused for good,
+    /// with those before it (published), so that the ones after it flow.
+    async fn park(&self, refused: &Refused, seqs: &[u64], messages: &[Message]) {
+        let index = refused.index.min(seqs.len() - 1);
+        let m = &messages[index];
+        tracing::error!(
+            topic = %m.topic,
+            key = m.key.as_deref().unwrap_or_default(),
+            bytes = m.payload.len(),
+            error = %refused.reason,
+            "message refused for good; set aside in the outbox's parked table so later ones flow"
+        );
+        crate::metrics::get()
+            .parked
+            .get_or_create(&crate::metrics::labels([("topic", &m.topic)]))
+            .inc();
+        let (db, seq, reason) = (self.db.clone(), seqs[index], refused.reason.clone());
+        match tokio::task::spawn_blocking(move || outbox::park(&db, seq, &reason)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "parking the message failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => tracing::error!(error = %e, "outbox park panicked"),
+        }
+    }
+
     /// Moves batches to the backend, oldest first, forever. A batch leaves the outbox only
     /// after the backend confirmed it, so a crash or an unreachable backend loses nothing
     /// (it may deliver a batch twice; handlers are idempotent).
@@ -67,33 +94,16 @@ impl Outbox {
             };
             let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
             let messages: Vec<Message> = batch.into_iter().map(|(_, m)| m).collect();
-            match backend.publish(&messages).await {
-                Err(e) if e.chain().any(|c| c.is::<Refused>()) => {
-                    let refused = e.chain().find_map(|c| c.downcast_ref::<Refused>()).unwrap();
-                    let index = refused.index.min(seqs.len() - 1);
-                    let m = &messages[index];
-                    tracing::error!(
-                        topic = %m.topic,
-                        key = m.key.as_deref().unwrap_or_default(),
-                        bytes = m.payload.len(),
-                        error = %refused.reason,
-                        "message refused for good; set aside in the outbox's parked table so later ones flow"
-                    );
-                    crate::metrics::get()
-                        .parked
-                        .get_or_create(&crate::metrics::labels([("topic", &m.topic)]))
-                        .inc();
-                    let (db, seq, reason) = (self.db.clone(), seqs[index], refused.reason.clone());
-                    match tokio::task::spawn_blocking(move || outbox::park(&db, seq, &reason)).await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %format!("{e:#}"), "parking the message failed");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                        Err(e) => tracing::error!(error = %e, "outbox park panicked"),
-                    }
-                }
+            let published = backend.publish(&messages).await;
+            let refused = published
+                .as_ref()
+                .err()
+                .and_then(|e| e.chain().find_map(|c| c.downcast_ref::<Refused>()));
+            if let Some(refused) = refused {
+                self.park(refused, &seqs, &messages).await;
+                continue;
+            }
+            match published {
                 Ok(()) => {
                     failures = 0;
                     for m in &messages {

@@ -75,11 +75,6 @@ impl Budget {
     pub fn overrun(&self) -> Option<Overrun> {
         self.overrun.then_some(Overrun { limit: self.limit })
     }
-
-    /// What is left, for a body collected in one go.
-    pub fn remaining(&self) -> usize {
-        self.limit.saturating_sub(self.used)
-    }
 }
 
 #[cfg(test)]
@@ -92,7 +87,7 @@ mod tests {
         b.charge(60).unwrap();
         b.refund(20);
         b.charge(60).unwrap();
-        assert_eq!(b.remaining(), 0);
+        b.charge(0).unwrap(); // exactly at the limit is within it
         assert_eq!(b.overrun(), None);
         assert_eq!(b.charge(1), Err(Overrun { limit: 100 }));
         b.refund(50);

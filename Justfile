@@ -35,7 +35,7 @@ new name:
     port=$(( $(grep -oE '^port = [0-9]+' services.toml | awk '{print $3}' | sort -n | tail -1) + 1 ))
     printf '\n[service.%s]\ncomponent = "%s.wasm"\nport = %s\n' "{{name}}" "{{name}}" "$port" >> services.toml
     echo "components/{{name}}: edit src/lib.rs; services.toml: [service.{{name}}] on port $port"
-    echo "next: just build-component {{name}}, then (re)start the host: curl localhost:$port/"
+    echo "next: just build-component {{name}}; a running host starts it then: curl localhost:$port/"
 
 _install name:
     mkdir -p {{out}}

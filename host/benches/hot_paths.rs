@@ -48,7 +48,8 @@ fn runtime(rt: &Tokio, reuse: u32, data: &Path, product: &str) -> Arc<Runtime> {
     }
     rt.block_on(async {
         let runtime = host::app::build(&args, &specs).await.unwrap();
-        runtime.load_services(specs).await.unwrap();
+        let services = runtime.prepare(specs).await.unwrap();
+        runtime.install(services);
         runtime
     })
 }
@@ -65,7 +66,7 @@ fn get(path: &str, host: &str) -> HttpRequest {
 }
 
 fn call(rt: &Tokio, runtime: &Runtime, service: &str, req: &HttpRequest) -> u16 {
-    let service = runtime.service(service).unwrap().clone();
+    let service = runtime.service(service).unwrap();
     rt.block_on(invoke::http(runtime, &service, req.clone(), "bench"))
         .status()
         .as_u16()

@@ -1,15 +1,16 @@
 //! The composition root: reads the configuration, builds every part, spawns them, waits for signals.
 
-use crate::config::{Args, ServiceSpec};
-use crate::ingress;
+use crate::config::{Args, ManifestError, ServiceSpec};
+use crate::ingress::{consumer, http};
 use crate::messaging::embedded::{Embedded, Retention};
 use crate::messaging::kafka::{Kafka, KafkaConfig};
 use crate::messaging::{self, Backend};
 use crate::ops::{admin, watch};
-use crate::runtime::Runtime;
+use crate::runtime::{Rejected, Runtime};
 use crate::storage::Db;
 use anyhow::{Context as _, Result};
-use hyper_util::server::graceful::GracefulShutdown;
+use futures_util::future::BoxFuture;
+use sha2::{Digest, Sha256};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,29 +24,13 @@ pub async fn build(args: &Args, specs: &[ServiceSpec]) -> Result<Arc<Runtime>> {
         Db::open(&args.data_dir)?
     };
     let backend: Arc<dyn Backend> = match &args.kafka_brokers {
-        Some(brokers) => {
-            let kafka = Kafka::new(KafkaConfig {
-                brokers: brokers.clone(),
-                partitions: args.kafka_partitions,
-                replication: args.kafka_replication,
-                fetch_wait: args.kafka_fetch_wait,
-                batch_messages: args.kafka_batch_messages,
-            })?;
-            let topics = messaging::topics(specs);
-            // A broker that is down at start-up must not stop the host: events wait in the
-            // outbox, and topic creation is retried until it works.
-            if let Err(e) = kafka.ensure_topics(&topics).await {
-                tracing::warn!(error = %format!("{e:#}"), "could not create Kafka topics yet; retrying in the background");
-                let kafka = Kafka::new(kafka.config().clone())?;
-                tokio::spawn(async move {
-                    while let Err(e) = kafka.ensure_topics(&topics).await {
-                        tracing::debug!(error = %format!("{e:#}"), "creating Kafka topics");
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    }
-                });
-            }
-            Arc::new(kafka)
-        }
+        Some(brokers) => Arc::new(Kafka::new(KafkaConfig {
+            brokers: brokers.clone(),
+            partitions: args.kafka_partitions,
+            replication: args.kafka_replication,
+            fetch_wait: args.kafka_fetch_wait,
+            batch_messages: args.kafka_batch_messages,
+        })?),
         None => {
             let retention = Retention {
                 age: args.log_retention,
@@ -63,7 +48,9 @@ pub async fn build(args: &Args, specs: &[ServiceSpec]) -> Result<Arc<Runtime>> {
 /// Starts everything and serves until Ctrl-C or SIGTERM.
 pub async fn run(args: Args) -> Result<()> {
     let access = admin::Access::new(args.admin_addr, args.admin_token.clone())?;
-    let mut specs = args.services()?;
+    let text = std::fs::read(&args.manifest)
+        .map_err(|e| ManifestError(format!("{}: {e}", args.manifest.display())))?;
+    let specs = args.services_in(&text)?;
     let runtime = build(&args, &specs).await?;
 
     let admin_listener = TcpListener::bind(args.admin_addr)
@@ -72,53 +59,30 @@ pub async fn run(args: Args) -> Result<()> {
     tracing::info!(addr = %admin_listener.local_addr()?, "admin listening");
     tokio::spawn(admin::serve(admin_listener, runtime.clone(), access));
 
-    // Bind every port before the slow part so a port in use fails the start at once.
-    let mut listeners = Vec::new();
-    for spec in specs.iter_mut().filter(|s| s.serves_http) {
-        let addr = (args.bind_addr, spec.port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {} port {}", spec.name, spec.port))?;
-        spec.port = listener.local_addr()?.port();
-        listeners.push((spec.name.clone(), listener));
-    }
-    runtime.load_services(specs).await?;
+    let deployment = Arc::new(Deployment {
+        running: tokio::sync::Mutex::new(Some(Running {
+            ports: http::Ports::new(runtime.clone(), args.bind_addr, args.body_buffer),
+            consumers: consumer::Consumers::new(runtime.clone()),
+        })),
+        runtime: runtime.clone(),
+        args: args.clone(),
+    });
+    // At start-up a component that does not load is a mistake in the manifest: exit 2.
+    deployment.apply(&text, specs).await.map_err(|e| match e {
+        Refused::Manifest(e) => anyhow::Error::from(e),
+        Refused::Other(e) => e,
+    })?;
 
     tokio::spawn(runtime.outbox.clone().drain(runtime.backend.clone()));
     tokio::spawn(admin::watch_backend(runtime.clone()));
-    let (stop_consumers, stopping) = tokio::sync::watch::channel(false);
-    let mut consumers = Vec::new();
-    for service in runtime.services() {
-        for topic in &service.spec.subscribes {
-            consumers.push(tokio::spawn(ingress::consumer::run(
-                runtime.clone(),
-                service.clone(),
-                topic.clone(),
-                stopping.clone(),
-            )));
-        }
-    }
-    let connections = Arc::new(GracefulShutdown::new());
-    let body_budget = Arc::new(tokio::sync::Semaphore::new(
-        usize::try_from(args.body_buffer)
-            .unwrap_or(usize::MAX)
-            .min(tokio::sync::Semaphore::MAX_PERMITS),
-    ));
-    let mut accepting = Vec::new();
-    for (name, listener) in listeners {
-        let service = runtime
-            .service(&name)
-            .context("a bound service is loaded")?;
-        accepting.push(tokio::spawn(ingress::http::serve(
-            listener,
+    let watcher = if args.watch {
+        let hooks: Arc<dyn watch::ManifestHooks> = deployment.clone();
+        Some(watch::spawn(
             runtime.clone(),
-            service.clone(),
-            connections.clone(),
-            body_budget.clone(),
-        )));
-    }
-    let _watcher = if args.watch {
-        Some(watch::spawn(runtime.clone(), &args.components_dir)?)
+            &args.components_dir,
+            &args.manifest,
+            hooks,
+        )?)
     } else {
         None
     };
@@ -130,18 +94,14 @@ pub async fn run(args: Args) -> Result<()> {
     let first = tokio::time::Instant::now();
     tracing::info!(grace = ?args.shutdown_grace, "shutting down: no new connections; finishing in-flight work");
     runtime.ready.store(false, Ordering::Release);
-    for task in &accepting {
-        task.abort();
-    }
-    for task in accepting {
-        let _ = task.await;
-    }
-    let _ = stop_consumers.send(true);
+    drop(watcher);
+    let running = deployment.running.lock().await.take();
+    let Running { ports, consumers } = running.context("started")?;
+    // Both stop at once: no new connection is accepted and no new record is taken from here.
+    let (connections, consumers) = (ports.close(), consumers.stop());
     let drained = async {
         // Finishes the request in flight on each connection, then closes it.
-        if let Some(connections) = Arc::into_inner(connections) {
-            connections.shutdown().await;
-        }
+        connections.await;
         // In-process calls and anything else still running hold a permit of their service.
         while runtime
             .services()
@@ -150,9 +110,7 @@ pub async fn run(args: Args) -> Result<()> {
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        for consumer in consumers {
-            let _ = consumer.await;
-        }
+        consumers.await;
         // Give the outbox a chance to reach the broker; what stays waits on disk.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while runtime.outbox.depth().unwrap_or(0) > 0 && tokio::time::Instant::now() < deadline {
@@ -165,6 +123,161 @@ pub async fn run(args: Args) -> Result<()> {
         _ = signals.next_after(first + SAME_REQUEST) => tracing::warn!("second signal: stopping now (committed data is safe)"),
     }
     Ok(())
+}
+
+/// The services as the manifest declares them, and the ports and consumers that serve them;
+/// applies the manifest at start-up and each valid change of it.
+struct Deployment {
+    args: Args,
+    runtime: Arc<Runtime>,
+    /// `None` once shutting down.
+    running: tokio::sync::Mutex<Option<Running>>,
+}
+
+struct Running {
+    ports: http::Ports,
+    consumers: consumer::Consumers,
+}
+
+/// Why a manifest was not applied.
+enum Refused {
+    /// It is not a valid manifest.
+    Manifest(ManifestError),
+    /// It is, but a port could not be bound or a component not loaded.
+    Other(anyhow::Error),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Manifest(e) => write!(f, "{e}"),
+            Refused::Other(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl Deployment {
+    /// Makes `specs` (parsed from `text`) the running services: binds the ports they add or
+    /// move first, then loads the components they add or change, then installs them, starts
+    /// accepting and consuming for them, and stops what they removed. Any failure before the
+    /// install leaves the running services as they were.
+    async fn apply(&self, text: &[u8], mut specs: Vec<ServiceSpec>) -> Result<(), Refused> {
+        let mut running = self.running.lock().await;
+        let Some(running) = running.as_mut() else {
+            return Ok(());
+        };
+        let bound = running
+            .ports
+            .bind(&mut specs)
+            .await
+            .map_err(Refused::Other)?;
+        let services = self
+            .runtime
+            .prepare(specs.clone())
+            .await
+            .map_err(|e| Refused::Manifest(ManifestError(e.to_string())))?;
+        let before: Vec<Arc<ServiceSpec>> = self
+            .runtime
+            .services()
+            .iter()
+            .map(|s| s.spec.clone())
+            .collect();
+        ensure_topics(self.runtime.backend.clone(), messaging::topics(&specs)).await;
+        self.runtime.install(services);
+        running.ports.apply(bound, &specs);
+        running.consumers.apply(&specs);
+        let mut status = self.runtime.manifest.lock().unwrap();
+        status.sha256 = hex::encode(Sha256::digest(text));
+        status.generation += 1;
+        status.applied_at = std::time::SystemTime::now();
+        status.rejected = None;
+        if status.generation > 1 {
+            let name = |s: &ServiceSpec| s.name.to_string();
+            let added: Vec<String> = specs
+                .iter()
+                .filter(|s| !before.iter().any(|b| b.name == s.name))
+                .map(name)
+                .collect();
+            let removed: Vec<String> = before
+                .iter()
+                .filter(|b| !specs.iter().any(|s| s.name == b.name))
+                .map(|b| name(b))
+                .collect();
+            let changed: Vec<String> = specs
+                .iter()
+                .filter(|s| before.iter().any(|b| b.name == s.name && **b != **s))
+                .map(name)
+                .collect();
+            tracing::info!(
+                generation = status.generation,
+                sha256 = status.sha256,
+                ?added,
+                ?removed,
+                ?changed,
+                "manifest applied"
+            );
+        }
+        Ok(())
+    }
+
+    /// The manifest file's text and its sha256, unless it is the one applied.
+    async fn changed(&self) -> Option<Result<(Vec<u8>, String), Refused>> {
+        let path = &self.args.manifest;
+        let text = match tokio::fs::read(path).await {
+            Ok(text) => text,
+            Err(e) => {
+                let e = ManifestError(format!("{}: {e}", path.display()));
+                return Some(Err(Refused::Manifest(e)));
+            }
+        };
+        let sha256 = hex::encode(Sha256::digest(&text));
+        (sha256 != self.runtime.manifest.lock().unwrap().sha256).then_some(Ok((text, sha256)))
+    }
+}
+
+impl watch::ManifestHooks for Deployment {
+    fn reload(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let (sha256, refused) = match self.changed().await {
+                None => return,
+                Some(Err(refused)) => (String::new(), refused),
+                Some(Ok((text, sha256))) => {
+                    let applied = match self.args.services_in(&text) {
+                        Ok(specs) => self.apply(&text, specs).await,
+                        Err(e) => Err(Refused::Manifest(e)),
+                    };
+                    match applied {
+                        Ok(()) => return,
+                        Err(refused) => (sha256, refused),
+                    }
+                }
+            };
+            let error = refused.to_string();
+            tracing::warn!(
+                error,
+                "manifest change refused; the running services keep serving"
+            );
+            self.runtime.manifest.lock().unwrap().rejected = Some(Rejected {
+                sha256,
+                error,
+                at: std::time::SystemTime::now(),
+            });
+        })
+    }
+}
+
+/// Creates the topics the services use; a broker that is down must not stop the host or a
+/// manifest change: events wait in the outbox, and creation is retried until it works.
+async fn ensure_topics(backend: Arc<dyn Backend>, topics: Vec<String>) {
+    if let Err(e) = backend.create_topics(&topics).await {
+        tracing::warn!(error = %format!("{e:#}"), "could not create topics yet; retrying in the background");
+        tokio::spawn(async move {
+            while let Err(e) = backend.create_topics(&topics).await {
+                tracing::debug!(error = %format!("{e:#}"), "creating topics");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+    }
 }
 
 /// SIGTERM and Ctrl-C.

@@ -98,20 +98,16 @@ fn valid_name(name: &str) -> bool {
 
 impl Context<'_> {
     fn error(&self, text: &str, span: Option<Range<usize>>, message: String) -> ManifestError {
-        let at = span.map_or(String::new(), |span| {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!(":{line}:{column}")
-        });
-        ManifestError(format!("{}{at}: {message}", self.path.display()))
+        let at = span.map_or(self.path.display().to_string(), |s| self.at(text, s));
+        ManifestError(format!("{at}: {message}"))
     }
 
-    /// Reads and validates the manifest at `self.path`.
-    pub fn load(&self) -> Result<Vec<ServiceSpec>, ManifestError> {
-        let text = std::fs::read_to_string(self.path)
-            .map_err(|e| ManifestError(format!("{}: {e}", self.path.display())))?;
-        self.parse(&text)
+    /// `FILE:LINE:COLUMN` of `span` in `text`.
+    fn at(&self, text: &str, span: Range<usize>) -> String {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("{}:{line}:{column}", self.path.display())
     }
 
     /// Validates `text` as the manifest at `self.path`.
@@ -224,6 +220,7 @@ impl Context<'_> {
             }
             specs.push(ServiceSpec {
                 name: name.into(),
+                at: self.at(text, entry.component.span()),
                 port,
                 serves_http: entry.port.is_some() || self.ports.contains_key(name),
                 file,

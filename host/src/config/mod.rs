@@ -57,7 +57,8 @@ pub struct Args {
     #[arg(long, env = "COMPILE_CACHE_MAX", default_value = "512MiB", value_parser = parse_size)]
     pub compile_cache_max: u64,
 
-    /// Swap a service's component when its file in the components dir changes.
+    /// Swap a service's component when its file in the components dir changes, and apply a
+    /// changed manifest.
     #[arg(long, env = "WATCH_COMPONENTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub watch: bool,
 
@@ -183,9 +184,12 @@ pub struct Args {
 }
 
 /// One service the host runs: where its component is, what it may do.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceSpec {
     pub name: Arc<str>,
+    /// `FILE:LINE:COLUMN` of its `component` in the manifest, for errors found after parsing
+    /// (a component that does not load).
+    pub at: String,
     /// 0 = any free port.
     pub port: u16,
     /// Whether it has a port at all; without one only other services reach it.
@@ -231,6 +235,7 @@ impl ServiceSpec {
     pub fn named(name: &str) -> ServiceSpec {
         ServiceSpec {
             name: name.into(),
+            at: String::new(),
             port: 0,
             serves_http: true,
             file: PathBuf::new(),
@@ -252,6 +257,15 @@ impl ServiceSpec {
 impl Args {
     /// The services of the manifest, with the limits the flags set as their defaults.
     pub fn services(&self) -> Result<Vec<ServiceSpec>, ManifestError> {
+        let text = std::fs::read(&self.manifest)
+            .map_err(|e| ManifestError(format!("{}: {e}", self.manifest.display())))?;
+        self.services_in(&text)
+    }
+
+    /// The services of `text`, read from the manifest file (for a change seen while running).
+    pub fn services_in(&self, text: &[u8]) -> Result<Vec<ServiceSpec>, ManifestError> {
+        let text = std::str::from_utf8(text)
+            .map_err(|e| ManifestError(format!("{}: {e}", self.manifest.display())))?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let defaults = Limits {
             memory: self.memory_limit,
@@ -269,7 +283,7 @@ impl Args {
             defaults: &defaults,
             ports: &ports,
         }
-        .load()
+        .parse(text)
     }
 }
 

@@ -6,6 +6,7 @@
 //! disk and one offset commit per partition for the whole batch: a busy topic is not consumed
 //! at the pace of fsyncs and broker round trips.
 
+use crate::config::{ServiceSpec, Start};
 use crate::messaging::{dlq_topic, Subscription};
 use crate::metrics;
 use crate::runtime::invoke::{self, Handled};
@@ -13,32 +14,116 @@ use crate::runtime::{Runtime, Service};
 use crate::types::{Delivery, Message};
 use anyhow::Result;
 use futures_util::FutureExt;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 /// Most records handled before their offsets are committed together.
 const MAX_BATCH: usize = 64;
 
-/// Consumes until `stopping` turns true; a record being handled is finished and committed first.
-pub async fn run(
+/// The consumers this host runs: one per subscribed topic of each service.
+pub struct Consumers {
     runtime: Arc<Runtime>,
-    service: Arc<Service>,
+    running: HashMap<(Arc<str>, String), Running>,
+}
+
+struct Running {
+    group: String,
+    start: Start,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Consumers {
+    pub fn new(runtime: Arc<Runtime>) -> Consumers {
+        Consumers {
+            runtime,
+            running: HashMap::new(),
+        }
+    }
+
+    /// Starts the consumers `specs` subscribe that are not running and stops the ones they no
+    /// longer do (or with another group or start), each after it committed what it handled.
+    /// A running consumer picks up its service's other changed settings by itself.
+    pub fn apply(&mut self, specs: &[ServiceSpec]) {
+        let wanted: HashMap<(Arc<str>, String), &ServiceSpec> = specs
+            .iter()
+            .flat_map(|s| {
+                s.subscribes
+                    .iter()
+                    .map(move |t| ((s.name.clone(), t.clone()), s))
+            })
+            .collect();
+        self.running.retain(|(name, topic), running| {
+            let keep = wanted
+                .get(&(name.clone(), topic.clone()))
+                .is_some_and(|s| s.group == running.group && s.start == running.start);
+            if !keep {
+                tracing::info!(service = %name, topic, group = running.group, "stopping consumer");
+                let _ = running.stop.send(true);
+            }
+            keep
+        });
+        for (key, spec) in wanted {
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            let (stop, stopping) = watch::channel(false);
+            let task = tokio::spawn(run(
+                self.runtime.clone(),
+                key.0.clone(),
+                key.1.clone(),
+                stopping,
+            ));
+            let running = Running {
+                group: spec.group.clone(),
+                start: spec.start,
+                stop,
+                task,
+            };
+            self.running.insert(key, running);
+        }
+    }
+
+    /// Asks every consumer to stop at once; the future waits until each committed what it
+    /// handled.
+    pub fn stop(self) -> impl std::future::Future<Output = ()> {
+        let tasks: Vec<JoinHandle<()>> = self
+            .running
+            .into_values()
+            .map(|r| {
+                let _ = r.stop.send(true);
+                r.task
+            })
+            .collect();
+        futures_util::future::join_all(tasks).map(|_| ())
+    }
+}
+
+/// Consumes `topic` for `service` until `stopping` turns true or the service is gone; a record
+/// being handled is finished and committed first.
+async fn run(
+    runtime: Arc<Runtime>,
+    service: Arc<str>,
     topic: String,
-    mut stopping: tokio::sync::watch::Receiver<bool>,
+    mut stopping: watch::Receiver<bool>,
 ) {
     while !*stopping.borrow() {
-        let group = &service.spec.group;
-        match runtime
-            .backend
-            .subscribe(group, &topic, service.spec.start)
-            .await
-        {
+        let Some(current) = runtime.service(&service) else {
+            return;
+        };
+        let (group, start) = (current.spec.group.clone(), current.spec.start);
+        drop(current);
+        match runtime.backend.subscribe(&group, &topic, start).await {
             Ok(mut sub) => {
-                tracing::info!(service = %service.name, topic, group, "consuming");
+                tracing::info!(service = %service, topic, group, "consuming");
                 // A bug that panics here must not end consumption for good: resubscribe.
                 let consumed = std::panic::AssertUnwindSafe(consume(
                     &runtime,
                     &service,
+                    &group,
                     sub.as_mut(),
                     &mut stopping,
                 ))
@@ -47,15 +132,15 @@ pub async fn run(
                 match consumed {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
-                        tracing::warn!(service = %service.name, topic, error = %format!("{e:#}"), "consumer stopped; resubscribing")
+                        tracing::warn!(service = %service, topic, error = %format!("{e:#}"), "consumer stopped; resubscribing")
                     }
                     Err(_) => {
-                        tracing::error!(service = %service.name, topic, "consumer panicked; resubscribing")
+                        tracing::error!(service = %service, topic, "consumer panicked; resubscribing")
                     }
                 }
             }
             Err(e) => {
-                tracing::warn!(service = %service.name, topic, error = %format!("{e:#}"), "subscribe failed")
+                tracing::warn!(service = %service, topic, error = %format!("{e:#}"), "subscribe failed")
             }
         }
         tokio::select! {
@@ -67,9 +152,10 @@ pub async fn run(
 
 async fn consume(
     runtime: &Runtime,
-    service: &Arc<Service>,
+    service: &str,
+    group: &str,
     sub: &mut dyn Subscription,
-    stopping: &mut tokio::sync::watch::Receiver<bool>,
+    stopping: &mut watch::Receiver<bool>,
 ) -> Result<()> {
     loop {
         let first = tokio::select! {
@@ -83,8 +169,14 @@ async fn consume(
                 None => break,
             }
         }
+        // The service as it is now: a manifest change of its limits or calls applies from the
+        // next batch on.
+        let Some(service) = runtime.service(service) else {
+            // Removed: these records go to whoever subscribes next in the group.
+            return Ok(());
+        };
         for delivery in &batch {
-            handle(runtime, service, delivery).await?;
+            handle(runtime, &service, delivery).await?;
         }
         // With the embedded backend the offsets are stored after the writes in the same
         // store, so they cannot outlive them.
@@ -101,10 +193,7 @@ async fn consume(
         }
         let delivery = batch.last().expect("a batch has a first record");
         if let Some(lag) = sub.lag() {
-            let labels = metrics::labels([
-                ("group", &service.spec.group),
-                ("topic", &delivery.message.topic),
-            ]);
+            let labels = metrics::labels([("group", group), ("topic", &delivery.message.topic)]);
             metrics::get()
                 .consumer_lag
                 .get_or_create(&labels)

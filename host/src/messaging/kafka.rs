@@ -140,6 +140,10 @@ impl Backend for Kafka {
         format!("kafka ({})", self.config.brokers)
     }
 
+    async fn create_topics(&self, topics: &[String]) -> Result<()> {
+        self.ensure_topics(topics).await
+    }
+
     async fn publish(&self, messages: &[Message]) -> Result<()> {
         // Enqueue everything first so the batch goes out together, then wait for each ack.
         let mut acks = Vec::with_capacity(messages.len());

@@ -59,6 +59,10 @@ pub trait Backend: Send + Sync + 'static {
     fn in_state_store(&self) -> bool {
         false
     }
+    /// Creates the topics that do not exist yet (a broker may not create them on first use).
+    async fn create_topics(&self, _topics: &[String]) -> Result<()> {
+        Ok(())
+    }
     /// Whether the backend is reachable now (for readiness and logs).
     async fn health(&self) -> Result<()> {
         Ok(())

@@ -2,7 +2,7 @@
 
 use crate::messaging::embedded;
 use crate::metrics;
-use crate::runtime::Runtime;
+use crate::runtime::{Rejected, Runtime};
 use crate::storage::outbox;
 use crate::types::http::write_limited;
 use crate::types::{json_error, Resp};
@@ -181,8 +181,9 @@ fn route(runtime: &Runtime, method: &Method, path: &str) -> Resp {
     }
 }
 
+/// The manifest (what it is, what became of its last change) and each service it runs.
 fn components(runtime: &Runtime) -> Value {
-    let list: Vec<Value> = runtime
+    let services: Vec<Value> = runtime
         .services()
         .iter()
         .map(|s| {
@@ -192,20 +193,34 @@ fn components(runtime: &Runtime) -> Value {
                 "port": s.spec.serves_http.then_some(s.spec.port),
                 "path": loaded.path.display().to_string(),
                 "sha256": loaded.sha256,
-                "loaded_at": humantime::format_rfc3339_millis(loaded.loaded_at).to_string(),
+                "loaded_at": time(loaded.loaded_at),
                 "calls": s.spec.calls,
                 "subscribes": s.spec.subscribes,
                 "produces": s.spec.produces,
                 "generation": s.generation(),
-                "last_rejected": s.rejected().map(|r| json!({
-                    "sha256": r.sha256,
-                    "error": r.error,
-                    "at": humantime::format_rfc3339_millis(r.at).to_string(),
-                })),
+                "last_rejected": s.rejected().map(|r| rejected(&r)),
             })
         })
         .collect();
-    Value::Array(list)
+    let manifest = runtime.manifest.lock().unwrap();
+    json!({
+        "manifest": {
+            "path": manifest.path.display().to_string(),
+            "sha256": manifest.sha256,
+            "generation": manifest.generation,
+            "applied_at": time(manifest.applied_at),
+            "last_rejected": manifest.rejected.as_ref().map(rejected),
+        },
+        "services": services,
+    })
+}
+
+fn time(at: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+fn rejected(r: &Rejected) -> Value {
+    json!({ "sha256": r.sha256, "error": r.error, "at": time(r.at) })
 }
 
 /// `NAME` of `/components/NAME/rollback` or `/rollforward` (then `true`), if `path` is one

@@ -1,5 +1,5 @@
 //! Hot swap: watches the components directory and swaps a service's component when its file
-//! changes, without stopping anything.
+//! changes, and the manifest, whose changes the embedder applies; nothing stops.
 //!
 //! A change is acted on once the file has been quiet for [`DEBOUNCE`]; the new file is then
 //! compiled and checked like at start-up (exports, imports, handler for subscribers) before it
@@ -10,6 +10,7 @@
 use crate::metrics;
 use crate::runtime::{component, Runtime, Service};
 use anyhow::{Context as _, Result};
+use futures_util::future::BoxFuture;
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,8 +20,30 @@ use tokio::time::Instant;
 
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Starts watching `dir`. Dropping the returned watcher stops it.
-pub fn spawn(runtime: Arc<Runtime>, dir: &Path) -> Result<RecommendedWatcher> {
+/// What the watcher needs from the embedder to apply a changed manifest: re-reading it,
+/// validating it, binding ports and starting consumers are the composition root's.
+pub trait ManifestHooks: Send + Sync + 'static {
+    /// Re-reads the manifest and applies it if it changed and is valid; records why not
+    /// otherwise. A component file the running services do not use has appeared or changed
+    /// too: it may be the one a refused manifest was missing.
+    fn reload(&self) -> BoxFuture<'_, ()>;
+}
+
+/// What a quiet file stands for.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Change {
+    Component(Arc<str>),
+    Manifest,
+}
+
+/// Starts watching `dir` for component files and `manifest` for the services. Dropping the
+/// returned watcher stops it.
+pub fn spawn(
+    runtime: Arc<Runtime>,
+    dir: &Path,
+    manifest: &Path,
+    hooks: Arc<dyn ManifestHooks>,
+) -> Result<RecommendedWatcher> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res {
@@ -31,28 +54,62 @@ pub fn spawn(runtime: Arc<Runtime>, dir: &Path) -> Result<RecommendedWatcher> {
             }
         }
     })?;
-    watcher
-        .watch(dir, RecursiveMode::NonRecursive)
+    // Canonical, so that the paths of events (the watched path joined with a file name)
+    // compare with them as they are.
+    let components = dir
+        .canonicalize()
         .with_context(|| format!("watching {}", dir.display()))?;
+    // Its directory, not the file: editors save by writing a new file and renaming it over.
+    let manifest_dir = match manifest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let manifest_dir = manifest_dir
+        .canonicalize()
+        .with_context(|| format!("watching {}", manifest_dir.display()))?;
+    let manifest_name = manifest.file_name().map(|n| n.to_os_string());
+    for dir in [&components, &manifest_dir] {
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .with_context(|| format!("watching {}", dir.display()))?;
+    }
     tokio::spawn(async move {
-        let mut due: HashMap<Arc<str>, Instant> = HashMap::new();
+        let mut due: HashMap<Change, Instant> = HashMap::new();
         loop {
             let next = due.values().min().copied();
             tokio::select! {
                 path = rx.recv() => {
                     let Some(path) = path else { return };
-                    if let Some(service) = service_for(&runtime, &path) {
-                        due.insert(service.name.clone(), Instant::now() + DEBOUNCE);
+                    let parent = path.parent().unwrap_or(Path::new(""));
+                    let change = if parent == manifest_dir
+                        && path.file_name().map(|n| n.to_os_string()) == manifest_name
+                    {
+                        Some(Change::Manifest)
+                    } else if parent != components {
+                        None
+                    } else if let Some(service) = service_for(&runtime, &path) {
+                        Some(Change::Component(service.name.clone()))
+                    } else {
+                        Some(Change::Manifest)
+                    };
+                    if let Some(change) = change {
+                        due.insert(change, Instant::now() + DEBOUNCE);
                     }
                 }
                 _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
                     let now = Instant::now();
-                    let ready: Vec<Arc<str>> =
-                        due.iter().filter(|(_, t)| **t <= now).map(|(n, _)| n.clone()).collect();
-                    for name in ready {
-                        due.remove(&name);
-                        if let Some(service) = runtime.service(&name) {
-                            swap_from_file(&runtime, service).await;
+                    let ready: Vec<Change> =
+                        due.iter().filter(|(_, t)| **t <= now).map(|(c, _)| c.clone()).collect();
+                    for change in ready {
+                        due.remove(&change);
+                        match change {
+                            // One at a time, in this task: a swap never races a manifest change.
+                            Change::Manifest => hooks.reload().await,
+                            Change::Component(name) => {
+                                if let Some(service) = runtime.service(&name) {
+                                    swap_from_file(&runtime, &service).await;
+                                }
+                            }
                         }
                     }
                 }
@@ -62,12 +119,13 @@ pub fn spawn(runtime: Arc<Runtime>, dir: &Path) -> Result<RecommendedWatcher> {
     Ok(watcher)
 }
 
-fn service_for<'a>(runtime: &'a Runtime, path: &Path) -> Option<&'a Arc<Service>> {
+fn service_for(runtime: &Runtime, path: &Path) -> Option<Arc<Service>> {
     let name = path.file_name()?;
     runtime
         .services()
         .iter()
         .find(|s| s.spec.file.file_name() == Some(name))
+        .cloned()
 }
 
 /// Loads the service's file if it differs from the running version; installs it if it is

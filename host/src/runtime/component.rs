@@ -29,6 +29,22 @@ pub struct Loaded {
     pub idle: Mutex<Vec<Warm>>,
 }
 
+impl Loaded {
+    /// The same version with no idle instances: theirs were set up for a service's previous
+    /// settings (limits, calls).
+    pub fn fresh(&self) -> Loaded {
+        Loaded {
+            proxy: self.proxy.clone(),
+            http_handler: self.http_handler.clone(),
+            handler: self.handler.clone(),
+            path: self.path.clone(),
+            sha256: self.sha256.clone(),
+            loaded_at: self.loaded_at,
+            idle: Mutex::default(),
+        }
+    }
+}
+
 /// Reads, compiles (off the async workers) and pre-instantiates `spec`'s component, checking
 /// that it exports what the service needs.
 pub async fn load(

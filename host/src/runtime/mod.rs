@@ -13,16 +13,18 @@ use crate::config::{Args, ServiceSpec};
 use crate::messaging::{Backend, Outbox, RetryPolicy};
 use crate::storage::{CommitError, Db, Txn};
 use crate::types::{HttpRequest, Message, Resp};
-use anyhow::{Context as _, Result};
+use anyhow::Result;
+use arc_swap::ArcSwap;
 use cache::CompileCache;
 use futures_util::future::BoxFuture;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
 use wasmtime::component::Linker;
 use wasmtime::Engine;
 
-pub use service::Service;
+pub use service::{Rejected, Service};
 pub use store::Ctx;
 
 /// Host-wide settings of invocations, from the flags.
@@ -82,8 +84,15 @@ pub struct Runtime {
     pub db: Db,
     pub outbox: Outbox,
     pub backend: Arc<dyn Backend>,
-    /// Set once every component is loaded; the admin listener runs before that.
-    services: OnceLock<Vec<Arc<Service>>>,
+    /// The services of the applied manifest; empty until they are loaded (the admin listener
+    /// runs before that). Replaced as a whole by a manifest change: invocations in flight keep
+    /// the `Arc<Service>` they started with.
+    services: ArcSwap<Vec<Arc<Service>>>,
+    /// The manifest the services come from, and what became of its last change.
+    pub manifest: Mutex<ManifestStatus>,
+    /// The largest memory limit an instance can have: the engine reserved slots this large at
+    /// start-up.
+    max_memory: u64,
     pub ready: AtomicBool,
     /// Last result of the messaging backend's health check.
     pub backend_up: AtomicBool,
@@ -91,6 +100,38 @@ pub struct Runtime {
     /// What the `services` capability of every store calls back into.
     peers: Arc<dyn ServiceCalls>,
 }
+
+/// The manifest as applied, for the admin API.
+pub struct ManifestStatus {
+    pub path: PathBuf,
+    /// sha256 of the applied text; empty before the first is applied.
+    pub sha256: String,
+    /// 1 for the manifest read at start-up, +1 per change applied.
+    pub generation: u64,
+    pub applied_at: SystemTime,
+    /// The last change refused (since the last one applied).
+    pub rejected: Option<Rejected>,
+}
+
+/// A service whose component could not be loaded.
+#[derive(Debug)]
+pub struct LoadError {
+    pub spec: ServiceSpec,
+    pub error: anyhow::Error,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let spec = &self.spec;
+        write!(
+            f,
+            "{}: service.{}.component: {:#}",
+            spec.at, spec.name, self.error
+        )
+    }
+}
+
+impl std::error::Error for LoadError {}
 
 impl Runtime {
     /// The engine and linker over `db` and `backend`; no component loaded yet.
@@ -113,7 +154,15 @@ impl Runtime {
             outbox: Outbox::new(db.clone()),
             db,
             backend,
-            services: OnceLock::new(),
+            services: ArcSwap::default(),
+            manifest: Mutex::new(ManifestStatus {
+                path: args.manifest.clone(),
+                sha256: String::new(),
+                generation: 0,
+                applied_at: SystemTime::now(),
+                rejected: None,
+            }),
+            max_memory,
             ready: AtomicBool::new(false),
             backend_up: AtomicBool::new(true),
             settings: Settings::new(args, specs.len()),
@@ -122,37 +171,79 @@ impl Runtime {
         }))
     }
 
-    /// Compiles (or takes from the cache) and pre-instantiates every service's component.
-    pub async fn load_services(&self, specs: Vec<ServiceSpec>) -> Result<()> {
+    /// The services `specs` describe, ready to be installed: each new or changed component
+    /// compiled (or taken from the cache) and pre-instantiated and checked; a service whose
+    /// spec is unchanged is the running one, and one whose settings changed keeps its component
+    /// and version history. Nothing changes for running services until [`Runtime::install`].
+    pub async fn prepare(&self, specs: Vec<ServiceSpec>) -> Result<Vec<Arc<Service>>, LoadError> {
+        let running = self.services();
         let mut services = Vec::new();
         for spec in specs {
-            let loaded = component::load(
-                &self.engine,
-                &self.linker,
-                &spec,
-                &self.settings.compile_cache,
-            )
-            .await
-            .with_context(|| format!("loading the {} component", spec.name))?;
-            tracing::info!(
-                service = %spec.name,
-                port = spec.port,
-                path = %loaded.path.display(),
-                sha256 = %loaded.sha256,
-                "component loaded"
-            );
-            services.push(Arc::new(Service::new(spec, loaded)));
+            let old = running.iter().find(|s| s.name == spec.name);
+            if let Some(old) = old.filter(|old| *old.spec == spec) {
+                services.push(old.clone());
+                continue;
+            }
+            if spec.limits.memory > self.max_memory {
+                let error = anyhow::anyhow!(
+                    "limits.memory {} bytes is above the largest instance the host reserved at \
+                     start-up ({} bytes, the largest limit then); restart the host to raise it",
+                    spec.limits.memory,
+                    self.max_memory
+                );
+                return Err(LoadError { spec, error });
+            }
+            // Same file, and it exports the handler if the service now subscribes: no reload.
+            let reusable = old.map(|o| o.loaded.load_full()).filter(|l| {
+                l.path == spec.file && (spec.subscribes.is_empty() || l.handler.is_some())
+            });
+            let service = match (old, reusable) {
+                (Some(old), Some(loaded)) => old.reconfigured(spec, loaded.fresh(), false),
+                (old, _) => {
+                    let loaded = match component::load(
+                        &self.engine,
+                        &self.linker,
+                        &spec,
+                        &self.settings.compile_cache,
+                    )
+                    .await
+                    {
+                        Ok(loaded) => loaded,
+                        Err(error) => return Err(LoadError { spec, error }),
+                    };
+                    tracing::info!(
+                        service = %spec.name,
+                        port = spec.port,
+                        path = %loaded.path.display(),
+                        sha256 = %loaded.sha256,
+                        "component loaded"
+                    );
+                    match old {
+                        Some(old) => old.reconfigured(spec, loaded, true),
+                        None => Service::new(spec, loaded),
+                    }
+                }
+            };
+            services.push(Arc::new(service));
         }
-        let _ = self.services.set(services);
-        Ok(())
+        Ok(services)
     }
 
-    pub fn services(&self) -> &[Arc<Service>] {
-        self.services.get().map(Vec::as_slice).unwrap_or(&[])
+    /// Makes `services` the ones requests, calls and consumers find from now on.
+    pub fn install(&self, services: Vec<Arc<Service>>) {
+        self.services.store(Arc::new(services));
     }
 
-    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
-        self.services().iter().find(|s| &*s.name == name)
+    pub fn services(&self) -> Arc<Vec<Arc<Service>>> {
+        self.services.load_full()
+    }
+
+    pub fn service(&self, name: &str) -> Option<Arc<Service>> {
+        self.services
+            .load()
+            .iter()
+            .find(|s| &*s.name == name)
+            .cloned()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -237,7 +328,7 @@ impl ServiceCalls for Peers {
     ) -> BoxFuture<'a, Option<Resp>> {
         Box::pin(async move {
             let runtime = self.0.upgrade()?;
-            let target = runtime.service(name)?.clone();
+            let target = runtime.service(name)?;
             if let Some(delay) = target.spec.latency {
                 tokio::time::sleep(delay).await;
             }

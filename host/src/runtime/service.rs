@@ -34,7 +34,7 @@ pub struct Rejected {
     pub at: SystemTime,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Swaps {
     generation: u64,
     /// Versions replaced by swaps, oldest first, for rollback.
@@ -42,6 +42,22 @@ struct Swaps {
     /// Versions left by rollbacks, most recent last, for rolling forward again.
     undone: Vec<Arc<Loaded>>,
     rejected: Option<Rejected>,
+}
+
+impl Swaps {
+    /// Keeps `old`, just replaced by a new version, for rollback; the new generation.
+    fn push(&mut self, old: Arc<Loaded>) -> u64 {
+        // Kept for rollback, but its idle instances would only hold pool slots.
+        old.idle.lock().unwrap().clear();
+        self.previous.push(old);
+        if self.previous.len() > HISTORY {
+            self.previous.remove(0);
+        }
+        // A new version starts a new line of history, as a new commit after an undo does.
+        self.undone.clear();
+        self.generation += 1;
+        self.generation
+    }
 }
 
 /// How many replaced versions are kept for rollback.
@@ -71,6 +87,20 @@ impl Service {
         }
     }
 
+    /// This service with the settings of `spec` (a manifest change) running `loaded`, with the
+    /// version history so far; `swapped`: `loaded` is a new version (its component changed),
+    /// counted and undoable like a swap. Invocations in flight finish on `self`.
+    pub fn reconfigured(&self, spec: ServiceSpec, loaded: Loaded, swapped: bool) -> Service {
+        let mut service = Service::new(spec, loaded);
+        service.rerun = self.rerun.clone();
+        let mut swaps = self.swaps.lock().unwrap().clone();
+        if swapped {
+            swaps.push(self.loaded.load_full());
+        }
+        service.swaps = Mutex::new(swaps);
+        service
+    }
+
     /// 1 for the version loaded at start-up, +1 per swap or rollback.
     pub fn generation(&self) -> u64 {
         self.swaps.lock().unwrap().generation
@@ -84,16 +114,7 @@ impl Service {
     pub fn install(&self, new: Loaded) -> u64 {
         let mut swaps = self.swaps.lock().unwrap();
         let old = self.loaded.swap(Arc::new(new));
-        // Kept for rollback, but its idle instances would only hold pool slots.
-        old.idle.lock().unwrap().clear();
-        swaps.previous.push(old);
-        if swaps.previous.len() > HISTORY {
-            swaps.previous.remove(0);
-        }
-        // A new version starts a new line of history, as a new commit after an undo does.
-        swaps.undone.clear();
-        swaps.generation += 1;
-        swaps.generation
+        swaps.push(old)
     }
 
     pub fn reject(&self, sha256: String, error: String) {
@@ -125,6 +146,8 @@ impl Service {
             (&mut swaps.previous, &mut swaps.undone)
         };
         let target = from.pop()?;
+        // Instances an older `Service` (before a manifest change) may have left there.
+        target.idle.lock().unwrap().clear();
         let left = self.loaded.swap(target.clone());
         left.idle.lock().unwrap().clear();
         to.push(left);

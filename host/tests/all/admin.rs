@@ -11,8 +11,7 @@ async fn admin_reports_health_readiness_and_components() {
     let r = host.admin_get("/readyz").await;
     assert_eq!((r.status, r.json["ready"].as_bool()), (200, Some(true)));
 
-    let comps = host.admin_get("/components").await.json;
-    let comps = comps.as_array().unwrap();
+    let comps = host.services().await;
     let names: Vec<_> = comps.iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["gateway", "user", "product", "order"]);
     for c in comps {
@@ -23,6 +22,19 @@ async fn admin_reports_health_readiness_and_components() {
         assert!(c["path"].as_str().unwrap().ends_with(".wasm"));
         assert!(humantime::parse_rfc3339(c["loaded_at"].as_str().unwrap()).is_ok());
     }
+    // The manifest the services came from.
+    let manifest = host.admin_get("/components").await.json["manifest"].clone();
+    let text = std::fs::read(host.data.join("services.toml")).unwrap();
+    assert_eq!(
+        manifest["sha256"],
+        hex::encode(Sha256::digest(text)).as_str()
+    );
+    assert_eq!(manifest["generation"], 1);
+    assert!(manifest["last_rejected"].is_null());
+    assert!(manifest["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("services.toml"));
     assert_eq!(host.admin_get("/nope").await.status, 404);
     // Admin routes are not reachable on service ports.
     assert_eq!(host.get("/components").await.status, 404);

@@ -208,14 +208,25 @@ impl Host {
                 .unwrap(),
         };
         host.wait_ready().await;
-        let comps = host.admin_get("/components").await.json;
-        for c in comps.as_array().unwrap() {
+        host.refresh_ports().await;
+        host
+    }
+
+    /// The services of `GET /components`, one JSON object each.
+    pub async fn services(&self) -> Vec<Value> {
+        let listed = self.admin_get("/components").await.json;
+        listed["services"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `ports` as the host has them now (after a manifest change).
+    pub async fn refresh_ports(&mut self) {
+        self.ports.clear();
+        for c in self.services().await {
             if let Some(port) = c["port"].as_u64() {
-                host.ports
+                self.ports
                     .insert(c["name"].as_str().unwrap().to_string(), port as u16);
             }
         }
-        host
     }
 
     async fn wait_ready(&mut self) {

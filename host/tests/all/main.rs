@@ -10,6 +10,7 @@ mod fuzz;
 mod harness;
 mod kafka;
 mod limits;
+mod live;
 mod manifest;
 mod resilience;
 mod reuse;

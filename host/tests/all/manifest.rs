@@ -3,14 +3,13 @@
 
 use crate::harness::{components_dir, manifest, Host};
 
-#[tokio::test]
-async fn a_bad_manifest_stops_the_start_with_one_message_naming_where() {
+/// The host's stderr when started with the manifest `text`, which it must refuse with status 2.
+async fn refused_at_start(text: &str) -> (std::path::PathBuf, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let bad = manifest(&[("gateway", r#"calls = ["user", "billing"]"#)]);
     let file = dir.path().join("services.toml");
-    std::fs::write(&file, bad).unwrap();
+    std::fs::write(&file, text).unwrap();
     let out = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
+        std::time::Duration::from_secs(60),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_host"))
             .arg("--manifest")
             .arg(&file)
@@ -22,15 +21,44 @@ async fn a_bad_manifest_stops_the_start_with_one_message_naming_where() {
     .await
     .expect("the host exits instead of starting")
     .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (file, stderr, dir)
+}
+
+#[tokio::test]
+async fn a_bad_manifest_stops_the_start_with_one_message_naming_where() {
+    let bad = manifest(&[("gateway", r#"calls = ["user", "billing"]"#)]);
+    let (file, stderr, _dir) = refused_at_start(&bad).await;
     let expected = format!("{}:", file.display());
     assert!(stderr.contains(&expected), "{stderr}");
     assert!(
         stderr.contains("service.gateway.calls") && stderr.contains("billing"),
         "{stderr}"
     );
-    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_subscriber_whose_component_has_no_handler_is_a_manifest_error() {
+    let subscribe = r#"subscribe = [{ topic = "user-created" }]"#;
+    let (file, stderr, _dir) = refused_at_start(&manifest(&[("product", subscribe)])).await;
+    // Line and column of product's `component`.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("component = \"product.wasm\""))
+        .unwrap();
+    let at = format!(
+        "{}:{}:13: service.product.component:",
+        file.display(),
+        line + 1
+    );
+    assert!(stderr.contains(&at), "{stderr}");
+    assert!(
+        stderr.contains("does not export microsvc:platform/handler"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -51,13 +79,8 @@ async fn a_service_without_a_port_is_reached_only_through_the_services_that_call
     let products = host.get("/api/products").await;
     assert_eq!(products.status, 200);
     assert!(!products.json.as_array().unwrap().is_empty());
-    let listed = host.admin_get("/components").await.json;
-    let product = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "product")
-        .unwrap();
+    let listed = host.services().await;
+    let product = listed.iter().find(|c| c["name"] == "product").unwrap();
     assert!(product["port"].is_null());
 }
 
@@ -156,7 +179,7 @@ async fn fifth_service_after_two_users(start: &str, welcomed: &[u64]) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn just_new_scaffolds_a_service_that_answers_on_its_port() {
+async fn just_new_then_build_component_brings_a_service_up_in_a_running_host() {
     use std::process::Command;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     // A copy of the repository as a user has it: the tracked files and the built components.
@@ -195,35 +218,46 @@ async fn just_new_scaffolds_a_service_that_answers_on_its_port() {
         assert!(out.status.success(), "just {args:?}: {text}");
         text
     };
-    let said = just(&["new", "hello2"]);
-    assert!(said.contains("port 3004"), "{said}");
-    let manifest = std::fs::read_to_string(copy.path().join("services.toml")).unwrap();
-    assert!(
-        manifest.contains("[service.hello2]\ncomponent = \"hello2.wasm\"\nport = 3004"),
-        "{manifest}"
-    );
-    just(&["build-component", "hello2"]);
-    assert!(built.join("hello2.wasm").is_file());
-    // Refused a second time: the scaffold never overwrites.
-    let again = Command::new("just")
-        .args(["new", "hello2"])
-        .current_dir(copy.path())
-        .output()
-        .unwrap();
-    assert_eq!(again.status.code(), Some(2));
-
+    // A running host: the new service joins it with no restart.
     let file = copy.path().join("services.toml");
-    let host = Host::start_in(
+    let mut host = Host::start_in(
         &built,
         None,
         &[
             "--manifest",
             file.to_str().unwrap(),
             "--port",
-            "gateway=0,user=0,product=0,order=0,hello2=0",
+            "gateway=0,user=0,product=0,order=0",
         ],
     )
     .await;
+    let said = just(&["new", "hello2"]);
+    assert!(said.contains("port 3004"), "{said}");
+    let manifest = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        manifest.contains("[service.hello2]\ncomponent = \"hello2.wasm\"\nport = 3004"),
+        "{manifest}"
+    );
+    // This test's own free port instead of 3004, which another program may hold.
+    let port = crate::broker::free_port();
+    std::fs::write(
+        &file,
+        manifest.replace("port = 3004", &format!("port = {port}")),
+    )
+    .unwrap();
+    just(&["build-component", "hello2"]);
+    assert!(built.join("hello2.wasm").is_file());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !host.services().await.iter().any(|s| s["name"] == "hello2") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hello2 never started; log:\n{}",
+            host.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    host.refresh_ports().await;
+    assert_eq!(host.ports["hello2"], port);
     let r = host.send("GET", "hello2", "/", None).await;
     assert_eq!(
         (r.status, r.json["service"].as_str()),
@@ -231,4 +265,11 @@ async fn just_new_scaffolds_a_service_that_answers_on_its_port() {
         "{:?}",
         r.json
     );
+    // Refused a second time: the scaffold never overwrites.
+    let again = Command::new("just")
+        .args(["new", "hello2"])
+        .current_dir(copy.path())
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
 }

@@ -13,9 +13,8 @@ fn sha(path: &Path) -> String {
 }
 
 async fn component(host: &Host, name: &str) -> Value {
-    let all = host.admin_get("/components").await.json;
-    all.as_array()
-        .unwrap()
+    host.services()
+        .await
         .iter()
         .find(|c| c["name"] == name)
         .cloned()

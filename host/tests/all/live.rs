@@ -1,0 +1,301 @@
+//! Live manifest changes: services added, changed and removed while clients load the others,
+//! and a bad manifest refused while everything keeps serving.
+
+use crate::harness::{manifest, Host};
+use serde_json::Value;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The seed manifest (ports 0) with notification-service added, subscribing from `start`.
+fn with_notification(start: &str) -> String {
+    manifest(&[])
+        + &format!(
+            "\n\n[service.notification]\ncomponent = \"notification.wasm\"\nport = 0\n\
+             subscribe = [{{ topic = \"user-created\", group = \"notification-service\", start = \"{start}\" }}]\n"
+        )
+}
+
+/// Replaces the manifest as editors do: a new file renamed over the old one.
+fn write_manifest(host: &Host, text: &str) {
+    let file = host.data.join("services.toml");
+    let tmp = host.data.join(".services.toml.new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, file).unwrap();
+}
+
+/// `GET /components`'s `manifest` once `done` holds; panics after 20 s.
+async fn manifest_when(host: &Host, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = host.admin_get("/components").await.json["manifest"].clone();
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "manifest never got there: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Clients that each GET one service's port in a loop until stopped, counting answers and
+/// keeping every failure.
+struct Load {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(host: &Host, targets: &[(&str, &str)]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let clients = targets
+            .iter()
+            .map(|(service, path)| {
+                let url = host.url(service, path);
+                let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
+                let http = host.http.clone();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match http.get(&url).send().await {
+                            Ok(r) if r.status() == 200 => {
+                                let _ = r.bytes().await;
+                                served.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(r) => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("{url}: {}", r.status())),
+                            Err(e) => failures.lock().unwrap().push(format!("{url}: {e}")),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            served,
+            failures,
+            clients,
+        }
+    }
+
+    /// Stops the clients; every request they sent and its count.
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.await.unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.served.load(Ordering::Relaxed), failures)
+    }
+}
+
+async fn create(host: &Host, i: u32) {
+    let body = serde_json::json!({"name": format!("L{i}"), "email": format!("l{i}@ex.com")});
+    assert_eq!(host.post("/api/users", &body).await.status, 201);
+}
+
+/// The user ids notification-service has welcomed once it has `n`; panics after 20 s.
+async fn welcomed(host: &Host, n: usize) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = host
+            .send("GET", "notification", "/notifications", None)
+            .await;
+        let ids: Vec<u64> = r.json.as_array().map_or(vec![], |a| {
+            a.iter().filter_map(|n| n["userId"].as_u64()).collect()
+        });
+        if ids.len() >= n || Instant::now() > deadline {
+            return ids;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn refused(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port))
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn services_come_and_go_with_the_manifest_while_the_others_serve_without_a_failure() {
+    let mut host = Host::start().await;
+    create(&host, 1).await;
+    let load = Load::start(
+        &host,
+        &[
+            ("gateway", "/api/products"),
+            ("user", "/users/1"),
+            ("product", "/products"),
+            ("order", "/orders/101"),
+        ],
+    );
+
+    // Added: its port answers, and its own consumer group starts at the oldest record.
+    write_manifest(&host, &with_notification("earliest"));
+    let written = Instant::now();
+    manifest_when(&host, |m| m["generation"] == 2).await;
+    host.refresh_ports().await;
+    let port = host.ports["notification"];
+    let first = host
+        .send("GET", "notification", "/notifications", None)
+        .await;
+    let answered = written.elapsed();
+    assert_eq!(first.status, 200, "{:?}", first.json);
+    eprintln!("notification answered {answered:?} after the manifest was written");
+    assert!(answered < Duration::from_secs(10), "{answered:?}");
+    create(&host, 2).await;
+    assert_eq!(welcomed(&host, 2).await, [1, 2]);
+
+    // A changed setting applies to the next request: the gateway may no longer call order.
+    write_manifest(
+        &host,
+        &with_notification("earliest").replace(
+            r#"calls = ["user", "product", "order"]"#,
+            r#"calls = ["user", "product"]"#,
+        ),
+    );
+    manifest_when(&host, |m| m["generation"] == 3).await;
+    let denied = host.get("/api/orders").await;
+    assert!(denied.status >= 500, "{:?}", denied.json);
+    assert!(host.log().contains("not in the caller's allowlist refused"));
+    assert_eq!(host.get("/api/products").await.status, 200);
+
+    // Removed: a request already under way finishes, then the port refuses connections.
+    let mut slow = crate::harness::stalled(
+        port,
+        b"GET /notifications HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    write_manifest(&host, &manifest(&[]));
+    manifest_when(&host, |m| m["generation"] == 4).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !refused(port) {
+        assert!(Instant::now() < deadline, "port {port} still accepts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        slow.write_all(b"}").await.unwrap();
+        let mut answer = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_string(&mut answer));
+        read.await
+            .expect("the in-flight request is answered")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("\"userId\":2"), "{answer}");
+    }
+    assert!(!host
+        .services()
+        .await
+        .iter()
+        .any(|s| s["name"] == "notification"));
+    assert_eq!(
+        host.get("/api/orders").await.status,
+        200,
+        "calls back to the seed's"
+    );
+
+    // Refused: the running services keep serving, and the admin API says why.
+    let bad = manifest(&[]) + "\n\n[service.mail]\ncomponent = \"mail.wasm\"\nport = 0\n";
+    write_manifest(&host, &bad);
+    let status = manifest_when(&host, |m| !m["last_rejected"].is_null()).await;
+    let error = status["last_rejected"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("service.mail.component") && error.contains("mail.wasm"),
+        "{error}"
+    );
+    assert_eq!(status["generation"], 4);
+    assert_eq!(host.services().await.len(), 4);
+    assert!(host.log().contains("manifest change refused"));
+
+    let (served, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        served > 100,
+        "the clients were loading the host ({served} answers)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_added_from_the_latest_record_sees_only_later_events() {
+    let mut host = Host::start().await;
+    create(&host, 1).await;
+    write_manifest(&host, &with_notification("latest"));
+    manifest_when(&host, |m| m["generation"] == 2).await;
+    host.refresh_ports().await;
+    // "latest" is where the group first subscribed: wait for that before user 2.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !host
+        .log()
+        .lines()
+        .any(|l| l.contains("consuming") && l.contains("notification-service"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "notification-service never subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    create(&host, 2).await;
+    assert_eq!(welcomed(&host, 1).await, [2]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_change_binds_the_new_port_before_the_old_one_closes() {
+    let mut host = Host::start().await;
+    let old = host.ports["product"];
+    let new = crate::broker::free_port();
+    let text = manifest(&[]).replacen(
+        "port = 0\n\n[service.order]",
+        &format!("port = {new}\n\n[service.order]"),
+        1,
+    );
+    assert!(text.contains(&format!("port = {new}")), "{text}");
+    let load = Load::start(&host, &[("gateway", "/api/products"), ("user", "/users")]);
+    write_manifest(&host, &text);
+    manifest_when(&host, |m| m["generation"] == 2).await;
+    host.refresh_ports().await;
+    assert_eq!(host.ports["product"], new);
+    assert_eq!(
+        host.send("GET", "product", "/products", None).await.status,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !refused(old) {
+        assert!(Instant::now() < deadline, "old port {old} still accepts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A port another process holds: refused, the service stays where it is.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().port();
+    write_manifest(
+        &host,
+        &text.replace(&format!("port = {new}"), &format!("port = {busy}")),
+    );
+    let status = manifest_when(&host, |m| !m["last_rejected"].is_null()).await;
+    let error = status["last_rejected"]["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("binding product port {busy}")),
+        "{error}"
+    );
+    assert_eq!(
+        host.send("GET", "product", "/products", None).await.status,
+        200
+    );
+    let (served, failures) = load.finish().await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(served > 0);
+}

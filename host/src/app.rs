@@ -1,7 +1,7 @@
 //! The composition root: reads the configuration, builds every part, spawns them, waits for signals.
 
 use crate::config::{Args, ManifestError, ServiceSpec};
-use crate::ingress::{consumer, http};
+use crate::ingress::{consumer, ports};
 use crate::messaging::embedded::{Embedded, Retention};
 use crate::messaging::kafka::{Kafka, KafkaConfig};
 use crate::messaging::{self, Backend};
@@ -61,7 +61,7 @@ pub async fn run(args: Args) -> Result<()> {
 
     let deployment = Arc::new(Deployment {
         running: tokio::sync::Mutex::new(Some(Running {
-            ports: http::Ports::new(runtime.clone(), args.bind_addr, args.body_buffer),
+            ports: ports::Ports::new(runtime.clone(), args.bind_addr, args.body_buffer),
             consumers: consumer::Consumers::new(runtime.clone()),
         })),
         runtime: runtime.clone(),
@@ -135,7 +135,7 @@ struct Deployment {
 }
 
 struct Running {
-    ports: http::Ports,
+    ports: ports::Ports,
     consumers: consumer::Consumers,
 }
 

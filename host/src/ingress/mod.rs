@@ -2,3 +2,4 @@
 
 pub mod consumer;
 pub mod http;
+pub mod ports;

@@ -1,0 +1,210 @@
+//! The service ports: one listener per service with a port, opened and closed as the
+//! manifest changes, each finishing its requests in flight when it closes.
+
+use super::http::handle;
+use crate::config::ServiceSpec;
+use crate::runtime::Runtime;
+use crate::types::contract::SERVICE_SUFFIX;
+use crate::types::http::write_limited;
+use crate::types::{json_error, Resp};
+use anyhow::{Context as _, Result};
+use futures_util::FutureExt as _;
+use hyper::header::{HeaderValue, CONNECTION};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::StatusCode;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+/// The service ports this host listens on, each with the connections it has open.
+pub struct Ports {
+    runtime: Arc<Runtime>,
+    bind_addr: IpAddr,
+    /// Request-body bytes all ports together may hold (`BODY_BUFFER`).
+    budget: Arc<Semaphore>,
+    open: HashMap<Arc<str>, Port>,
+}
+
+struct Port {
+    port: u16,
+    accepting: JoinHandle<()>,
+    connections: Arc<GracefulShutdown>,
+}
+
+/// Ports bound for a change of services, not accepting yet.
+pub struct Bound(Vec<(Arc<str>, TcpListener)>);
+
+impl Ports {
+    pub fn new(runtime: Arc<Runtime>, bind_addr: IpAddr, body_buffer: u64) -> Ports {
+        let budget = usize::try_from(body_buffer)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        Ports {
+            runtime,
+            bind_addr,
+            budget: Arc::new(Semaphore::new(budget)),
+            open: HashMap::new(),
+        }
+    }
+
+    /// Binds the ports of `specs` that are not open yet (a new service, a changed port) and
+    /// writes the bound port into each spec. A service that keeps its port, or asks for any
+    /// port (`0`) and has one, keeps its listener.
+    pub async fn bind(&self, specs: &mut [ServiceSpec]) -> Result<Bound> {
+        let mut bound = Vec::new();
+        for spec in specs.iter_mut().filter(|s| s.serves_http) {
+            if let Some(open) = self.open.get(&spec.name) {
+                if spec.port == 0 || spec.port == open.port {
+                    spec.port = open.port;
+                    continue;
+                }
+            }
+            let listener = TcpListener::bind((self.bind_addr, spec.port))
+                .await
+                .with_context(|| format!("binding {} port {}", spec.name, spec.port))?;
+            spec.port = listener.local_addr()?.port();
+            bound.push((spec.name.clone(), listener));
+        }
+        Ok(Bound(bound))
+    }
+
+    /// Starts accepting on `bound`; then stops accepting on the ports no service of `specs`
+    /// has any more (a removed service, a changed port), whose requests in flight finish in
+    /// the background before their connections close.
+    pub fn apply(&mut self, bound: Bound, specs: &[ServiceSpec]) {
+        for (name, listener) in bound.0 {
+            let port = listener.local_addr().map_or(0, |a| a.port());
+            let connections = Arc::new(GracefulShutdown::new());
+            let accepting = tokio::spawn(serve(
+                listener,
+                self.runtime.clone(),
+                name.clone(),
+                connections.clone(),
+                self.budget.clone(),
+            ));
+            let new = Port {
+                port,
+                accepting,
+                connections,
+            };
+            if let Some(old) = self.open.insert(name, new) {
+                tokio::spawn(old.close());
+            }
+        }
+        let keep = |name: &Arc<str>, port: &Port| {
+            specs
+                .iter()
+                .any(|s| s.serves_http && s.name == *name && s.port == port.port)
+        };
+        let gone: Vec<Arc<str>> = self
+            .open
+            .iter()
+            .filter(|(name, port)| !keep(name, port))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(old) = self.open.remove(&name) {
+                tracing::info!(service = %name, port = old.port, "port closed");
+                tokio::spawn(old.close());
+            }
+        }
+    }
+
+    /// Stops accepting on every port at once; the returned future finishes the requests in
+    /// flight and closes the connections.
+    pub fn close(self) -> impl std::future::Future<Output = ()> {
+        let closing: Vec<_> = self.open.into_values().map(Port::close).collect();
+        futures_util::future::join_all(closing).map(|_| ())
+    }
+}
+
+impl Port {
+    /// Stops accepting now (the listener is closed, so new connections are refused); the
+    /// future finishes the requests in flight and closes the connections.
+    fn close(self) -> impl std::future::Future<Output = ()> {
+        self.accepting.abort();
+        async move {
+            let _ = self.accepting.await;
+            if let Some(connections) = Arc::into_inner(self.connections) {
+                connections.shutdown().await;
+            }
+        }
+    }
+}
+
+/// Accepts connections on `service`'s port until aborted; `connections` lets shutdown finish
+/// their in-flight requests and close them. At most `MAX_CONNECTIONS` are open at once: beyond
+/// that, new ones wait in the kernel's backlog until one closes. Each request goes to the
+/// service's settings and component current when it arrives.
+async fn serve(
+    listener: TcpListener,
+    runtime: Arc<Runtime>,
+    service: Arc<str>,
+    connections: Arc<GracefulShutdown>,
+    budget: Arc<Semaphore>,
+) {
+    let open = Arc::new(tokio::sync::Semaphore::new(
+        runtime.settings.max_connections,
+    ));
+    loop {
+        let Ok(slot) = open.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(service = %service, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (runtime, service, budget) = (runtime.clone(), service.clone(), budget.clone());
+        let watcher = connections.watcher();
+        let header_timeout = runtime.settings.header_timeout;
+        let write_timeout = runtime.settings.write_timeout;
+        tokio::spawn(async move {
+            let _slot = slot;
+            let svc = service_fn(move |req| {
+                let (runtime, service, budget) = (runtime.clone(), service.clone(), budget.clone());
+                async move {
+                    let resp = match runtime.service(&service) {
+                        Some(service) => handle(&runtime, &service, &budget, req).await,
+                        // Removed by a manifest change; its port is closing.
+                        None => gone(&service),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                // Also bounds how long an idle keep-alive connection waits for its next request.
+                .header_read_timeout(header_timeout)
+                .max_headers(100)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(write_limited(stream, write_timeout)), svc);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+fn gone(service: &str) -> Resp {
+    let mut resp = json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("{service}{SERVICE_SUFFIX} is no longer in the manifest"),
+    );
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
+}

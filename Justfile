@@ -74,7 +74,7 @@ kafka-down:
     docker compose --profile full down
 
 # Build everything, then run all tests (Kafka tests start their own tansu broker).
-test: build build-fixtures _tansu
+test: build build-fixtures _tansu _postgres
     cargo test --release -p host -p sdk {{ prepend("-p ", components) }}
 
 # Benchmarks (not tests): start-up, event latency, hot-path micro-benchmarks, and wrk side by
@@ -127,6 +127,10 @@ _target:
 
 _tansu:
     command -v tansu >/dev/null || cargo install tansu --locked --features dynostore
+
+# PostgreSQL's server binaries, for the tests that start their own server (Debian's package).
+_postgres:
+    command -v pg_config >/dev/null || { $(command -v sudo || true) apt-get update && $(command -v sudo || true) apt-get install -y postgresql; }
 
 # Rebuild components when their source or the WIT changes; a running host swaps them in.
 watch:

@@ -7,7 +7,7 @@ use crate::messaging::kafka::{Kafka, KafkaConfig};
 use crate::messaging::{self, Backend};
 use crate::ops::{admin, watch};
 use crate::runtime::{Rejected, Runtime};
-use crate::storage::Db;
+use crate::storage::{Db, Pg};
 use anyhow::{Context as _, Result};
 use futures_util::future::BoxFuture;
 use sha2::{Digest, Sha256};
@@ -23,6 +23,17 @@ pub async fn build(args: &Args, specs: &[ServiceSpec]) -> Result<Arc<Runtime>> {
     } else {
         Db::open(&args.data_dir)?
     };
+    if let Some(url) = &args.state_url {
+        let pg = Pg::connect(url).await?;
+        tracing::info!(store = %pg.describe(), "state, sequences and the outbox in PostgreSQL");
+        db.share(pg)?;
+        if args.kafka_brokers.is_none() {
+            tracing::warn!(
+                "STATE_URL without KAFKA_BROKERS: state is shared, but the embedded message log \
+                 is this host's own; hosts sharing state should share a Kafka too"
+            );
+        }
+    }
     let backend: Arc<dyn Backend> = match &args.kafka_brokers {
         Some(brokers) => Arc::new(Kafka::new(KafkaConfig {
             brokers: brokers.clone(),

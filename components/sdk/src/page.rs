@@ -130,7 +130,7 @@ fn read<T: DeserializeOwned>(
     }
     let room = limit - items.len();
     let keys = state::list_keys_after(bucket, "", after_key.as_deref(), room as u32)
-        .map_err(|e| StoreError(format!("state list-keys-after {bucket} failed: {e:?}")))?;
+        .map_err(|e| store::failed("list-keys-after", bucket, e))?;
     let next = (keys.len() == room)
         .then(|| keys.last().cloned().map(After::Key))
         .flatten();

@@ -1,7 +1,8 @@
 //! JSON records in host state (`microsvc:platform/state`).
 //!
-//! Failures here are never the client's fault, so they convert into 500 responses; the host
-//! then rolls back whatever the invocation already wrote.
+//! Failures here are never the client's fault, so they convert into 5xx responses (503 when
+//! the host's store is unavailable: worth a retry); the host then rolls back whatever the
+//! invocation already wrote.
 
 use std::fmt;
 
@@ -18,6 +19,10 @@ pub const MAX_KEY_BYTES: usize = crate::contract::MAX_NAME;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreError(pub String);
 
+/// A [`StoreError`] the host's store caused (unreachable, failing): the request may succeed
+/// if retried, so it answers 503.
+const UNAVAILABLE: &str = "state store unavailable: ";
+
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -28,12 +33,20 @@ impl std::error::Error for StoreError {}
 
 impl From<StoreError> for Response {
     fn from(e: StoreError) -> Self {
-        Response::internal(e.0)
+        if e.0.starts_with(UNAVAILABLE) {
+            Response::error(503, e.0)
+        } else {
+            Response::internal(e.0)
+        }
     }
 }
 
-fn failed(op: &str, bucket: &str, key: &str, e: state::Error) -> StoreError {
-    StoreError(format!("state {op} {bucket}/{key} failed: {e:?}"))
+/// The error of state operation `op` on `what` (`bucket/key`, or a bucket).
+pub(crate) fn failed(op: &str, what: &str, e: state::Error) -> StoreError {
+    match e {
+        state::Error::Storage(why) => StoreError(format!("{UNAVAILABLE}{op} {what}: {why}")),
+        e => StoreError(format!("state {op} {what} failed: {e:?}")),
+    }
 }
 
 /// Key for record `id`: zero-padded to the width of `u64::MAX` so that `list-keys` (byte order)
@@ -66,11 +79,11 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 }
 
 pub fn get_raw(bucket: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-    state::get(bucket, key).map_err(|e| failed("get", bucket, key, e))
+    state::get(bucket, key).map_err(|e| failed("get", &format!("{bucket}/{key}"), e))
 }
 
 pub fn set_raw(bucket: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
-    state::set(bucket, key, value).map_err(|e| failed("set", bucket, key, e))
+    state::set(bucket, key, value).map_err(|e| failed("set", &format!("{bucket}/{key}"), e))
 }
 
 pub fn get_json<T: DeserializeOwned>(bucket: &str, key: &str) -> Result<Option<T>, StoreError> {
@@ -96,7 +109,8 @@ pub fn put_json<T: Serialize + ?Sized>(
 /// distinct ids without conflicting; a request that fails after taking one leaves a gap, so
 /// call it only once the request is known to succeed.
 pub fn next_id(key: &str) -> Result<u64, StoreError> {
-    state::next_id(META_BUCKET, key).map_err(|e| failed("next-id", META_BUCKET, key, e))
+    state::next_id(META_BUCKET, key)
+        .map_err(|e| failed("next-id", &format!("{META_BUCKET}/{key}"), e))
 }
 
 #[cfg(test)]

@@ -3,6 +3,10 @@
 wasmtime::component::bindgen!({
     world: "runtime",
     path: "../wit",
-    imports: { "microsvc:platform/services.call": async },
+    // State reads may go to PostgreSQL (`STATE_URL`): they wait without blocking a thread.
+    imports: {
+        "microsvc:platform/services.call": async,
+        "microsvc:platform/state": async,
+    },
     exports: { default: async },
 });

@@ -120,7 +120,7 @@ mod tests {
         view.send(m("user-created", 2)).unwrap();
         assert!(txn.sends());
         db.commit_blocking(&txn).unwrap();
-        let sent = outbox::oldest(&db, 10).unwrap();
+        let sent = outbox::oldest_local(&db, 10).unwrap();
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].1.header(REQUEST_ID), Some("req-1"));
     }

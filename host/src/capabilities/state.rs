@@ -44,10 +44,10 @@ fn storage(e: anyhow::Error) -> WitError {
 }
 
 impl StateView<'_> {
-    fn get_value(&mut self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, WitError> {
+    async fn get_value(&mut self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, WitError> {
         check_name("bucket", bucket)?;
         check_name("key", key)?;
-        self.txn.get(self.db, bucket, key).map_err(storage)
+        self.txn.get(self.db, bucket, key).await.map_err(storage)
     }
 
     fn put(&mut self, bucket: String, key: String, value: Option<Vec<u8>>) -> Result<(), WitError> {
@@ -65,35 +65,39 @@ impl StateView<'_> {
 }
 
 impl wit::Host for StateView<'_> {
-    fn next_id(&mut self, bucket: String, key: String) -> Result<u64, WitError> {
+    async fn next_id(&mut self, bucket: String, key: String) -> Result<u64, WitError> {
         check_name("bucket", &bucket)?;
         check_name("key", &key)?;
-        self.db.next_id(self.txn, bucket, key).map_err(|e| match e {
-            NextIdError::NotASequence(m) => WitError::NotACounter(m),
-            NextIdError::Storage(e) => storage(e),
-        })
+        self.db
+            .next_id(self.txn, bucket, key)
+            .await
+            .map_err(|e| match e {
+                NextIdError::NotASequence(m) => WitError::NotACounter(m),
+                NextIdError::Storage(e) => storage(e),
+            })
     }
 
-    fn get(&mut self, bucket: String, key: String) -> Result<Option<Vec<u8>>, WitError> {
-        self.get_value(&bucket, &key)
+    async fn get(&mut self, bucket: String, key: String) -> Result<Option<Vec<u8>>, WitError> {
+        self.get_value(&bucket, &key).await
     }
 
-    fn set(&mut self, bucket: String, key: String, value: Vec<u8>) -> Result<(), WitError> {
+    async fn set(&mut self, bucket: String, key: String, value: Vec<u8>) -> Result<(), WitError> {
         self.put(bucket, key, Some(value))
     }
 
-    fn delete(&mut self, bucket: String, key: String) -> Result<(), WitError> {
+    async fn delete(&mut self, bucket: String, key: String) -> Result<(), WitError> {
         self.put(bucket, key, None)
     }
 
-    fn list_keys(&mut self, bucket: String, prefix: String) -> Result<Vec<String>, WitError> {
+    async fn list_keys(&mut self, bucket: String, prefix: String) -> Result<Vec<String>, WitError> {
         check_name("bucket", &bucket)?;
         self.txn
             .list_keys(self.db, &bucket, &prefix)
+            .await
             .map_err(storage)
     }
 
-    fn list_keys_after(
+    async fn list_keys_after(
         &mut self,
         bucket: String,
         prefix: String,
@@ -107,11 +111,17 @@ impl wit::Host for StateView<'_> {
         let limit = (limit as usize).min(MAX_PAGE);
         self.txn
             .list_page(self.db, &bucket, &prefix, after.as_deref(), limit)
+            .await
             .map_err(storage)
     }
 
-    fn increment(&mut self, bucket: String, key: String, delta: i64) -> Result<i64, WitError> {
-        let current = match self.get_value(&bucket, &key)? {
+    async fn increment(
+        &mut self,
+        bucket: String,
+        key: String,
+        delta: i64,
+    ) -> Result<i64, WitError> {
+        let current = match self.get_value(&bucket, &key).await? {
             None => 0,
             Some(bytes) => {
                 let arr: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
@@ -132,6 +142,7 @@ impl wit::Host for StateView<'_> {
 mod tests {
     use super::wit::Host;
     use super::*;
+    use crate::storage::ready;
     use crate::storage::CommitError;
 
     fn view<'a>(db: &'a Db, txn: &'a mut Txn) -> StateView<'a> {
@@ -144,26 +155,25 @@ mod tests {
         let mut t = Txn::new("s".into());
         let mut v = view(&db, &mut t);
         assert!(matches!(
-            v.get("".into(), "k".into()),
+            ready(v.get("".into(), "k".into())),
             Err(WitError::InvalidName(_))
         ));
         assert!(matches!(
-            v.set("b".into(), "k".repeat(MAX_NAME + 1), vec![]),
+            ready(v.set("b".into(), "k".repeat(MAX_NAME + 1), vec![])),
             Err(WitError::InvalidName(_))
         ));
         assert!(matches!(
-            v.set("b".into(), "k".into(), vec![0; MAX_BODY + 1]),
+            ready(v.set("b".into(), "k".into(), vec![0; MAX_BODY + 1])),
             Err(WitError::ValueTooLarge(_))
         ));
-        v.set("b".into(), "k".into(), b"text".to_vec()).unwrap();
+        ready(v.set("b".into(), "k".into(), b"text".to_vec())).unwrap();
         assert!(matches!(
-            v.increment("b".into(), "k".into(), 1),
+            ready(v.increment("b".into(), "k".into(), 1)),
             Err(WitError::NotACounter(_))
         ));
-        v.set("b".into(), "n".into(), i64::MAX.to_le_bytes().to_vec())
-            .unwrap();
+        ready(v.set("b".into(), "n".into(), i64::MAX.to_le_bytes().to_vec())).unwrap();
         assert!(matches!(
-            v.increment("b".into(), "n".into(), 1),
+            ready(v.increment("b".into(), "n".into(), 1)),
             Err(WitError::NotACounter(_))
         ));
     }
@@ -175,11 +185,11 @@ mod tests {
         let mut v = view(&db, &mut t);
         // Overwriting one key costs one value, not one per write.
         for _ in 0..100 {
-            v.set("b".into(), "same".into(), vec![0; 1 << 20]).unwrap();
+            ready(v.set("b".into(), "same".into(), vec![0; 1 << 20])).unwrap();
         }
         let mut failed = None;
         for i in 0..20_000 {
-            if let Err(e) = v.set("b".into(), format!("k{i}"), vec![0; 1 << 20]) {
+            if let Err(e) = ready(v.set("b".into(), format!("k{i}"), vec![0; 1 << 20])) {
                 failed = Some((i, e));
                 break;
             }
@@ -188,11 +198,11 @@ mod tests {
         assert!(i <= 4, "stopped after {i} MiB");
         assert!(matches!(e, WitError::Storage(m) if m.contains("INVOCATION_HOST_BYTES")));
         assert!(matches!(
-            v.get("b".into(), "x".into()),
+            ready(v.get("b".into(), "x".into())),
             Err(WitError::Storage(_))
         ));
         assert!(matches!(
-            v.next_id("b".into(), "n".into()),
+            ready(v.next_id("b".into(), "n".into())),
             Err(WitError::Storage(_))
         ));
         assert!(t.budget.overrun().is_some());
@@ -203,7 +213,7 @@ mod tests {
         let db = Db::in_memory().unwrap();
         let mut a = Txn::new("user".into());
         let mut b = Txn::new("user".into());
-        let inc = |t: &mut Txn| view(&db, t).increment("m".into(), "id".into(), 1).unwrap();
+        let inc = |t: &mut Txn| ready(view(&db, t).increment("m".into(), "id".into(), 1)).unwrap();
         assert_eq!((inc(&mut a), inc(&mut b)), (1, 1));
         db.commit_blocking(&a).unwrap();
         assert!(matches!(db.commit_blocking(&b), Err(CommitError::Conflict)));
@@ -216,9 +226,12 @@ mod tests {
         let db = Db::in_memory().unwrap();
         let mut t = Txn::new("s".into());
         let mut v = view(&db, &mut t);
-        v.set("b".into(), "a1".into(), vec![1]).unwrap();
-        v.set("b".into(), "a2".into(), vec![2]).unwrap();
-        v.delete("b".into(), "a1".into()).unwrap();
-        assert_eq!(v.list_keys("b".into(), "a".into()).unwrap(), vec!["a2"]);
+        ready(v.set("b".into(), "a1".into(), vec![1])).unwrap();
+        ready(v.set("b".into(), "a2".into(), vec![2])).unwrap();
+        ready(v.delete("b".into(), "a1".into())).unwrap();
+        assert_eq!(
+            ready(v.list_keys("b".into(), "a".into())).unwrap(),
+            vec!["a2"]
+        );
     }
 }

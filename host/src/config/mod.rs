@@ -149,6 +149,11 @@ pub struct Args {
     #[arg(long, env = "OUTBOUND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub outbound_timeout: Duration,
 
+    /// PostgreSQL URL (`postgres://user:password@host:port/db`) for state, id sequences and
+    /// the outbox, shared by every host given the same one. Without it, state is in DATA_DIR.
+    #[arg(long, env = "STATE_URL")]
+    pub state_url: Option<String>,
+
     /// Kafka bootstrap servers (`host:port,...`). Without it, messaging uses the embedded backend.
     #[arg(long, env = "KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,

@@ -56,14 +56,9 @@ impl Outbox {
             .parked
             .get_or_create(&crate::metrics::labels([("topic", &m.topic)]))
             .inc();
-        let (db, seq, reason) = (self.db.clone(), seqs[index], refused.reason.clone());
-        match tokio::task::spawn_blocking(move || outbox::park(&db, seq, &reason)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(error = %format!("{e:#}"), "parking the message failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => tracing::error!(error = %e, "outbox park panicked"),
+        if let Err(e) = outbox::park(&self.db, &seqs[..index], seqs[index], &refused.reason).await {
+            tracing::error!(error = %format!("{e:#}"), "parking the message failed");
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
@@ -73,21 +68,15 @@ impl Outbox {
     pub async fn drain(self, backend: Arc<dyn Backend>) {
         let mut failures = 0u32;
         loop {
-            let this = self.clone();
-            let batch =
-                match tokio::task::spawn_blocking(move || outbox::oldest(&this.db, BATCH)).await {
-                    Ok(Ok(b)) => b,
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %format!("{e:#}"), "reading the outbox failed");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "outbox reader panicked");
-                        continue;
-                    }
-                };
-            let Some(&(last, _)) = batch.last() else {
+            let batch = match outbox::oldest(&self.db, BATCH).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "reading the outbox failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
                 // Wake on the next commit; the timeout covers messages left by a previous run.
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
                 continue;
@@ -112,17 +101,8 @@ impl Outbox {
                             .get_or_create(&crate::metrics::labels([("topic", &m.topic)]))
                             .inc();
                     }
-                    let this = self.clone();
-                    match tokio::task::spawn_blocking(move || {
-                        outbox::remove_through(&this.db, last)
-                    })
-                    .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %format!("{e:#}"), "trimming the outbox failed")
-                        }
-                        Err(e) => tracing::error!(error = %e, "outbox trim panicked"),
+                    if let Err(e) = outbox::remove(&self.db, &seqs).await {
+                        tracing::error!(error = %format!("{e:#}"), "trimming the outbox failed")
                     }
                 }
                 Err(e) => {

@@ -39,6 +39,12 @@ impl Db {
         if txn.is_empty() {
             return Ok(());
         }
+        if let Some(pg) = self.shared() {
+            // Durable when it returns, whatever `durable` asks.
+            pg.commit(&txn).await?;
+            txn.committed.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
         let stopped = || CommitError::Storage(anyhow::anyhow!("the state committer stopped"));
         let (done, result) = tokio::sync::oneshot::channel();
         self.0
@@ -151,6 +157,7 @@ fn commit_queued(db: Weak<Inner>, queue: mpsc::Receiver<Pending>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::ready;
 
     fn set(t: &mut Txn, key: &str, value: &[u8]) {
         t.put("b".into(), key.into(), Some(value.to_vec())).unwrap();
@@ -166,7 +173,7 @@ mod tests {
         // a and b both read k = 1 and write it: whichever is first in the batch wins.
         let update = |v: &[u8]| {
             let mut t = Txn::new("user".into());
-            assert_eq!(t.get(&db, "b", "k").unwrap(), Some(b"1".to_vec()));
+            assert_eq!(ready(t.get(&db, "b", "k")).unwrap(), Some(b"1".to_vec()));
             set(&mut t, "k", v);
             t
         };
@@ -181,11 +188,11 @@ mod tests {
         ));
         assert_eq!(db.0.sync.lock().unwrap().count, syncs + 1);
         assert_eq!(
-            db.read_value("user", "b", "k").unwrap(),
+            db.read_value_local("user", "b", "k").unwrap(),
             Some(b"2".to_vec())
         );
         assert_eq!(
-            db.read_value("user", "b", "other").unwrap(),
+            db.read_value_local("user", "b", "other").unwrap(),
             Some(b"x".to_vec())
         );
     }
@@ -209,7 +216,7 @@ mod tests {
         let db = Db::open(dir.path()).unwrap();
         for i in 0..64u8 {
             assert_eq!(
-                db.read_value("user", "q", &format!("k{i}")).unwrap(),
+                db.read_value_local("user", "q", &format!("k{i}")).unwrap(),
                 Some(vec![i])
             );
         }
@@ -238,7 +245,10 @@ mod tests {
         let db = Db::open(dir.path()).unwrap();
         for i in 0..16u8 {
             let mut txn = Txn::new("user".into());
-            assert_eq!(txn.get(&db, "b", &format!("k{i}")).unwrap(), Some(vec![i]));
+            assert_eq!(
+                ready(txn.get(&db, "b", &format!("k{i}"))).unwrap(),
+                Some(vec![i])
+            );
         }
     }
 
@@ -246,12 +256,15 @@ mod tests {
     fn a_commit_is_visible_before_it_is_durable_and_conflicts_still_refuse() {
         let db = Db::in_memory().unwrap();
         let mut reader = Txn::new("user".into());
-        assert_eq!(reader.get(&db, "b", "k").unwrap(), None);
+        assert_eq!(ready(reader.get(&db, "b", "k")).unwrap(), None);
         let mut writer = Txn::new("user".into());
         set(&mut writer, "k", b"1");
         db.apply_blocking(&writer).unwrap();
         let mut later = Txn::new("user".into());
-        assert_eq!(later.get(&db, "b", "k").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(
+            ready(later.get(&db, "b", "k")).unwrap(),
+            Some(b"1".to_vec())
+        );
         // `reader` saw the key absent; writing on that basis must conflict.
         set(&mut reader, "k", b"2");
         assert!(matches!(

@@ -1,4 +1,5 @@
-//! Durable storage (redb): state, id sequences and the outbox, committed by one committer thread.
+//! Durable storage: state, id sequences and the outbox, in redb (committed by one committer
+//! thread) or, with `STATE_URL`, in PostgreSQL shared by several hosts (`postgres`).
 //!
 //! An invocation (one HTTP request or one delivered message) reads through to the store and
 //! buffers its writes and outgoing messages in a [`Txn`]. When it succeeds the host commits
@@ -9,7 +10,10 @@
 //! while guest code runs.
 
 mod committer;
+#[cfg(test)]
+mod contract;
 pub mod outbox;
+pub mod postgres;
 mod sequences;
 mod txn;
 
@@ -17,8 +21,9 @@ use anyhow::{Context as _, Result};
 use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 
+pub use postgres::Pg;
 pub use sequences::NextIdError;
 pub use txn::Txn;
 pub use txn::MAX_PAGE;
@@ -50,6 +55,9 @@ struct Inner {
     synced: Condvar,
     /// To the committer thread, which stops when this is dropped.
     committer: mpsc::Sender<committer::Pending>,
+    /// Where state, sequences and the outbox are when they are shared (`STATE_URL`); the redb
+    /// store then keeps only this host's own things (the embedded log).
+    shared: OnceLock<Pg>,
 }
 
 #[derive(Default)]
@@ -114,6 +122,7 @@ impl Db {
             sync: Mutex::default(),
             synced: Condvar::new(),
             committer,
+            shared: OnceLock::new(),
         });
         committer::spawn(Arc::downgrade(&inner), queue);
         Ok(Db(inner))
@@ -121,6 +130,20 @@ impl Db {
 
     pub fn redb(&self) -> &Database {
         &self.0.db
+    }
+
+    /// Keeps state, sequences and the outbox in `pg` from now on. Called once, before any
+    /// invocation.
+    pub fn share(&self, pg: Pg) -> Result<()> {
+        self.0
+            .shared
+            .set(pg)
+            .map_err(|_| anyhow::anyhow!("the store is already shared"))
+    }
+
+    /// The shared store, if state is in PostgreSQL.
+    pub fn shared(&self) -> Option<&Pg> {
+        self.0.shared.get()
     }
 
     /// Runs `f` in a write transaction that reaches the disk with the next durable commit: for
@@ -174,7 +197,26 @@ impl Db {
         tokio::task::spawn_blocking(move || db.wait_durable()).await?
     }
 
-    fn read_value(&self, service: &str, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+    async fn read_value(&self, service: &str, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        match self.shared() {
+            Some(pg) => pg.read_value(service, bucket, key).await,
+            None => self.read_value_local(service, bucket, key),
+        }
+    }
+
+    async fn read_keys(
+        &self,
+        service: &str,
+        range: &KeyRange,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        match self.shared() {
+            Some(pg) => pg.read_keys(service, range, limit).await,
+            None => self.read_keys_local(service, range, limit),
+        }
+    }
+
+    fn read_value_local(&self, service: &str, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
         let rtx = self.0.db.begin_read()?;
         let table = match rtx.open_table(KV) {
             Ok(t) => t,
@@ -186,7 +228,12 @@ impl Db {
             .map(|v| v.value().to_vec()))
     }
 
-    fn read_keys(&self, service: &str, range: &KeyRange, limit: usize) -> Result<Vec<String>> {
+    fn read_keys_local(
+        &self,
+        service: &str,
+        range: &KeyRange,
+        limit: usize,
+    ) -> Result<Vec<String>> {
         let rtx = self.0.db.begin_read()?;
         match rtx.open_table(KV) {
             Ok(table) => scan_keys(&table, service, range, limit),
@@ -194,6 +241,12 @@ impl Db {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The output of `f`, which must be ready at once: a redb read or id, in a sync test.
+#[cfg(test)]
+pub(crate) fn ready<F: std::future::Future>(f: F) -> F::Output {
+    futures_util::FutureExt::now_or_never(f).expect("ready at once")
 }
 
 /// Keys of one bucket that start with `prefix`, after `after` (exclusive) and up to `upto`
@@ -245,6 +298,7 @@ fn scan_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::ready;
 
     #[test]
     fn committed_data_survives_reopen() {
@@ -257,7 +311,7 @@ mod tests {
         }
         let db = Db::open(dir.path()).unwrap();
         let mut t = Txn::new("s".into());
-        assert_eq!(t.get(&db, "b", "k").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(ready(t.get(&db, "b", "k")).unwrap(), Some(b"v".to_vec()));
     }
 
     #[test]
@@ -268,7 +322,7 @@ mod tests {
             .unwrap();
         db.commit_blocking(&t).unwrap();
         let mut other = Txn::new("order".into());
-        assert_eq!(other.get(&db, "b", "k").unwrap(), None);
-        assert!(other.list_keys(&db, "b", "").unwrap().is_empty());
+        assert_eq!(ready(other.get(&db, "b", "k")).unwrap(), None);
+        assert!(ready(other.list_keys(&db, "b", "")).unwrap().is_empty());
     }
 }

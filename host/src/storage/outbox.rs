@@ -41,9 +41,13 @@ pub(super) fn bytes_stored(db: &redb::Database) -> Result<u64> {
     Ok(bytes)
 }
 
-/// Bytes of the messages waiting in the outbox.
+/// Bytes of the messages waiting in the outbox (with `STATE_URL`: as last counted, at most a
+/// second ago).
 pub fn bytes(db: &Db) -> u64 {
-    db.0.outbox_bytes.load(Ordering::SeqCst)
+    match db.shared() {
+        Some(pg) => pg.bytes(),
+        None => db.0.outbox_bytes.load(Ordering::SeqCst),
+    }
 }
 
 /// Takes `removed` bytes off the outbox's count.
@@ -69,18 +73,34 @@ fn count(db: &Db, table: TableDefinition<u64, &[u8]>) -> Result<u64> {
     }
 }
 
-/// Messages waiting.
+/// Messages waiting (with `STATE_URL`: as last counted, at most a second ago).
 pub fn depth(db: &Db) -> Result<u64> {
-    count(db, OUTBOX)
+    match db.shared() {
+        Some(pg) => Ok(pg.depth()),
+        None => count(db, OUTBOX),
+    }
 }
 
-/// Messages set aside as never publishable.
+/// Messages set aside as never publishable (with `STATE_URL`: as last counted).
 pub fn parked(db: &Db) -> Result<u64> {
-    count(db, PARKED)
+    match db.shared() {
+        Some(pg) => Ok(pg.parked()),
+        None => count(db, PARKED),
+    }
 }
 
-/// Sets message `seq` aside with `reason`, and removes the ones before it (published). Blocking.
-pub fn park(db: &Db, seq: u64, reason: &str) -> Result<()> {
+/// Sets message `seq` of a batch aside with `reason`, and removes `published`, the ones of the
+/// batch before it.
+pub async fn park(db: &Db, published: &[u64], seq: u64, reason: &str) -> Result<()> {
+    if let Some(pg) = db.shared() {
+        return pg.park(published, seq, reason).await;
+    }
+    let (db, reason) = (db.clone(), reason.to_string());
+    tokio::task::spawn_blocking(move || park_local(&db, seq, &reason)).await?
+}
+
+/// [`park`] in redb, where the batch is everything before `seq`. Blocking.
+fn park_local(db: &Db, seq: u64, reason: &str) -> Result<()> {
     let mut removed = 0;
     db.write_lazily(|wtx| {
         let mut outbox = wtx.open_table(OUTBOX)?;
@@ -102,9 +122,18 @@ pub fn park(db: &Db, seq: u64, reason: &str) -> Result<()> {
     Ok(())
 }
 
-/// Up to `max` of the oldest messages with their sequence numbers, all of them on disk.
-/// Blocking.
-pub fn oldest(db: &Db, max: usize) -> Result<Vec<(u64, Message)>> {
+/// Up to `max` of the oldest messages this host publishes, with their sequence numbers, all of
+/// them on disk. With `STATE_URL`, those of the partitions this host drains.
+pub async fn oldest(db: &Db, max: usize) -> Result<Vec<(u64, Message)>> {
+    if let Some(pg) = db.shared() {
+        return pg.oldest(max).await;
+    }
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || oldest_local(&db, max)).await?
+}
+
+/// [`oldest`] in redb. Blocking.
+pub fn oldest_local(db: &Db, max: usize) -> Result<Vec<(u64, Message)>> {
     let rtx = db.redb().begin_read()?;
     let table = match rtx.open_table(OUTBOX) {
         Ok(t) => t,
@@ -124,8 +153,22 @@ pub fn oldest(db: &Db, max: usize) -> Result<Vec<(u64, Message)>> {
     Ok(out)
 }
 
-/// Removes every message up to sequence `last`. Lazily durable: after a crash, a batch whose
-/// removal was lost is published again. Blocking.
+/// Removes the published messages `seqs` (a batch [`oldest`] returned). Lazily durable: after
+/// a crash, a batch whose removal was lost is published again.
+pub async fn remove(db: &Db, seqs: &[u64]) -> Result<()> {
+    if let Some(pg) = db.shared() {
+        return pg.remove(seqs).await;
+    }
+    // In redb the outbox is appended in commit order under the writer lock: a batch is a
+    // prefix, and removing through its last one removes exactly it.
+    let Some(&last) = seqs.iter().max() else {
+        return Ok(());
+    };
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || remove_through(&db, last)).await?
+}
+
+/// Removes every message up to sequence `last`. Blocking.
 pub fn remove_through(db: &Db, last: u64) -> Result<()> {
     let mut removed = 0;
     db.write_lazily(|wtx| {
@@ -142,6 +185,7 @@ pub fn remove_through(db: &Db, last: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::ready;
     use crate::storage::Txn;
 
     fn msg(payload: &str) -> Message {
@@ -163,7 +207,7 @@ mod tests {
             }
             db.commit_blocking(&txn).unwrap();
         }
-        let pending = oldest(&db, 256).unwrap();
+        let pending = oldest_local(&db, 256).unwrap();
         let payloads: Vec<_> = pending.iter().map(|(_, m)| m.payload.clone()).collect();
         assert_eq!(payloads, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
         let all = bytes(&db);
@@ -172,7 +216,7 @@ mod tests {
         assert_eq!(depth(&db).unwrap(), 1);
         assert!(bytes(&db) > 0 && bytes(&db) < all);
         assert_eq!(bytes(&db), bytes_stored(db.redb()).unwrap());
-        assert_eq!(oldest(&db, 256).unwrap()[0].1.payload, b"c");
+        assert_eq!(oldest_local(&db, 256).unwrap()[0].1.payload, b"c");
     }
 
     #[test]
@@ -183,11 +227,11 @@ mod tests {
             txn.send(msg(p)).unwrap();
         }
         db.commit_blocking(&txn).unwrap();
-        let pending = oldest(&db, 256).unwrap();
-        park(&db, pending[1].0, "too large").unwrap();
+        let pending = oldest_local(&db, 256).unwrap();
+        park_local(&db, pending[1].0, "too large").unwrap();
         assert_eq!((depth(&db).unwrap(), parked(&db).unwrap()), (1, 1));
         assert_eq!(bytes(&db), bytes_stored(db.redb()).unwrap());
-        assert_eq!(oldest(&db, 256).unwrap()[0].1.payload, b"c");
+        assert_eq!(oldest_local(&db, 256).unwrap()[0].1.payload, b"c");
         let rtx = db.redb().begin_read().unwrap();
         let table = rtx.open_table(PARKED).unwrap();
         let (_, kept) = table.first().unwrap().unwrap();
@@ -202,7 +246,7 @@ mod tests {
     fn a_conflicting_commit_sends_nothing() {
         let db = Db::in_memory().unwrap();
         let mut reader = Txn::new("user".into());
-        reader.get(&db, "b", "k").unwrap();
+        ready(reader.get(&db, "b", "k")).unwrap();
         reader.send(msg("lost")).unwrap();
         let mut writer = Txn::new("user".into());
         writer.put("b".into(), "k".into(), Some(vec![1])).unwrap();

@@ -42,7 +42,24 @@ fn sequence_value(bytes: &[u8]) -> Result<u64, NextIdError> {
 impl Db {
     /// The next id of `bucket/key` for `txn`'s service. Taken at once under a lock, not
     /// validated at commit: an id taken by an invocation that then fails is skipped.
-    pub fn next_id(&self, txn: &mut Txn, bucket: String, key: String) -> Result<u64, NextIdError> {
+    pub async fn next_id(
+        &self,
+        txn: &mut Txn,
+        bucket: String,
+        key: String,
+    ) -> Result<u64, NextIdError> {
+        match self.shared() {
+            Some(pg) => pg.next_id(txn, &bucket, &key).await,
+            None => self.next_id_local(txn, bucket, key),
+        }
+    }
+
+    fn next_id_local(
+        &self,
+        txn: &mut Txn,
+        bucket: String,
+        key: String,
+    ) -> Result<u64, NextIdError> {
         let held = !txn.sequences.contains_key(&(bucket.clone(), key.clone()));
         if held {
             txn.budget
@@ -54,7 +71,7 @@ impl Db {
         let last = match sequences.get(&slot) {
             Some(head) => head.last,
             None => match self
-                .read_value(&slot.0, &slot.1, &slot.2)
+                .read_value_local(&slot.0, &slot.1, &slot.2)
                 .map_err(NextIdError::Storage)?
             {
                 None => 0,
@@ -158,12 +175,14 @@ pub(super) fn write(table: &mut redb::Table<KvKey, &[u8]>, txn: &Txn) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::ready;
 
     #[test]
     fn ids_never_repeat_never_conflict_and_skip_only_after_a_failure() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
-        let take = |db: &Db, txn: &mut Txn| db.next_id(txn, "m".into(), "seq".into()).unwrap();
+        let take =
+            |db: &Db, txn: &mut Txn| ready(db.next_id(txn, "m".into(), "seq".into())).unwrap();
         // Two invocations in flight at once get different ids, and both commit.
         let (mut a, mut b) = (Txn::new("user".into()), Txn::new("user".into()));
         assert_eq!((take(&db, &mut a), take(&db, &mut b)), (1, 2));
@@ -202,7 +221,10 @@ mod tests {
         let db = Db::in_memory().unwrap();
         for i in 0..1000 {
             let mut t = Txn::new("s".into());
-            assert_eq!(db.next_id(&mut t, "m".into(), format!("n{i}")).unwrap(), 1);
+            assert_eq!(
+                ready(db.next_id(&mut t, "m".into(), format!("n{i}"))).unwrap(),
+                1
+            );
         }
         // The skipped ids are stored by the committer; then nothing is left in memory.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -211,7 +233,10 @@ mod tests {
         }
         assert_eq!(db.sequences_held(), 0);
         let mut t = Txn::new("s".into());
-        assert_eq!(db.next_id(&mut t, "m".into(), "n7".into()).unwrap(), 2);
+        assert_eq!(
+            ready(db.next_id(&mut t, "m".into(), "n7".into())).unwrap(),
+            2
+        );
     }
 
     #[test]
@@ -223,7 +248,7 @@ mod tests {
         db.commit_blocking(&t).unwrap();
         let mut t = Txn::new("s".into());
         assert!(matches!(
-            db.next_id(&mut t, "m".into(), "seq".into()),
+            ready(db.next_id(&mut t, "m".into(), "seq".into())),
             Err(NextIdError::NotASequence(_))
         ));
     }

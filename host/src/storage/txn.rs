@@ -12,13 +12,13 @@ use std::sync::Arc;
 /// Most keys one `list-keys-after` call returns.
 pub const MAX_PAGE: usize = 1000;
 
-type Seen = [u8; 32];
+pub(super) type Seen = [u8; 32];
 
-fn digest_of(value: &[u8]) -> Seen {
+pub(super) fn digest_of(value: &[u8]) -> Seen {
     Sha256::digest(value).into()
 }
 
-fn digest_keys(keys: &[String]) -> Seen {
+pub(super) fn digest_keys(keys: &[String]) -> Seen {
     let mut h = Sha256::new();
     for k in keys {
         h.update(k.as_bytes());
@@ -33,10 +33,10 @@ pub struct Txn {
     pub(super) service: Arc<str>,
     /// What each read saw: a digest of the value, not a copy, so that a read costs the host
     /// the same whatever its size.
-    reads: Vec<(String, String, Option<Seen>)>,
+    pub(super) reads: Vec<(String, String, Option<Seen>)>,
     /// Each key range listed, with a digest of the keys it held.
-    lists: Vec<(KeyRange, Seen)>,
-    writes: BTreeMap<(String, String), Option<Vec<u8>>>,
+    pub(super) lists: Vec<(KeyRange, Seen)>,
+    pub(super) writes: BTreeMap<(String, String), Option<Vec<u8>>>,
     /// Highest id taken per sequence.
     pub(super) sequences: BTreeMap<(String, String), u64>,
     pub(super) outbox: Vec<Message>,
@@ -81,11 +81,11 @@ impl Txn {
 
     /// The value at `bucket/key` as this invocation sees it: its own write, else the store's
     /// (remembered, so that the commit can check it is still current).
-    pub fn get(&mut self, db: &Db, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+    pub async fn get(&mut self, db: &Db, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
         if let Some(v) = self.writes.get(&(bucket.to_string(), key.to_string())) {
             return Ok(v.clone());
         }
-        let value = db.read_value(&self.service, bucket, key)?;
+        let value = db.read_value(&self.service, bucket, key).await?;
         let held = bucket.len() + key.len() + std::mem::size_of::<Seen>();
         self.budget.charge(held + ENTRY_OVERHEAD)?;
         let seen = value.as_deref().map(digest_of);
@@ -111,14 +111,14 @@ impl Txn {
     }
 
     /// Keys of `bucket` starting with `prefix` as this invocation sees them, in byte order.
-    pub fn list_keys(&mut self, db: &Db, bucket: &str, prefix: &str) -> Result<Vec<String>> {
-        self.list_page(db, bucket, prefix, None, usize::MAX)
+    pub async fn list_keys(&mut self, db: &Db, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+        self.list_page(db, bucket, prefix, None, usize::MAX).await
     }
 
     /// Up to `limit` keys of `bucket` starting with `prefix` and after `after`, as this
     /// invocation sees them, in byte order. The commit checks only the range this page covered,
     /// so a page does not conflict with inserts beyond it.
-    pub fn list_page(
+    pub async fn list_page(
         &mut self,
         db: &Db,
         bucket: &str,
@@ -140,7 +140,7 @@ impl Txn {
             .filter(|(bk, v)| own(bk) && v.is_none())
             .count();
         let want = limit.saturating_add(deletes);
-        let committed = db.read_keys(&self.service, &range, want)?;
+        let committed = db.read_keys(&self.service, &range, want).await?;
         let held: usize = committed.iter().map(|k| k.len() + ENTRY_OVERHEAD).sum();
         self.budget
             .charge(bucket.len() + prefix.len() + 2 * held + ENTRY_OVERHEAD)?;
@@ -196,6 +196,7 @@ pub(super) fn write(table: &mut redb::Table<KvKey, &[u8]>, txn: &Txn) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::ready;
     use crate::storage::CommitError;
 
     #[test]
@@ -203,19 +204,19 @@ mod tests {
         let db = Db::in_memory().unwrap();
         let mut t1 = Txn::new("user".into());
         t1.put("b".into(), "k".into(), Some(b"v".to_vec())).unwrap();
-        assert_eq!(t1.get(&db, "b", "k").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(ready(t1.get(&db, "b", "k")).unwrap(), Some(b"v".to_vec()));
         let mut t2 = Txn::new("user".into());
-        assert_eq!(t2.get(&db, "b", "k").unwrap(), None);
+        assert_eq!(ready(t2.get(&db, "b", "k")).unwrap(), None);
         db.commit_blocking(&t1).unwrap();
         let mut t3 = Txn::new("user".into());
-        assert_eq!(t3.get(&db, "b", "k").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(ready(t3.get(&db, "b", "k")).unwrap(), Some(b"v".to_vec()));
     }
 
     #[test]
     fn racing_read_modify_writes_conflict_instead_of_both_landing() {
         let db = Db::in_memory().unwrap();
         let bump = |t: &mut Txn| {
-            let n = t.get(&db, "m", "id").unwrap().map_or(0, |v| v[0]);
+            let n = ready(t.get(&db, "m", "id")).unwrap().map_or(0, |v| v[0]);
             t.put("m".into(), "id".into(), Some(vec![n + 1])).unwrap();
             n + 1
         };
@@ -243,7 +244,7 @@ mod tests {
         let mut after: Option<String> = None;
         loop {
             let mut t = Txn::new("s".into());
-            let page = t.list_page(&db, "b", "k", after.as_deref(), 10).unwrap();
+            let page = ready(t.list_page(&db, "b", "k", after.as_deref(), 10)).unwrap();
             seen.extend(page.iter().cloned());
             if page.len() < 10 {
                 break;
@@ -257,19 +258,19 @@ mod tests {
         let mut t = Txn::new("s".into());
         t.put("b".into(), "k03".into(), None).unwrap();
         t.put("b".into(), "k035".into(), Some(vec![1])).unwrap();
-        let page = t.list_page(&db, "b", "k", Some("k01"), 3).unwrap();
+        let page = ready(t.list_page(&db, "b", "k", Some("k01"), 3)).unwrap();
         assert_eq!(page, ["k02", "k035", "k04"]);
 
         // A page of k00..k09 conflicts with an insert inside it, not with one after it.
         let mut first = Txn::new("s".into());
-        first.list_page(&db, "b", "k", None, 10).unwrap();
+        ready(first.list_page(&db, "b", "k", None, 10)).unwrap();
         first.put("b".into(), "x".into(), Some(vec![1])).unwrap();
         let mut beyond = Txn::new("s".into());
         beyond.put("b".into(), "k99".into(), Some(vec![1])).unwrap();
         db.commit_blocking(&beyond).unwrap();
         db.commit_blocking(&first).unwrap();
         let mut inside = Txn::new("s".into());
-        inside.list_page(&db, "b", "k", None, 10).unwrap();
+        ready(inside.list_page(&db, "b", "k", None, 10)).unwrap();
         inside.put("b".into(), "y".into(), Some(vec![1])).unwrap();
         let mut phantom = Txn::new("s".into());
         phantom
@@ -293,7 +294,7 @@ mod tests {
         let mut t = Txn::new("s".into());
         t.put("b".into(), "a1".into(), None).unwrap();
         t.put("b".into(), "a3".into(), Some(vec![3])).unwrap();
-        assert_eq!(t.list_keys(&db, "b", "a").unwrap(), vec!["a2", "a3"]);
+        assert_eq!(ready(t.list_keys(&db, "b", "a")).unwrap(), vec!["a2", "a3"]);
 
         let mut other = Txn::new("s".into());
         other.put("b".into(), "a9".into(), Some(vec![9])).unwrap();

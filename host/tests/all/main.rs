@@ -12,8 +12,11 @@ mod kafka;
 mod limits;
 mod live;
 mod manifest;
+#[path = "../support/postgres.rs"]
+mod postgres_server;
 mod resilience;
 mod reuse;
+mod scale;
 mod services;
 mod shutdown;
 mod swap;

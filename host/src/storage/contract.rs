@@ -1,0 +1,186 @@
+//! One contract, two stores: the same checks run against redb and against a real PostgreSQL
+//! server (started by the test), each through two handles of one store, as two hosts sharing
+//! it would use it.
+
+use super::{outbox, CommitError, Db, Pg, Txn};
+use crate::postgres_server::Postgres;
+use crate::types::Message;
+
+fn message(key: &str) -> Message {
+    Message {
+        topic: "t".into(),
+        key: Some(key.into()),
+        payload: key.as_bytes().to_vec(),
+        headers: vec![],
+    }
+}
+
+fn txn() -> Txn {
+    Txn::new("svc".into())
+}
+
+/// Two transactions read a key as absent and both write it: the second commit conflicts.
+async fn racing_writes_of_one_key_conflict(a: &Db, b: &Db) {
+    let (mut t1, mut t2) = (txn(), txn());
+    assert_eq!(t1.get(a, "b", "k").await.unwrap(), None);
+    assert_eq!(t2.get(b, "b", "k").await.unwrap(), None);
+    t1.put("b".into(), "k".into(), Some(b"1".to_vec())).unwrap();
+    t2.put("b".into(), "k".into(), Some(b"2".to_vec())).unwrap();
+    a.commit(t1).await.unwrap();
+    assert!(matches!(b.commit(t2).await, Err(CommitError::Conflict)));
+    assert_eq!(txn().get(b, "b", "k").await.unwrap(), Some(b"1".to_vec()));
+}
+
+/// Each of two transactions reads the other's key as absent and inserts its own (write skew):
+/// committed at the same time, exactly one lands, every round.
+async fn write_skew_on_absent_keys_is_refused(a: &Db, b: &Db) {
+    for round in 0..20 {
+        let (x, y) = (format!("x{round}"), format!("y{round}"));
+        let (mut t1, mut t2) = (txn(), txn());
+        assert_eq!(t1.get(a, "skew", &y).await.unwrap(), None);
+        assert_eq!(t2.get(b, "skew", &x).await.unwrap(), None);
+        t1.put("skew".into(), x.clone(), Some(vec![1])).unwrap();
+        t2.put("skew".into(), y.clone(), Some(vec![2])).unwrap();
+        let (r1, r2) = tokio::join!(a.commit(t1), b.commit(t2));
+        let landed = [&r1, &r2].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(landed, 1, "round {round}: {r1:?} {r2:?}");
+        for r in [r1, r2] {
+            assert!(matches!(r, Ok(()) | Err(CommitError::Conflict)), "{r:?}");
+        }
+    }
+}
+
+/// A listed range that gains a key conflicts; a page does not conflict with keys beyond it.
+async fn listed_ranges_are_validated(a: &Db, b: &Db) {
+    let mut seed = txn();
+    for k in ["a1", "a3", "a5"] {
+        seed.put("l".into(), k.into(), Some(vec![0])).unwrap();
+    }
+    a.commit(seed).await.unwrap();
+
+    let mut lister = txn();
+    assert_eq!(
+        lister.list_keys(a, "l", "a").await.unwrap(),
+        ["a1", "a3", "a5"]
+    );
+    lister
+        .put("l".into(), "count".into(), Some(vec![3]))
+        .unwrap();
+    let mut insert = txn();
+    insert.put("l".into(), "a2".into(), Some(vec![0])).unwrap();
+    b.commit(insert).await.unwrap();
+    assert!(matches!(a.commit(lister).await, Err(CommitError::Conflict)));
+
+    // The first page (a1, a2) does not cover a4.
+    let mut page = txn();
+    assert_eq!(
+        page.list_page(a, "l", "a", None, 2).await.unwrap(),
+        ["a1", "a2"]
+    );
+    page.put("l".into(), "seen".into(), Some(vec![2])).unwrap();
+    let mut beyond = txn();
+    beyond.put("l".into(), "a4".into(), Some(vec![0])).unwrap();
+    b.commit(beyond).await.unwrap();
+    a.commit(page).await.unwrap();
+    let after = txn().list_page(b, "l", "a", Some("a2"), 10).await.unwrap();
+    assert_eq!(after, ["a3", "a4", "a5"]);
+}
+
+/// Ids taken through both handles at once never repeat.
+async fn ids_never_repeat_across_handles(a: &Db, b: &Db) {
+    let take = |db: &Db| {
+        let db = db.clone();
+        async move {
+            let mut ids = Vec::new();
+            for _ in 0..50 {
+                let mut t = txn();
+                ids.push(db.next_id(&mut t, "seq".into(), "id".into()).await.unwrap());
+                db.commit(t).await.unwrap();
+            }
+            ids
+        }
+    };
+    let (x, y) = tokio::join!(take(a), take(b));
+    let mut all: Vec<u64> = x.into_iter().chain(y).collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 100);
+    assert!(all[0] >= 1);
+}
+
+/// Messages land with their commit, and a conflicting commit sends nothing.
+async fn outbox_rows_land_with_their_commit_only(a: &Db, b: &Db) {
+    let mut reader = txn();
+    reader.get(a, "o", "k").await.unwrap();
+    reader.put("o".into(), "k".into(), Some(vec![1])).unwrap();
+    reader.send(message("lost")).unwrap();
+    let mut winner = txn();
+    winner.put("o".into(), "k".into(), Some(vec![2])).unwrap();
+    winner.send(message("sent")).unwrap();
+    b.commit(winner).await.unwrap();
+    assert!(matches!(a.commit(reader).await, Err(CommitError::Conflict)));
+    let waiting = outbox::oldest(a, 100).await.unwrap();
+    let keys: Vec<_> = waiting
+        .iter()
+        .map(|(_, m)| m.key.clone().unwrap())
+        .collect();
+    assert_eq!(keys, ["sent"]);
+    let seqs: Vec<u64> = waiting.iter().map(|(s, _)| *s).collect();
+    outbox::remove(a, &seqs).await.unwrap();
+    assert!(outbox::oldest(a, 100).await.unwrap().is_empty());
+}
+
+async fn run_all(a: &Db, b: &Db) {
+    racing_writes_of_one_key_conflict(a, b).await;
+    write_skew_on_absent_keys_is_refused(a, b).await;
+    listed_ranges_are_validated(a, b).await;
+    ids_never_repeat_across_handles(a, b).await;
+    outbox_rows_land_with_their_commit_only(a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_contract_holds_on_redb() {
+    let db = Db::in_memory().unwrap();
+    run_all(&db, &db.clone()).await;
+}
+
+/// A store on database `url`: the redb part in memory, the rest in PostgreSQL.
+async fn shared(url: &str) -> Db {
+    let db = Db::in_memory().unwrap();
+    db.share(Pg::connect(url).await.unwrap()).unwrap();
+    db
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_contract_holds_on_postgresql_and_survives_a_server_restart() {
+    let mut server = Postgres::start().expect("a PostgreSQL server for the tests");
+    let url = server.create_database("contract").unwrap();
+    let (a, b) = (shared(&url).await, shared(&url).await);
+    run_all(&a, &b).await;
+
+    // What was committed is there for a new connection, and after the server restarts the
+    // same handle reconnects by itself.
+    let mut t = txn();
+    t.put("d".into(), "k".into(), Some(b"kept".to_vec()))
+        .unwrap();
+    t.send(message("after")).unwrap();
+    a.commit(t).await.unwrap();
+    drop((a, b));
+    let c = shared(&url).await;
+    assert_eq!(
+        txn().get(&c, "d", "k").await.unwrap(),
+        Some(b"kept".to_vec())
+    );
+    server.stop().unwrap();
+    assert!(
+        txn().get(&c, "d", "k").await.is_err(),
+        "no server, no answer"
+    );
+    server.resume().unwrap();
+    assert_eq!(
+        txn().get(&c, "d", "k").await.unwrap(),
+        Some(b"kept".to_vec())
+    );
+    let waiting = outbox::oldest(&c, 10).await.unwrap();
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+}

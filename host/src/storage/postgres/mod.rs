@@ -1,0 +1,325 @@
+//! State, id sequences and the outbox on PostgreSQL (`STATE_URL`): one database that every
+//! host using it shares.
+//!
+//! An invocation never holds a database transaction while its guest runs: its reads are single
+//! statements, and its commit is one short SERIALIZABLE transaction that re-reads what the
+//! invocation read (values, keys read as absent, listed ranges), compares digests, writes, and
+//! inserts its outbox rows. A serialization failure, a deadlock or a unique violation is a
+//! conflict, which re-runs the invocation as a conflict on redb does. Under READ COMMITTED two
+//! commits that each insert a key the other read as absent would both land (write skew).
+//!
+//! The outbox is split into [`PARTITIONS`] by message key. A host drains a partition while it
+//! holds that partition's session advisory lock on its relay connection, so each key's events
+//! are published in commit order by one host at a time; a host that dies drops its locks with
+//! its connection, and another host takes its partitions over.
+
+mod relay;
+
+use super::txn::{digest_keys, digest_of, Txn};
+use super::{CommitError, KeyRange, NextIdError};
+use crate::types::budget::ENTRY_OVERHEAD;
+use crate::types::Message;
+use anyhow::{Context as _, Result};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::future::try_join_all;
+use sha2::{Digest, Sha256};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{IsolationLevel, NoTls};
+
+/// Outbox partitions: the most hosts that drain at once.
+pub const PARTITIONS: i32 = 16;
+
+/// Advisory lock keys of the outbox partitions are this plus the partition; the schema's
+/// creation takes this one.
+const LOCK_BASE: i64 = 0x6d69_6372_6f73_7600;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS kv (
+    service text COLLATE "C" NOT NULL,
+    bucket text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    value bytea NOT NULL,
+    PRIMARY KEY (service, bucket, key)
+);
+CREATE TABLE IF NOT EXISTS sequences (
+    service text NOT NULL,
+    bucket text NOT NULL,
+    key text NOT NULL,
+    last bigint NOT NULL,
+    PRIMARY KEY (service, bucket, key)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq bigserial PRIMARY KEY,
+    part integer NOT NULL,
+    message bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_by_part ON outbox (part, seq);
+CREATE TABLE IF NOT EXISTS outbox_parked (
+    seq bigserial PRIMARY KEY,
+    reason text NOT NULL,
+    message bytea NOT NULL
+);
+"#;
+
+/// The shared store.
+pub struct Pg {
+    pool: Pool,
+    url: String,
+    relay: tokio::sync::Mutex<relay::Relay>,
+    /// Outbox rows and bytes as last counted by the relay (for readiness, metrics and
+    /// `OUTBOX_MAX`); counted at most once a second.
+    depth: AtomicU64,
+    bytes: AtomicU64,
+    parked: AtomicU64,
+}
+
+fn conflict_or_storage(e: tokio_postgres::Error) -> CommitError {
+    let conflict = [
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::UNIQUE_VIOLATION,
+    ];
+    match e.code() {
+        Some(code) if conflict.contains(code) => CommitError::Conflict,
+        _ => CommitError::Storage(anyhow::Error::new(e).context("PostgreSQL commit")),
+    }
+}
+
+/// The outbox partition of a message: by key, so that one key's events stay in order.
+fn partition(message: &Message) -> i32 {
+    let digest = Sha256::digest(message.key.as_deref().unwrap_or_default().as_bytes());
+    let n = u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]]);
+    (n % PARTITIONS as u32) as i32
+}
+
+/// `LIMIT` for `limit` keys.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Keys of `range` in `service`, in byte order, at most `limit`.
+const LIST: &str = "SELECT key FROM kv WHERE service = $1 AND bucket = $2 AND key >= $3 \
+     AND starts_with(key, $4) AND ($5::text IS NULL OR key > $5) \
+     AND ($6::text IS NULL OR key <= $6) ORDER BY key LIMIT $7";
+const GET: &str = "SELECT value FROM kv WHERE service = $1 AND bucket = $2 AND key = $3";
+
+impl Pg {
+    /// Connects to `url` and creates the tables if they do not exist.
+    pub async fn connect(url: &str) -> Result<Pg> {
+        let config: tokio_postgres::Config = url.parse().context("STATE_URL")?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(32)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .context("PostgreSQL pool")?;
+        let pg = Pg {
+            pool,
+            url: url.to_string(),
+            relay: Default::default(),
+            depth: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
+        };
+        let mut client = pg.client().await?;
+        let tx = client.transaction().await?;
+        // Hosts starting together would race on CREATE ... IF NOT EXISTS.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_BASE])
+            .await?;
+        tx.batch_execute(SCHEMA).await?;
+        tx.commit().await.context("creating the tables")?;
+        Ok(pg)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool
+            .get()
+            .await
+            .context("connecting to PostgreSQL (STATE_URL)")
+    }
+
+    /// The server, for logs (no password).
+    pub fn describe(&self) -> String {
+        let config: Option<tokio_postgres::Config> = self.url.parse().ok();
+        match config {
+            Some(c) => format!(
+                "postgresql ({:?}:{:?}/{})",
+                c.get_hosts(),
+                c.get_ports(),
+                c.get_dbname().unwrap_or_default()
+            ),
+            None => "postgresql".into(),
+        }
+    }
+
+    pub async fn read_value(
+        &self,
+        service: &str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(GET).await?;
+        let row = client.query_opt(&stmt, &[&service, &bucket, &key]).await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn read_keys(
+        &self,
+        service: &str,
+        range: &KeyRange,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(LIST).await?;
+        Ok(list(&**client, &stmt, service, range, limit).await?)
+    }
+
+    /// The next id of `bucket/key`: one statement of its own, outside any invocation's commit,
+    /// so ids never repeat across hosts and never make invocations conflict (an id taken by an
+    /// invocation that then fails is skipped).
+    pub async fn next_id(
+        &self,
+        txn: &mut Txn,
+        bucket: &str,
+        key: &str,
+    ) -> Result<u64, NextIdError> {
+        txn.budget
+            .charge(bucket.len() + key.len() + ENTRY_OVERHEAD)
+            .map_err(|e| NextIdError::Storage(e.into()))?;
+        let client = self.client().await.map_err(NextIdError::Storage)?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO sequences (service, bucket, key, last) VALUES ($1, $2, $3, 1) \
+                 ON CONFLICT (service, bucket, key) DO UPDATE SET last = sequences.last + 1 \
+                 RETURNING last",
+            )
+            .await
+            .map_err(|e| NextIdError::Storage(e.into()))?;
+        let row = client
+            .query_one(&stmt, &[&&*txn.service, &bucket, &key])
+            .await
+            .map_err(|e| NextIdError::Storage(e.into()))?;
+        let last: i64 = row.get(0);
+        u64::try_from(last).map_err(|_| NextIdError::NotASequence("sequence exhausted".into()))
+    }
+
+    /// Commits `txn` if nothing it read has changed: its writes and outbox rows land together,
+    /// durably, or not at all.
+    pub async fn commit(&self, txn: &Txn) -> Result<(), CommitError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::Serializable)
+            .start()
+            .await
+            .map_err(conflict_or_storage)?;
+        let service = &*txn.service;
+        // Every re-read is sent at once: one round trip whatever their number.
+        let get = tx.prepare_cached(GET).await.map_err(conflict_or_storage)?;
+        let reads = try_join_all(txn.reads.iter().map(|(bucket, key, _)| {
+            let get = &get;
+            let tx = &tx;
+            async move { tx.query_opt(get, &[&service, bucket, key]).await }
+        }));
+        let list_stmt = tx.prepare_cached(LIST).await.map_err(conflict_or_storage)?;
+        let lists = try_join_all(txn.lists.iter().map(|(range, _)| {
+            let (tx, stmt) = (&tx, &list_stmt);
+            async move { list(&**tx, stmt, service, range, usize::MAX).await }
+        }));
+        let (reads, lists) = futures_util::future::join(reads, lists).await;
+        let reads = reads.map_err(conflict_or_storage)?;
+        let lists = lists.map_err(conflict_or_storage)?;
+        for ((_, _, seen), row) in txn.reads.iter().zip(&reads) {
+            let now = row.as_ref().map(|r| digest_of(r.get::<_, &[u8]>(0)));
+            if now != *seen {
+                return Err(CommitError::Conflict);
+            }
+        }
+        for ((_, seen), keys) in txn.lists.iter().zip(&lists) {
+            if digest_keys(keys) != *seen {
+                return Err(CommitError::Conflict);
+            }
+        }
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO kv (service, bucket, key, value) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (service, bucket, key) DO UPDATE SET value = excluded.value",
+            )
+            .await
+            .map_err(conflict_or_storage)?;
+        let delete = tx
+            .prepare_cached("DELETE FROM kv WHERE service = $1 AND bucket = $2 AND key = $3")
+            .await
+            .map_err(conflict_or_storage)?;
+        let send = tx
+            .prepare_cached("INSERT INTO outbox (part, message) VALUES ($1, $2)")
+            .await
+            .map_err(conflict_or_storage)?;
+        let mut encoded = Vec::with_capacity(txn.outbox.len());
+        for m in &txn.outbox {
+            encoded.push((
+                partition(m),
+                postcard::to_allocvec(m).map_err(anyhow::Error::from)?,
+            ));
+        }
+        let writes = txn.writes.iter().map(|((bucket, key), value)| {
+            let (tx, upsert, delete) = (&tx, &upsert, &delete);
+            async move {
+                match value {
+                    Some(v) => tx.execute(upsert, &[&service, bucket, key, v]).await,
+                    None => tx.execute(delete, &[&service, bucket, key]).await,
+                }
+            }
+        });
+        let sends = encoded.iter().map(|(part, bytes)| {
+            let (tx, send) = (&tx, &send);
+            async move { tx.execute(send, &[part, bytes]).await }
+        });
+        let (writes, sends) =
+            futures_util::future::join(try_join_all(writes), try_join_all(sends)).await;
+        writes.map_err(conflict_or_storage)?;
+        sends.map_err(conflict_or_storage)?;
+        tx.commit().await.map_err(conflict_or_storage)
+    }
+}
+
+/// Keys of `range` through `client` (which may be a transaction), with `stmt` prepared from
+/// [`LIST`].
+async fn list(
+    client: &impl tokio_postgres::GenericClient,
+    stmt: &tokio_postgres::Statement,
+    service: &str,
+    range: &KeyRange,
+    limit: usize,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let start = match &range.after {
+        Some(after) if after.as_str() > range.prefix.as_str() => after.as_str(),
+        _ => range.prefix.as_str(),
+    };
+    let rows = client
+        .query(
+            stmt,
+            &[
+                &service,
+                &range.bucket,
+                &start,
+                &range.prefix,
+                &range.after,
+                &range.upto,
+                &sql_limit(limit),
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}

@@ -79,7 +79,7 @@ test: build build-fixtures _tansu _postgres
 
 # Benchmarks (not tests): start-up, event latency, hot-path micro-benchmarks, and wrk side by
 # side with the Node seed and `wasmtime serve`. Rewrites BENCHMARKS.md.
-bench: build build-fixtures _tansu _wasmtime
+bench: build build-fixtures _tansu _wasmtime _postgres
     #!/usr/bin/env bash
     set -euo pipefail
     table=$(cargo bench -p host --bench e2e)
@@ -87,6 +87,7 @@ bench: build build-fixtures _tansu _wasmtime
     cargo bench -p host --bench hot_paths -- --noplot >&2
     micro=$(python3 host/benches/criterion_table.py target/criterion)
     compare=$(host/benches/compare.sh)
+    scale=$(host/benches/scale.sh)
     {
         echo "# Benchmarks"
         echo
@@ -99,6 +100,10 @@ bench: build build-fixtures _tansu _wasmtime
         echo "Same machine, same ports, one after the other, each against a fresh tansu broker."
         echo
         echo "$compare"
+        echo
+        echo "## State on PostgreSQL, one and two hosts (\`host/benches/scale.sh\`)"
+        echo
+        echo "$scale"
         echo
         echo "## Start-up and event latency (\`cargo bench -p host --bench e2e\`)"
         echo
@@ -130,7 +135,7 @@ _tansu:
 
 # PostgreSQL's server binaries, for the tests that start their own server (Debian's package).
 _postgres:
-    command -v pg_config >/dev/null || { $(command -v sudo || true) apt-get update && $(command -v sudo || true) apt-get install -y postgresql; }
+    command -v pg_config >/dev/null || { $(command -v sudo || true) apt-get update && DEBIAN_FRONTEND=noninteractive $(command -v sudo || true) apt-get install -y postgresql; }
 
 # Rebuild components when their source or the WIT changes; a running host swaps them in.
 watch:

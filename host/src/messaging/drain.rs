@@ -78,7 +78,13 @@ impl Outbox {
             };
             if batch.is_empty() {
                 // Wake on the next commit; the timeout covers messages left by a previous run.
-                let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
+                let woken = async {
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = outbox::committed_elsewhere(&self.db) => {}
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), woken).await;
                 continue;
             };
             let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();

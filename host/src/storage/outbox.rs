@@ -153,6 +153,15 @@ pub fn oldest_local(db: &Db, max: usize) -> Result<Vec<(u64, Message)>> {
     Ok(out)
 }
 
+/// Returns when another host may have committed messages this host publishes (with
+/// `STATE_URL`); never otherwise, where every commit is this host's own.
+pub async fn committed_elsewhere(db: &Db) {
+    match db.shared() {
+        Some(pg) => pg.outbox_committed().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Removes the published messages `seqs` (a batch [`oldest`] returned). Lazily durable: after
 /// a crash, a batch whose removal was lost is published again.
 pub async fn remove(db: &Db, seqs: &[u64]) -> Result<()> {

@@ -21,7 +21,7 @@ async fn kafka_host(broker: &Broker, data: Option<&std::path::Path>) -> Host {
 }
 
 /// Reads `n` records of `topic` from the beginning, with their headers.
-async fn read_topic(
+pub(crate) async fn read_topic(
     broker: &Broker,
     topic: &str,
     n: usize,

@@ -24,6 +24,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::future::try_join_all;
 use sha2::{Digest, Sha256};
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls};
@@ -73,6 +74,8 @@ pub struct Pg {
     depth: AtomicU64,
     bytes: AtomicU64,
     parked: AtomicU64,
+    /// Rung when any host commits outbox rows (LISTEN on the relay connection).
+    committed: Arc<tokio::sync::Notify>,
 }
 
 fn conflict_or_storage(e: tokio_postgres::Error) -> CommitError {
@@ -130,6 +133,7 @@ impl Pg {
             depth: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             parked: AtomicU64::new(0),
+            committed: Arc::default(),
         };
         let mut client = pg.client().await?;
         let tx = client.transaction().await?;
@@ -146,6 +150,11 @@ impl Pg {
             .get()
             .await
             .context("connecting to PostgreSQL (STATE_URL)")
+    }
+
+    /// Returns when some host committed outbox rows (or spuriously).
+    pub async fn outbox_committed(&self) {
+        self.committed.notified().await
     }
 
     /// The server, for logs (no password).
@@ -286,10 +295,21 @@ impl Pg {
             let (tx, send) = (&tx, &send);
             async move { tx.execute(send, &[part, bytes]).await }
         });
-        let (writes, sends) =
-            futures_util::future::join(try_join_all(writes), try_join_all(sends)).await;
+        // Delivered at commit, to the relay of every host: the one draining these rows'
+        // partitions need not wait for its next look.
+        let notify = async {
+            if encoded.is_empty() {
+                Ok(0)
+            } else {
+                tx.execute("NOTIFY outbox", &[]).await
+            }
+        };
+        let sends = futures_util::future::join(try_join_all(sends), notify);
+        let (writes, (sends, notified)) =
+            futures_util::future::join(try_join_all(writes), sends).await;
         writes.map_err(conflict_or_storage)?;
         sends.map_err(conflict_or_storage)?;
+        notified.map_err(conflict_or_storage)?;
         tx.commit().await.map_err(conflict_or_storage)
     }
 }

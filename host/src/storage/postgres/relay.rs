@@ -4,9 +4,10 @@
 use super::{sql_limit, Pg, LOCK_BASE, PARTITIONS};
 use crate::types::Message;
 use anyhow::{Context as _, Result};
+use futures_util::StreamExt as _;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio_postgres::NoTls;
+use tokio_postgres::{AsyncMessage, NoTls};
 
 /// The relay's own connection, which holds the advisory locks of the partitions it drains.
 #[derive(Default)]
@@ -104,14 +105,25 @@ impl Pg {
             // A lost connection lost its locks with it.
             relay.held.clear();
             relay.client = None;
-            let (client, connection) = tokio_postgres::connect(&self.url, NoTls)
+            let (client, mut connection) = tokio_postgres::connect(&self.url, NoTls)
                 .await
                 .context("connecting the outbox relay to PostgreSQL")?;
+            // Commits with outbox rows NOTIFY, on whichever host: wake this one's drainer.
+            let committed = self.committed.clone();
             tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::warn!(error = %e, "outbox relay connection ended");
+                let mut messages = futures_util::stream::poll_fn(|cx| connection.poll_message(cx));
+                while let Some(message) = messages.next().await {
+                    match message {
+                        Ok(AsyncMessage::Notification(_)) => committed.notify_one(),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "outbox relay connection ended");
+                            return;
+                        }
+                    }
                 }
             });
+            client.batch_execute("LISTEN outbox").await?;
             relay.client = Some(client);
             relay.claimed_at = None;
         }
@@ -119,20 +131,17 @@ impl Pg {
         let due = |at: Option<Instant>| at.is_none_or(|t| t.elapsed() >= CLAIM_EVERY);
         if due(relay.claimed_at) && relay.held.len() < PARTITIONS as usize {
             relay.claimed_at = Some(Instant::now());
-            for part in 0..PARTITIONS {
-                if relay.held.contains(&part) {
-                    continue;
-                }
-                let row = client
-                    .query_one(
-                        "SELECT pg_try_advisory_lock($1)",
-                        &[&(LOCK_BASE + 1 + i64::from(part))],
-                    )
-                    .await?;
-                if row.get::<_, bool>(0) {
-                    relay.held.push(part);
-                }
-            }
+            let free: Vec<i32> = (0..PARTITIONS)
+                .filter(|p| !relay.held.contains(p))
+                .collect();
+            // One round trip for all of them.
+            let rows = client
+                .query(
+                    "SELECT p FROM unnest($1::int[]) AS p WHERE pg_try_advisory_lock($2::bigint + p)",
+                    &[&free, &(LOCK_BASE + 1)],
+                )
+                .await?;
+            relay.held.extend(rows.iter().map(|r| r.get::<_, i32>(0)));
             relay.held.sort_unstable();
         }
         if due(relay.counted_at) {

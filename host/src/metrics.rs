@@ -29,6 +29,7 @@ pub struct Metrics {
     pub log_trimmed: Counter,
     pub log_bytes: Gauge,
     pub consumer_lag: Family<Labels, Gauge>,
+    pub conflicts: Family<Labels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -56,6 +57,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         log_trimmed: Counter::default(),
         log_bytes: Gauge::default(),
         consumer_lag: Family::default(),
+        conflicts: Family::default(),
     };
     registry.register(
         "http_requests",
@@ -136,6 +138,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "consumer_lag",
         "Records not yet handled, per consumer group and topic",
         m.consumer_lag.clone(),
+    );
+    registry.register(
+        "commit_conflicts",
+        "Commits refused because something the invocation read had changed (it is run again)",
+        m.conflicts.clone(),
     );
     Metrics { registry, ..m }
 });

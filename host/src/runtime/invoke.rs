@@ -131,6 +131,7 @@ pub async fn http(
         match runtime.commit(txn, rerunning.take()).await {
             Ok(()) => return resp,
             Err(CommitError::Conflict) => {
+                service.conflicts.inc();
                 rerunning = Some(service.rerun.clone().lock_owned().await);
             }
             Err(CommitError::Full(m)) => {
@@ -333,7 +334,10 @@ pub async fn message(
             Ok(Err(handler::HandleError::Reject(m))) => return Handled::Reject(m),
             Ok(Ok(())) => match runtime.commit_handled(txn).await {
                 Ok(()) => return Handled::Done,
-                Err(CommitError::Conflict) => continue,
+                Err(CommitError::Conflict) => {
+                    service.conflicts.inc();
+                    continue;
+                }
                 Err(CommitError::Full(m)) => return Handled::Retry(m),
                 Err(CommitError::Storage(e)) => {
                     return Handled::Retry(format!("commit failed: {e:#}"))

@@ -21,6 +21,8 @@ pub struct Service {
     /// This service's request latency histogram, looked up once instead of per request.
     pub latency: prometheus_client::metrics::histogram::Histogram,
     pub instances: prometheus_client::metrics::counter::Counter,
+    /// Commits of its invocations refused as conflicts (each then runs again).
+    pub conflicts: prometheus_client::metrics::counter::Counter,
     /// Route labels its request metrics have used (the listener keeps them bounded).
     pub routes: Mutex<std::collections::HashSet<String>>,
     swaps: Mutex<Swaps>,
@@ -75,6 +77,10 @@ impl Service {
                 .clone(),
             instances: metrics::get()
                 .instances
+                .get_or_create(&metrics::labels([("service", &spec.name)]))
+                .clone(),
+            conflicts: metrics::get()
+                .conflicts
                 .get_or_create(&metrics::labels([("service", &spec.name)]))
                 .clone(),
             routes: Mutex::default(),

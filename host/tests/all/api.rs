@@ -208,6 +208,34 @@ async fn racing_requests_with_one_email_create_one_user() {
     );
 }
 
+/// Two `/bump?ms=300` at once on `host`'s product-service (the `misbehave` fixture): each reads
+/// the counter before the other wrote it, so one commit must be refused, counted, and run
+/// again; the counter ends at 2, never 1.
+pub(crate) async fn racing_read_modify_writes_conflict_and_run_again(host: &Host) {
+    let series = r#"host_commit_conflicts_total{service="product"}"#;
+    let before = host.metric(series).await;
+    let bump = || host.send("POST", "product", "/bump?ms=300", None);
+    let (a, b) = tokio::join!(bump(), bump());
+    assert_eq!(
+        (a.status, b.status),
+        (200, 200),
+        "{:?} {:?}",
+        a.json,
+        b.json
+    );
+    let mut ns = [a.json["n"].as_u64(), b.json["n"].as_u64()];
+    ns.sort();
+    assert_eq!(ns, [Some(1), Some(2)], "the second saw the first's write");
+    let conflicts = host.metric(series).await - before;
+    assert!(conflicts >= 1.0, "conflicts counted: {conflicts}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_modify_write_that_raced_another_is_run_again_and_counted() {
+    let (host, _comps) = crate::harness::with_product("misbehave.wasm", &[], &[]).await;
+    racing_read_modify_writes_conflict_and_run_again(&host).await;
+}
+
 /// The `rel="next"` URL of a `Link` header, if any.
 fn next_link(r: &crate::harness::Reply) -> Option<String> {
     let link = r.headers.get("link")?.to_str().unwrap();

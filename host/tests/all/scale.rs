@@ -297,3 +297,12 @@ async fn events_of_one_key_keep_their_order_though_both_hosts_drain_the_outbox()
         assert_eq!(*ns, (1..=40).collect::<Vec<_>>(), "key {key}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_modify_write_that_raced_another_is_run_again_on_postgresql_too() {
+    let pg = Postgres::start().expect("this test needs PostgreSQL (pg_config on PATH)");
+    let url = pg.create_database("bump").unwrap();
+    let (host, _comps) =
+        crate::harness::with_product("misbehave.wasm", &[], &["--state-url", &url]).await;
+    crate::api::racing_read_modify_writes_conflict_and_run_again(&host).await;
+}

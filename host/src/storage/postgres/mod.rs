@@ -2,11 +2,13 @@
 //! host using it shares.
 //!
 //! An invocation never holds a database transaction while its guest runs: its reads are single
-//! statements, and its commit is one short SERIALIZABLE transaction that re-reads what the
-//! invocation read (values, keys read as absent, listed ranges), compares digests, writes, and
-//! inserts its outbox rows. A serialization failure, a deadlock or a unique violation is a
-//! conflict, which re-runs the invocation as a conflict on redb does. Under READ COMMITTED two
-//! commits that each insert a key the other read as absent would both land (write skew).
+//! statements, and its commit is one short transaction that locks what the invocation read and
+//! writes (transaction-scoped advisory locks on keys and buckets), re-reads it (values, keys
+//! read as absent, listed ranges), compares digests, writes, and inserts its outbox rows. A
+//! change is a conflict, which re-runs the invocation as a conflict on redb does. Without the
+//! locks, two commits that each insert a key the other read as absent would both land (write
+//! skew) under READ COMMITTED; SERIALIZABLE prevents that too, but aborts unrelated commits
+//! whose keys share an index page.
 //!
 //! The outbox is split into [`PARTITIONS`] by message key. A host drains a partition while it
 //! holds that partition's session advisory lock on its relay connection, so each key's events
@@ -27,7 +29,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{IsolationLevel, NoTls};
+use tokio_postgres::NoTls;
 
 /// Outbox partitions: the most hosts that drain at once.
 pub const PARTITIONS: i32 = 16;
@@ -225,56 +227,26 @@ impl Pg {
 
     /// Commits `txn` if nothing it read has changed: its writes and outbox rows land together,
     /// durably, or not at all.
+    ///
+    /// One READ COMMITTED transaction, sent as one flight after its `BEGIN`: take the locks
+    /// of what it read and writes ([`locks`], in one global order, so commits never deadlock),
+    /// re-read (each statement sees every commit that released those locks), write, insert the
+    /// outbox rows; then commit if the re-reads match, roll back if not. Two commits wait for
+    /// each other only when one writes what the other read or wrote (or lists), so unrelated
+    /// commits never abort each other, which SERIALIZABLE's page-grained predicate locks did
+    /// (a quarter of `POST /api/users` under load, measured: BENCHMARKS.md).
     pub async fn commit(&self, txn: &Txn) -> Result<(), CommitError> {
         let mut client = self.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::Serializable)
-            .start()
+        // Prepared (once per connection) before the flight, which must go out in order.
+        let statements = [LOCK, GET, LIST, UPSERT, DELETE, SEND, NOTIFY];
+        let prepared = try_join_all(statements.map(|sql| client.prepare_cached(sql)))
             .await
             .map_err(conflict_or_storage)?;
+        let [lock, get, list_stmt, upsert, delete, send, notify]: [_; 7] =
+            prepared.try_into().expect("one per statement");
+        let tx = client.transaction().await.map_err(conflict_or_storage)?;
         let service = &*txn.service;
-        // Every re-read is sent at once: one round trip whatever their number.
-        let get = tx.prepare_cached(GET).await.map_err(conflict_or_storage)?;
-        let reads = try_join_all(txn.reads.iter().map(|(bucket, key, _)| {
-            let get = &get;
-            let tx = &tx;
-            async move { tx.query_opt(get, &[&service, bucket, key]).await }
-        }));
-        let list_stmt = tx.prepare_cached(LIST).await.map_err(conflict_or_storage)?;
-        let lists = try_join_all(txn.lists.iter().map(|(range, _)| {
-            let (tx, stmt) = (&tx, &list_stmt);
-            async move { list(&**tx, stmt, service, range, usize::MAX).await }
-        }));
-        let (reads, lists) = futures_util::future::join(reads, lists).await;
-        let reads = reads.map_err(conflict_or_storage)?;
-        let lists = lists.map_err(conflict_or_storage)?;
-        for ((_, _, seen), row) in txn.reads.iter().zip(&reads) {
-            let now = row.as_ref().map(|r| digest_of(r.get::<_, &[u8]>(0)));
-            if now != *seen {
-                return Err(CommitError::Conflict);
-            }
-        }
-        for ((_, seen), keys) in txn.lists.iter().zip(&lists) {
-            if digest_keys(keys) != *seen {
-                return Err(CommitError::Conflict);
-            }
-        }
-        let upsert = tx
-            .prepare_cached(
-                "INSERT INTO kv (service, bucket, key, value) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (service, bucket, key) DO UPDATE SET value = excluded.value",
-            )
-            .await
-            .map_err(conflict_or_storage)?;
-        let delete = tx
-            .prepare_cached("DELETE FROM kv WHERE service = $1 AND bucket = $2 AND key = $3")
-            .await
-            .map_err(conflict_or_storage)?;
-        let send = tx
-            .prepare_cached("INSERT INTO outbox (part, message) VALUES ($1, $2)")
-            .await
-            .map_err(conflict_or_storage)?;
+        let (ids, exclusive) = locks(txn);
         let mut encoded = Vec::with_capacity(txn.outbox.len());
         for m in &txn.outbox {
             encoded.push((
@@ -282,7 +254,20 @@ impl Pg {
                 postcard::to_allocvec(m).map_err(anyhow::Error::from)?,
             ));
         }
-        let writes = txn.writes.iter().map(|((bucket, key), value)| {
+        // tokio-postgres sends a statement when its future is first polled, and `join` polls
+        // in argument order: the locks go first, the server runs what follows after them.
+        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&ids.0, &ids.1, &exclusive];
+        let locked = tx.execute(&lock, &lock_params);
+        let reads = try_join_all(txn.reads.iter().map(|(bucket, key, _)| {
+            let (tx, get) = (&tx, &get);
+            async move { tx.query_opt(get, &[&service, bucket, key]).await }
+        }));
+        let lists = try_join_all(txn.lists.iter().map(|(range, _)| {
+            let (tx, stmt) = (&tx, &list_stmt);
+            async move { list(&**tx, stmt, service, range, usize::MAX).await }
+        }));
+        let writes = try_join_all(txn.writes.iter().map(|((bucket, key), value)| {
             let (tx, upsert, delete) = (&tx, &upsert, &delete);
             async move {
                 match value {
@@ -290,28 +275,98 @@ impl Pg {
                     None => tx.execute(delete, &[&service, bucket, key]).await,
                 }
             }
-        });
-        let sends = encoded.iter().map(|(part, bytes)| {
+        }));
+        let sends = try_join_all(encoded.iter().map(|(part, bytes)| {
             let (tx, send) = (&tx, &send);
             async move { tx.execute(send, &[part, bytes]).await }
-        });
+        }));
         // Delivered at commit, to the relay of every host: the one draining these rows'
         // partitions need not wait for its next look.
-        let notify = async {
+        let notified = async {
             if encoded.is_empty() {
                 Ok(0)
             } else {
-                tx.execute("NOTIFY outbox", &[]).await
+                tx.execute(&notify, &[]).await
             }
         };
-        let sends = futures_util::future::join(try_join_all(sends), notify);
-        let (writes, (sends, notified)) =
-            futures_util::future::join(try_join_all(writes), sends).await;
+        use futures_util::future::{join, join3};
+        let (locked, ((reads, lists), (writes, sends, notified))) = join(
+            locked,
+            join(join(reads, lists), join3(writes, sends, notified)),
+        )
+        .await;
+        locked.map_err(conflict_or_storage)?;
+        let reads = reads.map_err(conflict_or_storage)?;
+        let lists = lists.map_err(conflict_or_storage)?;
         writes.map_err(conflict_or_storage)?;
         sends.map_err(conflict_or_storage)?;
         notified.map_err(conflict_or_storage)?;
+        for ((_, _, seen), row) in txn.reads.iter().zip(&reads) {
+            let now = row.as_ref().map(|r| digest_of(r.get::<_, &[u8]>(0)));
+            if now != *seen {
+                return Err(CommitError::Conflict); // dropping `tx` rolls it back
+            }
+        }
+        for ((_, seen), keys) in txn.lists.iter().zip(&lists) {
+            if digest_keys(keys) != *seen {
+                return Err(CommitError::Conflict);
+            }
+        }
         tx.commit().await.map_err(conflict_or_storage)
     }
+}
+
+/// Takes the advisory locks `$1`/`$2` (exclusive where `$3`) in the order given. The two-int
+/// form: its keys never meet the outbox partitions' bigint ones.
+const LOCK: &str = "SELECT CASE WHEN x THEN pg_advisory_xact_lock(k1, k2) \
+     ELSE pg_advisory_xact_lock_shared(k1, k2) END \
+     FROM unnest($1::int4[], $2::int4[], $3::bool[]) AS t(k1, k2, x)";
+const UPSERT: &str = "INSERT INTO kv (service, bucket, key, value) VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (service, bucket, key) DO UPDATE SET value = excluded.value";
+const DELETE: &str = "DELETE FROM kv WHERE service = $1 AND bucket = $2 AND key = $3";
+const SEND: &str = "INSERT INTO outbox (part, message) VALUES ($1, $2)";
+const NOTIFY: &str = "NOTIFY outbox";
+
+/// Lock ids: a key (`Some`), or a whole bucket (`None`).
+fn lock_id(service: &str, bucket: &str, key: Option<&str>) -> (i32, i32) {
+    let mut h = Sha256::new();
+    for part in [service, bucket] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    if let Some(key) = key {
+        h.update([1]);
+        h.update(key.as_bytes());
+    }
+    let d = h.finalize();
+    let int = |i: usize| i32::from_le_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]);
+    (int(0), int(4))
+}
+
+/// The locks committing `txn` takes, sorted, each once, with whether it is exclusive: a key it
+/// writes, exclusive; a key it only read, shared; the bucket of a range it listed, exclusive;
+/// the bucket of a key it writes, shared (so that a write into a listed range waits for the
+/// lister's commit, and the other way round). Two commits conflict on a lock only when
+/// one's writes could change what the other read or wrote.
+fn locks(txn: &Txn) -> ((Vec<i32>, Vec<i32>), Vec<bool>) {
+    let service = &*txn.service;
+    let mut modes: std::collections::BTreeMap<(i32, i32), bool> = Default::default();
+    let mut take = |id, exclusive: bool| {
+        let mode = modes.entry(id).or_insert(exclusive);
+        *mode |= exclusive;
+    };
+    for (bucket, key) in txn.writes.keys() {
+        take(lock_id(service, bucket, Some(key)), true);
+        take(lock_id(service, bucket, None), false);
+    }
+    for (bucket, key, _) in &txn.reads {
+        take(lock_id(service, bucket, Some(key)), false);
+    }
+    for (range, _) in &txn.lists {
+        take(lock_id(service, &range.bucket, None), true);
+    }
+    let (ids, exclusive): (Vec<_>, Vec<_>) = modes.into_iter().unzip();
+    (ids.into_iter().unzip(), exclusive)
 }
 
 /// Keys of `range` through `client` (which may be a transaction), with `stmt` prepared from

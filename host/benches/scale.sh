@@ -77,7 +77,16 @@ one() { # column
 }
 
 start_broker; start_host redb 3999; one redb; stop_hosts; stop_broker
-start_broker; start_host pg1 3999 --state-url "$(url_for one)"; one pg1; stop_hosts; stop_broker
+# Transactions the server rolled back during the one-host POST run: conflicts (re-runs).
+rollbacks() { as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pgport" -U postgres -d one -tAc "SELECT xact_rollback FROM pg_stat_database WHERE datname = 'one'"; }
+users() { as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pgport" -U postgres -d one -tAc "SELECT count(*) FROM kv WHERE service = 'user' AND bucket = 'users'"; }
+start_broker; start_host pg1 3999 --state-url "$(url_for one)"
+seed_user 3000; sleep 0.5
+for p in "${paths[@]}"; do res[pg1$p]=$(wrk_run "$p" 32 | summary); done
+before=$(rollbacks)
+res[pg1:post]=$(BENCH_PREFIX=pg1 wrk_run ":3000/api/users" 32 -s "$work/post.lua" | summary)
+aborts="$(( $(rollbacks) - before )) transactions rolled back (conflicts) while $(( $(users) - 1 )) users were created"
+stop_hosts; stop_broker
 
 start_broker
 url=$(url_for two)
@@ -97,3 +106,5 @@ echo "| path | one host, redb | one host, PostgreSQL | two hosts, one PostgreSQL
 echo "|---|---|---|---|"
 for p in "${paths[@]}"; do echo "| \`GET $p\` | ${res[redb$p]} | ${res[pg1$p]} | ${res[pg2$p]} |"; done
 echo "| \`POST :3000/api/users\` | ${res[redb:post]} | ${res[pg1:post]} | ${res[pg2:post]} |"
+echo
+echo "One host on PostgreSQL, during its POST run: $aborts."

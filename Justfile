@@ -134,8 +134,9 @@ _tansu:
     command -v tansu >/dev/null || cargo install tansu --locked --features dynostore
 
 # PostgreSQL's server binaries, for the tests that start their own server (Debian's package).
+# `pg_config` alone may come from libpq-dev, without the server: look for `initdb`.
 _postgres:
-    command -v pg_config >/dev/null || { $(command -v sudo || true) apt-get update && DEBIAN_FRONTEND=noninteractive $(command -v sudo || true) apt-get install -y postgresql; }
+    test -x "$(pg_config --bindir 2>/dev/null)/initdb" || { $(command -v sudo || true) env DEBIAN_FRONTEND=noninteractive apt-get update && $(command -v sudo || true) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
 
 # Rebuild components when their source or the WIT changes; a running host swaps them in.
 watch:

@@ -14,7 +14,7 @@ pgport=${BENCH_PG_PORT:-15432}
 paths=(":3001/users" ":3000/api/users" ":3000/api/v1/orders/101")
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } >/dev/null
-command -v pg_config >/dev/null || { apt-get update -qq && apt-get install -y -qq postgresql; } >/dev/null
+test -x "$(pg_config --bindir 2>/dev/null)/initdb" || { apt-get update -qq && apt-get install -y -qq postgresql; } >/dev/null
 wait_port() { for _ in $(seq 1 400); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 wait_closed() { for _ in $(seq 1 400); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null || return 0; sleep 0.05; done; }
 

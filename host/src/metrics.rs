@@ -21,6 +21,7 @@ pub struct Metrics {
     pub produced: Family<Labels, Counter>,
     pub consumed: Family<Labels, Counter>,
     pub retried: Family<Labels, Counter>,
+    pub deferred: Family<Labels, Counter>,
     pub dead_lettered: Family<Labels, Counter>,
     pub outbox_depth: Gauge,
     pub parked: Family<Labels, Counter>,
@@ -28,6 +29,7 @@ pub struct Metrics {
     pub outbox_bytes: Gauge,
     pub log_trimmed: Counter,
     pub log_bytes: Gauge,
+    pub log_stale_groups: Gauge,
     pub consumer_lag: Family<Labels, Gauge>,
     pub conflicts: Family<Labels, Counter>,
 }
@@ -49,6 +51,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         produced: Family::default(),
         consumed: Family::default(),
         retried: Family::default(),
+        deferred: Family::default(),
         dead_lettered: Family::default(),
         outbox_depth: Gauge::default(),
         parked: Family::default(),
@@ -56,6 +59,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         outbox_bytes: Gauge::default(),
         log_trimmed: Counter::default(),
         log_bytes: Gauge::default(),
+        log_stale_groups: Gauge::default(),
         consumer_lag: Family::default(),
         conflicts: Family::default(),
     };
@@ -110,6 +114,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         m.log_bytes.clone(),
     );
     registry.register(
+        "log_stale_groups",
+        "Consumer groups of the embedded log that retention no longer waits for (no subscriber for longer than LOG_RETENTION)",
+        m.log_stale_groups.clone(),
+    );
+    registry.register(
         "messages_produced",
         "Messages the backend accepted from the outbox",
         m.produced.clone(),
@@ -123,6 +132,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "messages_retried",
         "Failed handler attempts that were retried",
         m.retried.clone(),
+    );
+    registry.register(
+        "messages_deferred",
+        "Handler runs put off because the host could not run or commit them (no attempt spent)",
+        m.deferred.clone(),
     );
     registry.register(
         "messages_dead_lettered",

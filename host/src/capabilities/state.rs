@@ -35,10 +35,13 @@ fn check_name(what: &str, name: &str) -> Result<(), WitError> {
     Ok(())
 }
 
-fn storage(e: anyhow::Error) -> WitError {
+/// The guest's error for a failed read; a failure of the store (not the guest's own overrun)
+/// is noted in `txn`, so that the invocation's failure is counted as the host's.
+fn storage(txn: &mut Txn, e: anyhow::Error) -> WitError {
     // An overrun is the guest's doing; the invocation fails and is logged as a whole.
     if !e.is::<Overrun>() {
         tracing::error!(error = %format!("{e:#}"), "state read failed");
+        txn.unavailable.get_or_insert_with(|| format!("{e:#}"));
     }
     WitError::Storage(format!("{e:#}"))
 }
@@ -47,7 +50,8 @@ impl StateView<'_> {
     async fn get_value(&mut self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, WitError> {
         check_name("bucket", bucket)?;
         check_name("key", key)?;
-        self.txn.get(self.db, bucket, key).await.map_err(storage)
+        let read = self.txn.get(self.db, bucket, key).await;
+        read.map_err(|e| storage(self.txn, e))
     }
 
     fn put(&mut self, bucket: String, key: String, value: Option<Vec<u8>>) -> Result<(), WitError> {
@@ -68,13 +72,11 @@ impl wit::Host for StateView<'_> {
     async fn next_id(&mut self, bucket: String, key: String) -> Result<u64, WitError> {
         check_name("bucket", &bucket)?;
         check_name("key", &key)?;
-        self.db
-            .next_id(self.txn, bucket, key)
-            .await
-            .map_err(|e| match e {
-                NextIdError::NotASequence(m) => WitError::NotACounter(m),
-                NextIdError::Storage(e) => storage(e),
-            })
+        let taken = self.db.next_id(self.txn, bucket, key).await;
+        taken.map_err(|e| match e {
+            NextIdError::NotASequence(m) => WitError::NotACounter(m),
+            NextIdError::Storage(e) => storage(self.txn, e),
+        })
     }
 
     async fn get(&mut self, bucket: String, key: String) -> Result<Option<Vec<u8>>, WitError> {
@@ -91,10 +93,8 @@ impl wit::Host for StateView<'_> {
 
     async fn list_keys(&mut self, bucket: String, prefix: String) -> Result<Vec<String>, WitError> {
         check_name("bucket", &bucket)?;
-        self.txn
-            .list_keys(self.db, &bucket, &prefix)
-            .await
-            .map_err(storage)
+        let listed = self.txn.list_keys(self.db, &bucket, &prefix).await;
+        listed.map_err(|e| storage(self.txn, e))
     }
 
     async fn list_keys_after(
@@ -108,11 +108,17 @@ impl wit::Host for StateView<'_> {
         if let Some(after) = &after {
             check_name("after", after)?;
         }
+        if limit == 0 {
+            // A page of nothing would cover the whole range and conflict with every insert.
+            return Err(WitError::InvalidName(format!(
+                "limit must be 1..={MAX_PAGE}, got 0"
+            )));
+        }
         let limit = (limit as usize).min(MAX_PAGE);
-        self.txn
+        let listed = (self.txn)
             .list_page(self.db, &bucket, &prefix, after.as_deref(), limit)
-            .await
-            .map_err(storage)
+            .await;
+        listed.map_err(|e| storage(self.txn, e))
     }
 
     async fn increment(
@@ -219,6 +225,23 @@ mod tests {
         assert!(matches!(db.commit_blocking(&b), Err(CommitError::Conflict)));
         let mut c = Txn::new("user".into());
         assert_eq!(inc(&mut c), 2);
+    }
+
+    #[test]
+    fn a_page_of_zero_keys_is_refused_and_records_no_range() {
+        let db = Db::in_memory().unwrap();
+        let mut t = Txn::new("s".into());
+        let mut v = view(&db, &mut t);
+        assert!(matches!(
+            ready(v.list_keys_after("b".into(), "".into(), None, 0)),
+            Err(WitError::InvalidName(m)) if m.contains("limit")
+        ));
+        ready(v.set("b".into(), "mine".into(), vec![1])).unwrap();
+        // Another invocation inserts into the bucket: this one read nothing, so it commits.
+        let mut other = Txn::new("s".into());
+        ready(view(&db, &mut other).set("b".into(), "theirs".into(), vec![2])).unwrap();
+        db.commit_blocking(&other).unwrap();
+        db.commit_blocking(&t).unwrap();
     }
 
     #[test]

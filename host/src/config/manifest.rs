@@ -53,8 +53,18 @@ struct Subscribe {
 struct EntryLimits {
     memory: Option<Spanned<String>>,
     cpu: Option<Spanned<String>>,
-    concurrency: Option<usize>,
+    concurrency: Option<Spanned<u64>>,
 }
+
+/// Bounds of the manifest's numbers: past them a value is a mistake, and some would make the
+/// host fail at run time (a semaphore's permits, an instant's overflow).
+pub const CONCURRENCY: std::ops::RangeInclusive<u64> = 1..=100_000;
+/// A 32-bit linear memory is at most 4 GiB; one page is the least a memory has.
+pub const MEMORY: std::ops::RangeInclusive<u64> = (64 << 10)..=(4 << 30);
+pub const CPU: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_millis(1)..=std::time::Duration::from_secs(3600);
+pub const LATENCY: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::ZERO..=std::time::Duration::from_secs(60);
 
 /// A manifest that cannot be used, with where and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,25 +194,58 @@ impl Context<'_> {
                     ));
                 }
             }
+            let bounded = |span: Range<usize>, key: &str, ok: bool, range: String| {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(err(
+                        span,
+                        format!("service.{name}.{key}: must be in {range}"),
+                    ))
+                }
+            };
             let mut limits = self.defaults.clone();
             if let Some(memory) = &entry.limits.memory {
                 limits.memory = parse_size(memory.get_ref()).map_err(|e| {
                     err(memory.span(), format!("service.{name}.limits.memory: {e}"))
                 })?;
+                let ok = MEMORY.contains(&limits.memory);
+                bounded(memory.span(), "limits.memory", ok, "64KiB..=4GiB".into())?;
             }
             if let Some(cpu) = &entry.limits.cpu {
                 limits.cpu = humantime::parse_duration(cpu.get_ref())
                     .map_err(|e| err(cpu.span(), format!("service.{name}.limits.cpu: {e}")))?;
+                bounded(
+                    cpu.span(),
+                    "limits.cpu",
+                    CPU.contains(&limits.cpu),
+                    "1ms..=1h".into(),
+                )?;
             }
-            if let Some(concurrency) = entry.limits.concurrency {
-                limits.concurrency = concurrency.max(1);
+            if let Some(concurrency) = &entry.limits.concurrency {
+                let (n, range) = (*concurrency.get_ref(), &CONCURRENCY);
+                let text = format!("{}..={}", range.start(), range.end());
+                bounded(
+                    concurrency.span(),
+                    "limits.concurrency",
+                    range.contains(&n),
+                    text,
+                )?;
+                limits.concurrency = n as usize;
             }
             let latency = match &entry.latency {
                 None => None,
-                Some(l) => Some(
-                    humantime::parse_duration(l.get_ref())
-                        .map_err(|e| err(l.span(), format!("service.{name}.latency: {e}")))?,
-                ),
+                Some(l) => {
+                    let latency = humantime::parse_duration(l.get_ref())
+                        .map_err(|e| err(l.span(), format!("service.{name}.latency: {e}")))?;
+                    bounded(
+                        l.span(),
+                        "latency",
+                        LATENCY.contains(&latency),
+                        "0s..=60s".into(),
+                    )?;
+                    Some(latency)
+                }
             };
             let groups: Vec<&str> = entry
                 .subscribe
@@ -376,6 +419,33 @@ limits = { memory = "32MiB", cpu = "1s", concurrency = 4 }
             );
             let e = with("cpu = \"1s\"", "cpu = \"soon\"");
             assert!(e.contains("service.order.limits.cpu"), "{e}");
+            // Every number is bounded, with where it is.
+            for (from, to, key) in [
+                (
+                    "concurrency = 4",
+                    "concurrency = 1000000000000000",
+                    "limits.concurrency",
+                ),
+                ("concurrency = 4", "concurrency = 0", "limits.concurrency"),
+                ("cpu = \"1s\"", "cpu = \"100000000years\"", "limits.cpu"),
+                ("cpu = \"1s\"", "cpu = \"0s\"", "limits.cpu"),
+                ("memory = \"32MiB\"", "memory = \"5GiB\"", "limits.memory"),
+                ("memory = \"32MiB\"", "memory = \"1KiB\"", "limits.memory"),
+            ] {
+                let e = with(from, to);
+                assert!(
+                    e.starts_with("services.toml:") && e.contains(key) && e.contains("must be in"),
+                    "{to}: {e}"
+                );
+            }
+            let e = with(
+                "component = \"order.wasm\"",
+                "component = \"order.wasm\"\nlatency = \"2h\"",
+            );
+            assert!(
+                e.contains("service.order.latency") && e.contains("must be in"),
+                "{e}"
+            );
             let e = with("[service.user]", "[service.User]");
             assert!(
                 e.starts_with("services.toml:7:10: ") && e.contains("service name"),

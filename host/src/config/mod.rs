@@ -151,7 +151,7 @@ pub struct Args {
 
     /// PostgreSQL URL (`postgres://user:password@host:port/db`) for state, id sequences and
     /// the outbox, shared by every host given the same one. Without it, state is in DATA_DIR.
-    #[arg(long, env = "STATE_URL")]
+    #[arg(long, env = "STATE_URL", hide_env_values = true)]
     pub state_url: Option<String>,
 
     /// Kafka bootstrap servers (`host:port,...`). Without it, messaging uses the embedded backend.

@@ -176,7 +176,7 @@ async fn consume(
             return Ok(());
         };
         for delivery in &batch {
-            handle(runtime, &service, delivery).await?;
+            handle(runtime, &service, delivery, stopping).await?;
         }
         // With the embedded backend the offsets are stored after the writes in the same
         // store, so they cannot outlive them.
@@ -202,10 +202,19 @@ async fn consume(
     }
 }
 
-/// Runs the handler on `delivery` with retries, dead-lettering it if it keeps failing.
-async fn handle(runtime: &Runtime, service: &Arc<Service>, delivery: &Delivery) -> Result<()> {
+/// Runs the handler on `delivery` with retries, dead-lettering it if it keeps failing. Only the
+/// handler's own failures spend attempts; while the host cannot run or commit it (no free
+/// instance slot, the store failing, the outbox full) it waits, backing off, for as long as
+/// that lasts, or until `stopping` (then the record is not committed, and comes again).
+async fn handle(
+    runtime: &Runtime,
+    service: &Arc<Service>,
+    delivery: &Delivery,
+    stopping: &mut watch::Receiver<bool>,
+) -> Result<()> {
     let policy = &runtime.settings.retry;
     let mut attempt = 1;
+    let mut deferred = 0;
     let failure = loop {
         let labels = metrics::labels([
             ("service", &service.name),
@@ -217,6 +226,27 @@ async fn handle(runtime: &Runtime, service: &Arc<Service>, delivery: &Delivery) 
                 break None;
             }
             Handled::Reject(why) => break Some(why),
+            Handled::Unavailable(why) => {
+                metrics::get().deferred.get_or_create(&labels).inc();
+                deferred += 1;
+                let wait = policy.backoff(deferred);
+                tracing::warn!(
+                    service = %service.name,
+                    topic = %delivery.message.topic,
+                    offset = delivery.offset,
+                    attempt,
+                    retry_in = ?wait,
+                    reason = %why,
+                    "host could not run the handler; retrying without spending an attempt"
+                );
+                if *stopping.borrow() {
+                    anyhow::bail!("stopping while {why}");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stopping.changed() => anyhow::bail!("stopping while {why}"),
+                }
+            }
             Handled::Retry(why) if attempt >= policy.max_attempts => break Some(why),
             Handled::Retry(why) => {
                 metrics::get().retried.get_or_create(&labels).inc();

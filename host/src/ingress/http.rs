@@ -186,10 +186,12 @@ const DRAIN_MAX: u64 = 8 << 20;
 /// it is read and dropped (up to [`DRAIN_MAX`]) so that the client gets its 413 instead of a
 /// connection reset in the middle of its upload.
 ///
-/// Every byte kept counts against `budget`, the bytes all listeners may hold at once: a declared
-/// length is reserved before anything is read, chunked bodies as they arrive; when the budget
-/// is spent the request gets 503 instead of the host holding more. The returned reservation is
-/// released when the caller drops it.
+/// Every byte kept counts against `budget`, the bytes all listeners may hold at once, as it
+/// arrives (a declared length reserves nothing: a client that declares a megabyte and sends
+/// nothing holds nothing); when the budget is spent the request gets 503 instead of the host
+/// holding more. The bytes are kept as the frames that brought them and joined once at the
+/// end, so what is held is what was counted. The returned reservation is released when the
+/// caller drops it.
 async fn read_body(
     mut body: Incoming,
     declared: Option<u64>,
@@ -200,16 +202,7 @@ async fn read_body(
     }
     let mut too_large = declared.is_some_and(|n| n > MAX_BODY as u64);
     let mut reserved = None;
-    let mut allowance = 0u64;
-    if let Some(n) = declared.filter(|_| !too_large) {
-        if !reserve(budget, &mut reserved, n) {
-            return (Body::Busy, None);
-        }
-        allowance = n;
-    }
-    // Exactly the reserved size when the length is declared: growing by doubling would hold
-    // up to twice what the budget counts.
-    let mut buf = BytesMut::with_capacity(allowance as usize);
+    let mut frames: Vec<Bytes> = Vec::new();
     let mut seen = 0u64;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
@@ -224,23 +217,30 @@ async fn read_body(
         }
         too_large |= seen > MAX_BODY as u64;
         if too_large {
-            buf = BytesMut::new();
+            frames = Vec::new();
             reserved = None;
-        } else {
-            if seen > allowance {
-                if !reserve(budget, &mut reserved, seen - allowance) {
-                    return (Body::Busy, None);
-                }
-                allowance = seen;
+        } else if !data.is_empty() {
+            if !reserve(budget, &mut reserved, data.len() as u64) {
+                return (Body::Busy, None);
             }
-            buf.extend_from_slice(&data);
+            frames.push(data);
         }
     }
     if too_large {
-        (Body::TooLarge, None)
-    } else {
-        (Body::Read(buf.freeze()), reserved)
+        return (Body::TooLarge, None);
     }
+    let body = match frames.len() {
+        0 => Bytes::new(),
+        1 => frames.pop().expect("one frame"),
+        _ => {
+            let mut joined = BytesMut::with_capacity(seen as usize);
+            for f in &frames {
+                joined.extend_from_slice(f);
+            }
+            joined.freeze()
+        }
+    };
+    (Body::Read(body), reserved)
 }
 
 /// Adds `bytes` to `reserved` from `budget`; false if the budget does not have them.

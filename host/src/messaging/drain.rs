@@ -62,6 +62,23 @@ impl Outbox {
         }
     }
 
+    /// Sets aside an outbox entry that does not decode, so that the ones after it flow.
+    async fn park_undecodable(&self, entry: &outbox::Undecodable) {
+        tracing::error!(
+            seq = entry.seq,
+            error = %entry.reason,
+            "outbox entry cannot be decoded (written by another version of the host?); set aside in the outbox's parked table so later ones flow"
+        );
+        crate::metrics::get()
+            .parked
+            .get_or_create(&crate::metrics::labels([("topic", "")]))
+            .inc();
+        if let Err(e) = outbox::park(&self.db, &[], entry.seq, &entry.to_string()).await {
+            tracing::error!(error = %format!("{e:#}"), "parking the entry failed");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     /// Moves batches to the backend, oldest first, forever. A batch leaves the outbox only
     /// after the backend confirmed it, so a crash or an unreachable backend loses nothing
     /// (it may deliver a batch twice; handlers are idempotent).
@@ -70,6 +87,11 @@ impl Outbox {
         loop {
             let batch = match outbox::oldest(&self.db, BATCH).await {
                 Ok(b) => b,
+                Err(e) if e.is::<outbox::Undecodable>() => {
+                    let undecodable = e.downcast::<outbox::Undecodable>().expect("checked");
+                    self.park_undecodable(&undecodable).await;
+                    continue;
+                }
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "reading the outbox failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -169,6 +191,31 @@ mod tests {
         ) -> Result<Box<dyn Subscription>> {
             unimplemented!("publish only")
         }
+    }
+
+    #[tokio::test]
+    async fn an_entry_that_does_not_decode_is_set_aside_and_the_rest_flow_once() {
+        let db = Db::in_memory().unwrap();
+        let commit = |payload: &str| {
+            let mut txn = Txn::new("user".into());
+            txn.send(msg("t", "1", payload)).unwrap();
+            db.commit_blocking(&txn).unwrap();
+        };
+        commit("a");
+        // Not a postcard `Message`: a topic length past the end of the bytes.
+        outbox::append_raw(&db, &[0xff, 0xff, 0xff, 0x0f]);
+        commit("b");
+        let backend = Arc::new(Picky::default());
+        let outbox = Outbox::new(db.clone());
+        let drainer = tokio::spawn(outbox.clone().drain(backend.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while outbox.depth().unwrap() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drainer.abort();
+        assert_eq!(outbox.depth().unwrap(), 0);
+        assert_eq!(outbox.parked().unwrap(), 1);
+        assert_eq!(*backend.0.lock().unwrap(), ["a", "b"]);
     }
 
     #[tokio::test]

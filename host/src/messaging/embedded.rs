@@ -7,8 +7,9 @@ use crate::config::Start;
 use crate::storage::Db;
 use crate::types::{Delivery, Message};
 use anyhow::Result;
-use redb::{ReadableTable, TableDefinition};
-use std::sync::Arc;
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
@@ -20,6 +21,12 @@ const OFFSETS: TableDefinition<(&str, &str), u64> = TableDefinition::new("offset
 const APPENDED_AT: TableDefinition<(&str, u64), u64> = TableDefinition::new("log_appended_at");
 /// topic -> encoded bytes of its records in the log.
 const LOG_BYTES: TableDefinition<&str, u64> = TableDefinition::new("log_bytes");
+/// topic -> the offset its next record gets. Never goes back, even when retention empties the
+/// topic: an offset is never given to two records, so no group skips a new one.
+const LOG_END: TableDefinition<&str, u64> = TableDefinition::new("log_end");
+/// (group, topic) -> when a subscriber of the group last held it (ms since the Unix epoch). A
+/// group nobody subscribed for longer than the retention age stops holding records back.
+const GROUP_SEEN: TableDefinition<(&str, &str), u64> = TableDefinition::new("log_group_seen");
 
 /// How long the log keeps records every consumer group has handled.
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +42,30 @@ pub struct Embedded {
     /// Bumped after every append so waiting subscriptions look again.
     appended: watch::Sender<u64>,
     retention: Retention,
+    /// Subscriptions open now, per (group, topic).
+    live: Live,
+    /// Groups retention no longer waits for, as last trimmed (for logs and metrics).
+    stale: Mutex<BTreeSet<(String, String)>>,
+}
+
+type Live = Arc<Mutex<BTreeMap<(String, String), usize>>>;
+
+/// Counts a subscription as live until dropped.
+struct LiveGuard {
+    live: Live,
+    key: (String, String),
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = live.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                live.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Embedded {
@@ -53,6 +84,8 @@ impl Embedded {
             db,
             appended: watch::Sender::new(0),
             retention,
+            live: Live::default(),
+            stale: Mutex::default(),
         }
     }
 
@@ -60,9 +93,8 @@ impl Embedded {
     pub async fn retain(self: Arc<Self>, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
-            let (db, retention) = (self.db.clone(), self.retention);
-            match tokio::task::spawn_blocking(move || trim(&db, retention, SystemTime::now())).await
-            {
+            let log = self.clone();
+            match tokio::task::spawn_blocking(move || log.trim_at(SystemTime::now())).await {
                 Ok(Ok(0)) => {}
                 Ok(Ok(n)) => tracing::info!(records = n, "trimmed the embedded message log"),
                 Ok(Err(e)) => {
@@ -72,6 +104,61 @@ impl Embedded {
             }
         }
     }
+
+    /// [`trim`] as of `now`, with the groups subscribed now counted as seen now; logs the
+    /// groups that stopped (or started again) holding records back. Blocking.
+    pub fn trim_at(&self, now: SystemTime) -> Result<u64> {
+        let live: Vec<(String, String)> = {
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.keys().cloned().collect()
+        };
+        let (removed, stale) = trim(&self.db, self.retention, now, &live)?;
+        let mut known = self.stale.lock().unwrap_or_else(|e| e.into_inner());
+        for (group, topic) in stale.difference(&known) {
+            tracing::warn!(
+                group,
+                topic,
+                retention = ?self.retention.age,
+                "consumer group has had no subscriber for longer than LOG_RETENTION: retention no longer keeps records for it"
+            );
+        }
+        for (group, topic) in known.difference(&stale) {
+            tracing::info!(group, topic, "consumer group is subscribed again");
+        }
+        crate::metrics::get()
+            .log_stale_groups
+            .set(stale.len() as i64);
+        *known = stale;
+        Ok(removed)
+    }
+
+    /// Consumer groups retention no longer waits for, as of the last trim: (group, topic).
+    pub fn stale_groups(&self) -> Vec<(String, String)> {
+        let stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
+        stale.iter().cloned().collect()
+    }
+}
+
+/// The offset the next record of `topic` gets. Blocking.
+fn end_offset(wtx: &WriteTransaction, topic: &str) -> Result<u64> {
+    if let Some(end) = wtx.open_table(LOG_END)?.get(topic)? {
+        return Ok(end.value());
+    }
+    // A log from before the end was kept: past its last record and every group's offset.
+    let last = wtx
+        .open_table(LOG)?
+        .range((topic, 0)..=(topic, u64::MAX))?
+        .next_back()
+        .transpose()?
+        .map_or(0, |(k, _)| k.value().1 + 1);
+    let mut end = last;
+    for entry in wtx.open_table(OFFSETS)?.iter()? {
+        let (key, next) = entry?;
+        if key.value().1 == topic {
+            end = end.max(next.value());
+        }
+    }
+    Ok(end)
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -82,11 +169,38 @@ fn millis(t: SystemTime) -> u64 {
 /// Removes, per topic, the oldest records that every consumer group of the topic has
 /// committed past, while they are older than the retention age or the topic is over its
 /// retention size. A topic no group reads (a dead-letter topic) is trimmed by age and size
-/// alone. Returns how many records went. Blocking.
-pub fn trim(db: &Db, retention: Retention, now: SystemTime) -> Result<u64> {
+/// alone. A group counts while it is `live` (subscribed now) or was seen within the retention
+/// age; a group that was not (a removed service, a renamed group) no longer holds records back.
+/// Returns how many records went, and the groups that did not count. Blocking.
+pub fn trim(
+    db: &Db,
+    retention: Retention,
+    now: SystemTime,
+    live: &[(String, String)],
+) -> Result<(u64, BTreeSet<(String, String)>)> {
     let cutoff = millis(now).saturating_sub(retention.age.as_millis() as u64);
     let mut removed = 0;
+    let mut stale = BTreeSet::new();
     db.write_lazily(|wtx| {
+        {
+            let mut seen = wtx.open_table(GROUP_SEEN)?;
+            for (group, topic) in live {
+                seen.insert((group.as_str(), topic.as_str()), millis(now))?;
+            }
+            // Groups from before groups were seen start counting from now.
+            let mut unseen = Vec::new();
+            for entry in wtx.open_table(OFFSETS)?.iter()? {
+                let (key, _) = entry?;
+                let (group, topic) = key.value();
+                if seen.get((group, topic))?.is_none() {
+                    unseen.push((group.to_string(), topic.to_string()));
+                }
+            }
+            for (group, topic) in unseen {
+                seen.insert((group.as_str(), topic.as_str()), millis(now))?;
+            }
+        }
+        let seen = wtx.open_table(GROUP_SEEN)?;
         let topics: Vec<(String, u64)> = {
             let sizes = wtx.open_table(LOG_BYTES)?;
             let mut topics = Vec::new();
@@ -104,9 +218,16 @@ pub fn trim(db: &Db, retention: Retention, now: SystemTime) -> Result<u64> {
             let mut handled = u64::MAX;
             for entry in offsets.iter()? {
                 let (key, next) = entry?;
-                if key.value().1 == topic {
-                    handled = handled.min(next.value());
+                let (group, of) = key.value();
+                if of != topic {
+                    continue;
                 }
+                let at = seen.get((group, of))?.map_or(0, |t| t.value());
+                if at < cutoff {
+                    stale.insert((group.to_string(), topic.clone()));
+                    continue;
+                }
+                handled = handled.min(next.value());
             }
             loop {
                 let Some(first) = log
@@ -136,7 +257,7 @@ pub fn trim(db: &Db, retention: Retention, now: SystemTime) -> Result<u64> {
     if removed > 0 {
         crate::metrics::get().log_trimmed.inc_by(removed);
     }
-    Ok(removed)
+    Ok((removed, stale))
 }
 
 /// Bytes of all topics in the log.
@@ -159,21 +280,30 @@ pub fn log_bytes(db: &Db) -> Result<u64> {
 fn append_blocking(db: &Db, messages: &[Message]) -> Result<()> {
     let now = millis(SystemTime::now());
     db.write_lazily(|wtx| {
+        let mut ends = BTreeMap::new();
+        for m in messages {
+            if !ends.contains_key(m.topic.as_str()) {
+                ends.insert(m.topic.as_str(), end_offset(wtx, &m.topic)?);
+            }
+        }
         let mut log = wtx.open_table(LOG)?;
         let mut times = wtx.open_table(APPENDED_AT)?;
         let mut sizes = wtx.open_table(LOG_BYTES)?;
         for m in messages {
-            let next = log
-                .range((m.topic.as_str(), 0)..=(m.topic.as_str(), u64::MAX))?
-                .next_back()
-                .transpose()?
-                .map(|(k, _)| k.value().1 + 1)
-                .unwrap_or(0);
+            let end = ends
+                .get_mut(m.topic.as_str())
+                .expect("every topic has its end");
+            let next = *end;
+            *end += 1;
             let encoded = postcard::to_allocvec(m)?;
             log.insert((m.topic.as_str(), next), encoded.as_slice())?;
             times.insert((m.topic.as_str(), next), now)?;
             let bytes = sizes.get(m.topic.as_str())?.map_or(0, |b| b.value());
             sizes.insert(m.topic.as_str(), bytes + encoded.len() as u64)?;
+        }
+        let mut end_table = wtx.open_table(LOG_END)?;
+        for (topic, end) in ends {
+            end_table.insert(topic, end)?;
         }
         Ok(())
     })
@@ -206,28 +336,35 @@ impl Backend for Embedded {
         // A new group is registered at once (at offset 0), so that trimming keeps what it has
         // not read yet.
         let cursor = self.db.write_lazily(|wtx| {
-            let mut offsets = wtx.open_table(OFFSETS)?;
-            if let Some(cursor) = offsets.get((group, topic))? {
+            wtx.open_table(GROUP_SEEN)?
+                .insert((group, topic), millis(SystemTime::now()))?;
+            if let Some(cursor) = wtx.open_table(OFFSETS)?.get((group, topic))? {
                 return Ok(cursor.value());
             }
             let cursor = match start {
                 Start::Earliest => 0,
-                Start::Latest => wtx
-                    .open_table(LOG)?
-                    .range((topic, 0)..=(topic, u64::MAX))?
-                    .next_back()
-                    .transpose()?
-                    .map_or(0, |(k, _)| k.value().1 + 1),
+                Start::Latest => end_offset(wtx, topic)?,
             };
-            offsets.insert((group, topic), cursor)?;
+            wtx.open_table(OFFSETS)?.insert((group, topic), cursor)?;
             Ok(cursor)
         })?;
+        let key = (group.to_string(), topic.to_string());
+        *self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default() += 1;
         Ok(Box::new(EmbeddedSubscription {
             db: self.db.clone(),
             group: group.to_string(),
             topic: topic.to_string(),
             cursor,
             appended: self.appended.subscribe(),
+            _live: LiveGuard {
+                live: self.live.clone(),
+                key,
+            },
         }))
     }
 }
@@ -238,6 +375,7 @@ struct EmbeddedSubscription {
     topic: String,
     cursor: u64,
     appended: watch::Receiver<u64>,
+    _live: LiveGuard,
 }
 
 impl EmbeddedSubscription {
@@ -280,15 +418,12 @@ impl Subscription for EmbeddedSubscription {
 
     fn lag(&self) -> Option<u64> {
         let rtx = self.db.redb().begin_read().ok()?;
-        let log = rtx.open_table(LOG).ok()?;
-        let topic = self.topic.as_str();
-        let end = log
-            .range((topic, 0)..=(topic, u64::MAX))
+        let end = rtx
+            .open_table(LOG_END)
             .ok()?
-            .next_back()?
-            .ok()
-            .map(|(k, _)| k.value().1 + 1)?;
-        Some(end.saturating_sub(self.cursor))
+            .get(self.topic.as_str())
+            .ok()??;
+        Some(end.value().saturating_sub(self.cursor))
     }
 
     async fn commit(&mut self, delivery: &Delivery) -> Result<()> {
@@ -312,6 +447,81 @@ mod tests {
     use super::*;
     use crate::messaging::tests::msg;
 
+    fn retention(age_secs: u64) -> Retention {
+        Retention {
+            age: Duration::from_secs(age_secs),
+            bytes: 1 << 30,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_topic_trimmed_empty_never_gives_an_offset_twice() {
+        let db = Db::in_memory().unwrap();
+        let log = Embedded::with_retention(db.clone(), retention(3600));
+        log.publish(&[msg("t", "k", "a"), msg("t", "k", "b")])
+            .await
+            .unwrap();
+        let mut sub = log.subscribe("g", "t", Start::Earliest).await.unwrap();
+        for _ in 0..2 {
+            let d = sub.next().await.unwrap();
+            sub.commit(&d).await.unwrap();
+        }
+        let later = SystemTime::now() + Duration::from_secs(86_400);
+        assert_eq!(log.trim_at(later).unwrap(), 2, "the topic is trimmed empty");
+        log.publish(&[msg("t", "k", "c")]).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("the record after the trim reaches the group")
+            .unwrap();
+        assert_eq!(
+            (next.offset, next.message.payload.as_slice()),
+            (2, &b"c"[..])
+        );
+        assert_eq!(sub.lag(), Some(0));
+        // And after a restart of the subscription, from the committed offset.
+        drop(sub);
+        let mut again = log.subscribe("g", "t", Start::Earliest).await.unwrap();
+        assert_eq!(again.next().await.unwrap().message.payload, b"c");
+        // A group that starts at the latest record starts past it, not at 0.
+        let mut late = log.subscribe("l", "t", Start::Latest).await.unwrap();
+        log.publish(&[msg("t", "k", "d")]).await.unwrap();
+        assert_eq!(late.next().await.unwrap().offset, 3);
+    }
+
+    #[tokio::test]
+    async fn a_group_nobody_subscribed_for_longer_than_retention_stops_holding_records() {
+        let db = Db::in_memory().unwrap();
+        let log = Embedded::with_retention(db.clone(), retention(3600));
+        log.publish(&[msg("t", "k", "a"), msg("t", "k", "b")])
+            .await
+            .unwrap();
+        let gone = log.subscribe("gone", "t", Start::Earliest).await.unwrap();
+        let mut sub = log.subscribe("g", "t", Start::Earliest).await.unwrap();
+        for _ in 0..2 {
+            let d = sub.next().await.unwrap();
+            sub.commit(&d).await.unwrap();
+        }
+        let later = SystemTime::now() + Duration::from_secs(2 * 3600);
+        // Subscribed, however long ago it read: it holds its records.
+        assert_eq!(log.trim_at(later).unwrap(), 0);
+        assert!(log.stale_groups().is_empty());
+        drop(gone);
+        // Unsubscribed, but seen within the retention age: it still holds them.
+        assert_eq!(log.trim_at(SystemTime::now()).unwrap(), 0);
+        // Unsubscribed for longer than the retention age: it no longer counts.
+        assert_eq!(
+            log.trim_at(later + Duration::from_secs(3 * 3600)).unwrap(),
+            2
+        );
+        assert_eq!(log.stale_groups(), [("gone".to_string(), "t".to_string())]);
+        // Back, it goes on from the oldest record kept.
+        log.publish(&[msg("t", "k", "c")]).await.unwrap();
+        let mut back = log.subscribe("gone", "t", Start::Earliest).await.unwrap();
+        assert_eq!(back.next().await.unwrap().message.payload, b"c");
+        log.trim_at(SystemTime::now()).unwrap();
+        assert!(log.stale_groups().is_empty());
+    }
+
     #[tokio::test]
     async fn trimming_keeps_what_a_group_has_not_handled_and_new_groups_start_at_the_oldest() {
         let db = Db::in_memory().unwrap();
@@ -326,15 +536,18 @@ mod tests {
         }
         let total = log_bytes(&db).unwrap();
         // Nothing is old and nothing is over the size: nothing goes.
-        let keep_all = Retention {
-            age: Duration::from_secs(3600),
-            bytes: 1 << 30,
+        let keep_all = Embedded::with_retention(db.clone(), retention(3600));
+        let trim = |log: &Embedded, at| log.trim_at(at).unwrap();
+        // The groups subscribed through `log` are live for the trims through it.
+        let keep_all = Embedded {
+            live: log.live.clone(),
+            ..keep_all
         };
-        assert_eq!(trim(&db, keep_all, SystemTime::now()).unwrap(), 0);
+        assert_eq!(trim(&keep_all, SystemTime::now()), 0);
         // A day later everything old goes, but only below what `g` handled (4 records), and
         // all of the dead-letter topic, which no group reads.
         let later = SystemTime::now() + Duration::from_secs(86_400);
-        assert_eq!(trim(&db, keep_all, later).unwrap(), 5);
+        assert_eq!(trim(&keep_all, later), 5);
         assert!(log_bytes(&db).unwrap() < total);
         // `g` goes on where it was; a new group starts at the oldest record kept.
         let d = sub.next().await.unwrap();
@@ -352,9 +565,13 @@ mod tests {
             age: Duration::from_secs(3600),
             bytes: 0,
         };
-        assert_eq!(trim(&db, tiny, SystemTime::now()).unwrap(), 0);
+        let tiny = Embedded {
+            live: log.live.clone(),
+            ..Embedded::with_retention(db.clone(), tiny)
+        };
+        assert_eq!(trim(&tiny, SystemTime::now()), 0);
         fresh.commit(&first).await.unwrap();
-        assert_eq!(trim(&db, tiny, SystemTime::now()).unwrap(), 1);
+        assert_eq!(trim(&tiny, SystemTime::now()), 1);
         // A group that starts at the latest record sees only what comes after it.
         let mut late = log.subscribe("l", "t", Start::Latest).await.unwrap();
         log.publish(&[msg("t", "k", "m10")]).await.unwrap();

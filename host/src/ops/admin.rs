@@ -8,7 +8,7 @@ use crate::types::http::write_limited;
 use crate::types::{json_error, Resp};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, StatusCode};
@@ -21,9 +21,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Who may use the admin API: anyone who can reach it, or holders of a bearer token.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Access {
     token: Option<Arc<str>>,
+    /// The listener's address: without a token, a request must name it (or a loopback name).
+    addr: std::net::SocketAddr,
 }
 
 impl Access {
@@ -39,7 +41,26 @@ impl Access {
         }
         Ok(Access {
             token: token.map(Into::into),
+            addr,
         })
+    }
+
+    /// Whether `host` (a `Host` header) names this listener: a loopback name or address, or
+    /// the listener's own address. A page whose name was rebound to 127.0.0.1 sends its own
+    /// name, and is refused.
+    fn named_by(&self, host: &str) -> bool {
+        let Ok(authority) = host.parse::<hyper::http::uri::Authority>() else {
+            return false;
+        };
+        let name = authority.host();
+        let name = name
+            .strip_prefix('[')
+            .and_then(|n| n.strip_suffix(']'))
+            .unwrap_or(name);
+        name.eq_ignore_ascii_case("localhost")
+            || name
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback() || ip == self.addr.ip())
     }
 
     /// The refusal for a request that may not do what it asks, if any.
@@ -62,8 +83,16 @@ impl Access {
             }
             return None;
         }
-        // No token (loopback only): a web page the operator visits can still make the browser
-        // send a form POST here. A form cannot set a JSON content type, and a script that sets
+        // No token (loopback only): a page the operator visits whose name an attacker rebound
+        // to 127.0.0.1 is same-origin with this listener; it sends its own name as `Host`.
+        let host = headers.get(HOST).map(|h| h.to_str().unwrap_or_default());
+        if host.is_some_and(|h| !self.named_by(h)) {
+            return Some(json_error(
+                StatusCode::FORBIDDEN,
+                "without ADMIN_TOKEN the admin API answers only requests to localhost or a loopback address (Host header)",
+            ));
+        }
+        // A web page the operator visits can still make the browser send a form POST here. A form cannot set a JSON content type, and a script that sets
         // one needs a CORS preflight this listener never grants.
         let json_body = headers
             .get(CONTENT_TYPE)
@@ -79,9 +108,15 @@ impl Access {
     }
 }
 
-/// Compares in time independent of where the inputs differ.
+/// Compares in time independent of where the inputs differ and of their lengths: the digests
+/// compared are always 32 bytes.
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, access: Access) {
@@ -235,6 +270,8 @@ fn version_move(path: &str) -> Option<(&str, bool)> {
 }
 
 fn move_version(runtime: &Runtime, name: &str, forward: bool) -> Resp {
+    // Not while a manifest change hands the service's history to its successor.
+    let _versions = runtime.versions.lock().unwrap_or_else(|e| e.into_inner());
     let Some(service) = runtime.service(name) else {
         return json_error(StatusCode::NOT_FOUND, &format!("no service named {name:?}"));
     };
@@ -347,6 +384,37 @@ mod tests {
         assert!(open
             .check(&Method::GET, "/components", &HeaderMap::new())
             .is_none());
+        // A page whose name was rebound to 127.0.0.1 names itself, not this listener.
+        for host in [
+            "localhost:3999",
+            "127.0.0.1:3999",
+            "127.0.0.1",
+            "[::1]:3999",
+            "LOCALHOST",
+        ] {
+            let named = headers(&[("host", host), ("content-type", "application/json")]);
+            assert!(open.check(&Method::POST, path, &named).is_none(), "{host}");
+        }
+        for host in [
+            "rebind.attacker.example",
+            "localhost.attacker.example:3999",
+            "10.0.0.1:3999",
+            "",
+        ] {
+            let named = headers(&[("host", host), ("content-type", "application/json")]);
+            for (method, path) in [(Method::POST, path), (Method::GET, "/components")] {
+                let refused = open.check(&method, path, &named).unwrap();
+                assert_eq!(refused.status(), StatusCode::FORBIDDEN, "{host}");
+            }
+        }
+    }
+
+    #[test]
+    fn tokens_compare_equal_only_when_equal_whatever_their_lengths() {
+        assert!(same(b"s3cret", b"s3cret"));
+        assert!(!same(b"s3cret", b"s3cre"));
+        assert!(!same(b"s3cret", b"s3cret\0"));
+        assert!(!same(b"", b"s"));
     }
 
     #[test]

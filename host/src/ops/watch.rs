@@ -11,6 +11,7 @@ use crate::metrics;
 use crate::runtime::{component, Runtime, Service};
 use anyhow::{Context as _, Result};
 use futures_util::future::BoxFuture;
+use futures_util::FutureExt as _;
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -102,14 +103,29 @@ pub fn spawn(
                         due.iter().filter(|(_, t)| **t <= now).map(|(c, _)| c.clone()).collect();
                     for change in ready {
                         due.remove(&change);
-                        match change {
-                            // One at a time, in this task: a swap never races a manifest change.
-                            Change::Manifest => hooks.reload().await,
-                            Change::Component(name) => {
-                                if let Some(service) = runtime.service(&name) {
-                                    swap_from_file(&runtime, &service).await;
+                        // One at a time, in this task: a swap never races a manifest change.
+                        // A bug that panics in one must not end watching for good.
+                        let applied = std::panic::AssertUnwindSafe(async {
+                            match &change {
+                                Change::Manifest => hooks.reload().await,
+                                Change::Component(name) => {
+                                    if let Some(service) = runtime.service(name) {
+                                        swap_from_file(&runtime, &service).await;
+                                    }
                                 }
                             }
+                        })
+                        .catch_unwind()
+                        .await;
+                        if let Err(panic) = applied {
+                            let what = match &change {
+                                Change::Manifest => "the manifest".to_string(),
+                                Change::Component(name) => format!("service {name}'s component"),
+                            };
+                            tracing::error!(
+                                panic = panic_message(&panic),
+                                "applying a change of {what} panicked; still watching"
+                            );
                         }
                     }
                 }
@@ -117,6 +133,15 @@ pub fn spawn(
         }
     });
     Ok(watcher)
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 fn service_for(runtime: &Runtime, path: &Path) -> Option<Arc<Service>> {

@@ -266,11 +266,18 @@ async fn call_http(
 #[derive(Debug, PartialEq, Eq)]
 pub enum Handled {
     Done,
+    /// The handler failed (an error it returned, a trap, a deadline): an attempt spent.
     Retry(String),
     Reject(String),
+    /// The host could not run or commit the handler (no free instance slot, the store failing
+    /// or the outbox full): try again later without spending an attempt.
+    Unavailable(String),
 }
 
 /// Hands one message to `service`'s `handler` export and commits its writes if it succeeded.
+/// A commit conflict runs the handler again, as for requests, at most
+/// [`MAX_CONFLICT_RETRIES`] times (re-runs of one service taking turns), then counts as a
+/// failed attempt.
 pub async fn message(
     runtime: &Runtime,
     service: &Arc<Service>,
@@ -298,7 +305,8 @@ pub async fn message(
         offset: delivery.offset,
         attempt,
     };
-    loop {
+    let mut rerunning = None;
+    for _ in 0..MAX_CONFLICT_RETRIES {
         let loaded = service.loaded.load_full();
         if loaded.handler.is_none() {
             return Handled::Reject(format!(
@@ -322,27 +330,40 @@ pub async fn message(
                 let txn = warm.finish(called.is_ok(), runtime, service, &loaded);
                 (called, txn)
             }
+            Err(e)
+                if e.chain()
+                    .any(|c| c.is::<wasmtime::PoolConcurrencyLimitError>()) =>
+            {
+                return Handled::Unavailable("all instance slots are busy".into());
+            }
             Err(e) => (Err(e), Txn::default()),
         };
         if let Some(overrun) = txn.budget.overrun() {
             return Handled::Retry(overrun.to_string());
+        }
+        if let Some(failure) = &txn.unavailable {
+            // Whatever the handler made of the store's error, the failure was the host's.
+            return Handled::Unavailable(format!("state unavailable: {failure}"));
         }
         match called {
             Err(e) if e.is::<WallClock>() => return Handled::Retry(format!("handler {e}")),
             Err(e) => return Handled::Retry(format!("trap: {}", e.root_cause())),
             Ok(Err(handler::HandleError::Retry(m))) => return Handled::Retry(m),
             Ok(Err(handler::HandleError::Reject(m))) => return Handled::Reject(m),
-            Ok(Ok(())) => match runtime.commit_handled(txn).await {
+            Ok(Ok(())) => match runtime.commit_handled(txn, rerunning.take()).await {
                 Ok(()) => return Handled::Done,
                 Err(CommitError::Conflict) => {
                     service.conflicts.inc();
-                    continue;
+                    rerunning = Some(service.rerun.clone().lock_owned().await);
                 }
-                Err(CommitError::Full(m)) => return Handled::Retry(m),
+                Err(CommitError::Full(m)) => return Handled::Unavailable(m),
                 Err(CommitError::Storage(e)) => {
-                    return Handled::Retry(format!("commit failed: {e:#}"))
+                    return Handled::Unavailable(format!("commit failed: {e:#}"))
                 }
             },
         }
     }
+    Handled::Retry(format!(
+        "its commit conflicted {MAX_CONFLICT_RETRIES} times in a row with concurrent updates"
+    ))
 }

@@ -90,6 +90,9 @@ pub struct Runtime {
     services: ArcSwap<Vec<Arc<Service>>>,
     /// The manifest the services come from, and what became of its last change.
     pub manifest: Mutex<ManifestStatus>,
+    /// Held while the version history of services changes hands (a manifest change installing
+    /// its services) and while a rollback or roll-forward moves it: neither undoes the other.
+    pub versions: Mutex<()>,
     /// The largest memory limit an instance can have: the engine reserved slots this large at
     /// start-up.
     max_memory: u64,
@@ -155,6 +158,7 @@ impl Runtime {
             db,
             backend,
             services: ArcSwap::default(),
+            versions: Mutex::new(()),
             manifest: Mutex::new(ManifestStatus {
                 path: args.manifest.clone(),
                 sha256: String::new(),
@@ -229,8 +233,18 @@ impl Runtime {
         Ok(services)
     }
 
-    /// Makes `services` the ones requests, calls and consumers find from now on.
+    /// Makes `services` the ones requests, calls and consumers find from now on. A service that
+    /// replaces a running one takes over its version history as it is now: a rollback made
+    /// while the change was being prepared (compiling, say) is kept, not undone.
     pub fn install(&self, services: Vec<Arc<Service>>) {
+        let _versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        let running = self.services();
+        for new in &services {
+            let old = running.iter().find(|o| o.name == new.name);
+            if let Some(old) = old.filter(|old| !Arc::ptr_eq(old, new)) {
+                new.take_history_from(old);
+            }
+        }
         self.services.store(Arc::new(services));
     }
 
@@ -297,12 +311,17 @@ impl Runtime {
     /// Applies a message handler's writes (visible at once, durable with a later durable
     /// commit): the consumer waits for the disk once per batch of records, before it commits
     /// their offsets (see `ingress::consumer`).
-    async fn commit_handled(&self, txn: Txn) -> Result<(), CommitError> {
+    async fn commit_handled(
+        &self,
+        txn: Txn,
+        serialized: Option<tokio::sync::OwnedMutexGuard<()>>,
+    ) -> Result<(), CommitError> {
         let sent = txn.sends();
         if sent {
             self.outbox_has_room()?;
         }
         self.db.apply(txn).await?;
+        drop(serialized);
         if sent {
             self.outbox.poke();
         }
@@ -334,5 +353,77 @@ impl ServiceCalls for Peers {
             }
             Some(invoke::http(&runtime, &target, req, request_id).await)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messaging::embedded::Embedded;
+    use clap::Parser as _;
+
+    fn fixture(name: &str) -> PathBuf {
+        let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../build/fixtures")
+            .join(name);
+        assert!(
+            file.exists(),
+            "no {}: run `just build-fixtures`",
+            file.display()
+        );
+        file
+    }
+
+    /// A manifest change prepared while the service was rolled back installs the rolled-back
+    /// version, not the one it saw when it began.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_rollback_while_a_manifest_change_is_prepared_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let args = Args::parse_from([
+            "host",
+            "--max-instances",
+            "4",
+            "--compile-cache",
+            cache.to_str().unwrap(),
+        ]);
+        let db = Db::in_memory().unwrap();
+        let runtime = Runtime::new(&args, &[], db.clone(), Arc::new(Embedded::new(db))).unwrap();
+        let file = dir.path().join("user.wasm");
+        let mut spec = ServiceSpec::named("user");
+        spec.file = file.clone();
+        std::fs::copy(fixture("user-a.wasm"), &file).unwrap();
+        runtime.install(runtime.prepare(vec![spec.clone()]).await.unwrap());
+        let a = runtime
+            .service("user")
+            .unwrap()
+            .loaded
+            .load()
+            .sha256
+            .clone();
+        // Swapped to b, as the watcher does when the file changes.
+        std::fs::copy(fixture("user-b.wasm"), &file).unwrap();
+        let b = component::load(
+            &runtime.engine,
+            &runtime.linker,
+            &spec,
+            &runtime.settings.compile_cache,
+        )
+        .await
+        .unwrap();
+        runtime.service("user").unwrap().install(b);
+        // A manifest change of its limits is prepared (while b runs), then the operator rolls
+        // back to a before it is installed.
+        spec.limits.concurrency = 8;
+        let prepared = runtime.prepare(vec![spec]).await.unwrap();
+        let (generation, rolled) = runtime.service("user").unwrap().rollback().unwrap();
+        assert_eq!((generation, &rolled.sha256), (3, &a));
+        runtime.install(prepared);
+        let user = runtime.service("user").unwrap();
+        assert_eq!(user.loaded.load().sha256, a, "the rollback was undone");
+        assert_eq!(user.generation(), 3);
+        assert_eq!(user.spec.limits.concurrency, 8);
+        // And what the rollback left can be rolled forward to.
+        assert_ne!(user.rollforward().unwrap().1.sha256, a);
     }
 }

@@ -26,6 +26,9 @@ pub struct Service {
     /// Route labels its request metrics have used (the listener keeps them bounded).
     pub routes: Mutex<std::collections::HashSet<String>>,
     swaps: Mutex<Swaps>,
+    /// Set when a manifest change gave this service a new component: the running version
+    /// goes into its history when it is installed.
+    swapped_in: bool,
 }
 
 /// A file that was offered as a new version and refused.
@@ -90,6 +93,7 @@ impl Service {
                 generation: 1,
                 ..Swaps::default()
             }),
+            swapped_in: false,
         }
     }
 
@@ -99,12 +103,22 @@ impl Service {
     pub fn reconfigured(&self, spec: ServiceSpec, loaded: Loaded, swapped: bool) -> Service {
         let mut service = Service::new(spec, loaded);
         service.rerun = self.rerun.clone();
-        let mut swaps = self.swaps.lock().unwrap().clone();
-        if swapped {
-            swaps.push(self.loaded.load_full());
-        }
-        service.swaps = Mutex::new(swaps);
+        service.swapped_in = swapped;
+        service.take_history_from(self);
         service
+    }
+
+    /// Takes `old`'s version history as it is now (and, unless a new component replaces it,
+    /// its current version): `old` is the running service this one replaces.
+    pub fn take_history_from(&self, old: &Service) {
+        let mut swaps = old.swaps.lock().unwrap().clone();
+        let current = old.loaded.load_full();
+        if self.swapped_in {
+            swaps.push(current);
+        } else if current.sha256 != self.loaded.load().sha256 {
+            self.loaded.store(Arc::new(current.fresh()));
+        }
+        *self.swaps.lock().unwrap() = swaps;
     }
 
     /// 1 for the version loaded at start-up, +1 per swap or rollback.

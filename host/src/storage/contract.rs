@@ -159,6 +159,28 @@ async fn outbox_rows_land_with_their_commit_only(a: &Db, b: &Db) {
     assert!(outbox::oldest(a, 100).await.unwrap().is_empty());
 }
 
+/// An invocation that read 20,000 (absent) keys commits, as it does on any store: on
+/// PostgreSQL its reads lock the bucket rather than each key (a lock per key would overflow
+/// the server's lock table). Its reads are still checked: a write to one of them conflicts.
+async fn a_commit_that_read_twenty_thousand_keys_lands(a: &Db, b: &Db) {
+    let read_all = |db: Db| async move {
+        let mut t = txn();
+        for i in 0..20_000 {
+            assert_eq!(t.get(&db, "many", &format!("k{i}")).await.unwrap(), None);
+        }
+        t.put("other".into(), "done".into(), Some(vec![1])).unwrap();
+        t
+    };
+    let t = read_all(a.clone()).await;
+    a.commit(t).await.unwrap();
+    let t = read_all(a.clone()).await;
+    let mut w = txn();
+    w.put("many".into(), "k19999".into(), Some(vec![1]))
+        .unwrap();
+    b.commit(w).await.unwrap();
+    assert!(matches!(a.commit(t).await, Err(CommitError::Conflict)));
+}
+
 async fn run_all(a: &Db, b: &Db) {
     racing_writes_of_one_key_conflict(a, b).await;
     write_skew_on_absent_keys_is_refused(a, b).await;
@@ -166,6 +188,7 @@ async fn run_all(a: &Db, b: &Db) {
     listed_ranges_are_validated(a, b).await;
     ids_never_repeat_across_handles(a, b).await;
     outbox_rows_land_with_their_commit_only(a, b).await;
+    a_commit_that_read_twenty_thousand_keys_lands(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -176,9 +199,54 @@ async fn the_contract_holds_on_redb() {
 
 /// A store on database `url`: the redb part in memory, the rest in PostgreSQL.
 async fn shared(url: &str) -> Db {
+    shared_waiting(url, std::time::Duration::from_secs(30)).await
+}
+
+/// [`shared`], whose commits wait at most `wait` for a lock.
+async fn shared_waiting(url: &str, wait: std::time::Duration) -> Db {
     let db = Db::in_memory().unwrap();
-    db.share(Pg::connect(url).await.unwrap()).unwrap();
+    db.share(Pg::connect(url, wait).await.unwrap()).unwrap();
     db
+}
+
+/// A session that took a key's lock and then never finished (its host died mid-commit, or was
+/// cut off): a commit that needs the key fails as unavailable within its wait, instead of
+/// waiting for hours; commits on other keys are not held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_held_by_a_dead_session_fails_a_commit_within_its_wait() {
+    let server = Postgres::start().expect("a PostgreSQL server for the tests");
+    let url = server.create_database("stuck").unwrap();
+    let db = shared_waiting(&url, std::time::Duration::from_secs(1)).await;
+    let (stuck, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let (k1, k2) = super::postgres::lock_id("svc", "b", Some("k"));
+    stuck.batch_execute("BEGIN").await.unwrap();
+    stuck
+        .execute("SELECT pg_advisory_xact_lock($1, $2)", &[&k1, &k2])
+        .await
+        .unwrap();
+    let mut other = txn();
+    other
+        .put("b".into(), "elsewhere".into(), Some(vec![1]))
+        .unwrap();
+    db.commit(other).await.unwrap();
+    let mut t = txn();
+    t.put("b".into(), "k".into(), Some(vec![1])).unwrap();
+    let began = std::time::Instant::now();
+    let result = tokio::time::timeout(std::time::Duration::from_secs(20), db.commit(t))
+        .await
+        .expect("the commit waited past its wait");
+    assert!(matches!(result, Err(CommitError::Storage(_))), "{result:?}");
+    assert!(began.elapsed() >= std::time::Duration::from_millis(900));
+    // The pool is not left holding a broken transaction: the next commits go through.
+    for i in 0..40 {
+        let mut t = txn();
+        t.put("b".into(), format!("after{i}"), Some(vec![1]))
+            .unwrap();
+        db.commit(t).await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

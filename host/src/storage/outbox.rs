@@ -89,6 +89,61 @@ pub fn parked(db: &Db) -> Result<u64> {
     }
 }
 
+/// The oldest entry of the outbox cannot be decoded (written by another version of the host,
+/// say): [`park`] it so that the ones after it flow.
+#[derive(Debug)]
+pub struct Undecodable {
+    pub seq: u64,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Undecodable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "outbox entry {} cannot be decoded: {}",
+            self.seq, self.reason
+        )
+    }
+}
+
+impl std::error::Error for Undecodable {}
+
+/// Decodes the outbox entries `rows` (sequence number, encoded message), oldest first: those
+/// before the first one that does not decode, or [`Undecodable`] when it is the oldest.
+pub(super) fn decode_rows<'a>(
+    rows: impl IntoIterator<Item = Result<(u64, &'a [u8])>>,
+) -> Result<Vec<(u64, Message)>> {
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, bytes) = row?;
+        match postcard::from_bytes(bytes) {
+            Ok(message) => out.push((seq, message)),
+            Err(e) if out.is_empty() => {
+                return Err(Undecodable {
+                    seq,
+                    reason: e.to_string(),
+                }
+                .into())
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(out)
+}
+
+/// What a parked entry keeps: the message, or, when its bytes do not decode, a message whose
+/// payload is those bytes, under no topic.
+pub(super) fn parked_record(reason: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+    let message: Message = postcard::from_bytes(bytes).unwrap_or_else(|_| Message {
+        topic: String::new(),
+        key: None,
+        payload: bytes.to_vec(),
+        headers: vec![("outbox-undecodable".into(), "true".into())],
+    });
+    Ok(postcard::to_allocvec(&(reason, message))?)
+}
+
 /// Sets message `seq` of a batch aside with `reason`, and removes `published`, the ones of the
 /// batch before it.
 pub async fn park(db: &Db, published: &[u64], seq: u64, reason: &str) -> Result<()> {
@@ -112,10 +167,10 @@ fn park_local(db: &Db, seq: u64, reason: &str) -> Result<()> {
             return Ok(());
         };
         removed += message.value().len() as u64;
-        let message: Message = postcard::from_bytes(message.value())?;
+        let record = parked_record(reason, message.value())?;
         let mut parked = wtx.open_table(PARKED)?;
         let next = parked.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
-        parked.insert(next, postcard::to_allocvec(&(reason, message))?.as_slice())?;
+        parked.insert(next, record.as_slice())?;
         Ok(())
     })?;
     forget(db, removed);
@@ -140,11 +195,8 @@ pub fn oldest_local(db: &Db, max: usize) -> Result<Vec<(u64, Message)>> {
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
         Err(e) => return Err(e.into()),
     };
-    let mut out = Vec::new();
-    for entry in table.iter()?.take(max) {
-        let (k, v) = entry?;
-        out.push((k.value(), postcard::from_bytes(v.value())?));
-    }
+    let entries: Vec<_> = table.iter()?.take(max).collect::<Result<_, _>>()?;
+    let out = decode_rows(entries.iter().map(|(k, v)| Ok((k.value(), v.value()))))?;
     if !out.is_empty() {
         // Commits are visible before they are durable (group commit): never publish a
         // message whose invocation a crash could still undo.
@@ -189,6 +241,18 @@ pub fn remove_through(db: &Db, last: u64) -> Result<()> {
     })?;
     forget(db, removed);
     Ok(())
+}
+
+/// Appends `bytes` to the outbox as they are, as another version of the host might have.
+#[cfg(test)]
+pub fn append_raw(db: &Db, bytes: &[u8]) {
+    db.write_lazily(|wtx| {
+        let mut outbox = wtx.open_table(OUTBOX)?;
+        let next = outbox.last()?.map_or(0, |(k, _)| k.value() + 1);
+        outbox.insert(next, bytes)?;
+        Ok(())
+    })
+    .unwrap();
 }
 
 #[cfg(test)]

@@ -18,11 +18,13 @@ pub(super) fn digest_of(value: &[u8]) -> Seen {
     Sha256::digest(value).into()
 }
 
+/// A digest of a list of keys. Each key is length-prefixed: keys may hold any byte (`\0` too),
+/// and no two different lists may share a digest.
 pub(super) fn digest_keys(keys: &[String]) -> Seen {
     let mut h = Sha256::new();
     for k in keys {
+        h.update((k.len() as u64).to_le_bytes());
         h.update(k.as_bytes());
-        h.update([0]);
     }
     h.finalize().into()
 }
@@ -42,6 +44,9 @@ pub struct Txn {
     pub(super) outbox: Vec<Message>,
     /// What all of the above may cost the host.
     pub budget: Budget,
+    /// Set when the store failed one of this invocation's reads: whatever the guest answered,
+    /// the failure was the host's.
+    pub unavailable: Option<String>,
     /// The store whose sequences this transaction took ids from, to release them when done.
     pub(super) lease: Option<Db>,
     /// Set once its writes are in the store.
@@ -210,6 +215,30 @@ mod tests {
         db.commit_blocking(&t1).unwrap();
         let mut t3 = Txn::new("user".into());
         assert_eq!(ready(t3.get(&db, "b", "k")).unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn a_listed_range_whose_keys_changed_conflicts_even_when_nul_bytes_line_them_up() {
+        let db = Db::in_memory().unwrap();
+        let mut seed = Txn::new("user".into());
+        seed.put("b".into(), "p\0x".into(), Some(vec![1])).unwrap();
+        db.commit_blocking(&seed).unwrap();
+        let mut reader = Txn::new("user".into());
+        assert_eq!(ready(reader.list_keys(&db, "b", "")).unwrap(), ["p\0x"]);
+        reader
+            .put("c".into(), "seen".into(), Some(vec![1]))
+            .unwrap();
+        // Another invocation replaces that key with two: "p" and "x", each followed by a NUL,
+        // spell the same bytes as "p\0x" followed by one.
+        let mut other = Txn::new("user".into());
+        other.put("b".into(), "p\0x".into(), None).unwrap();
+        other.put("b".into(), "p".into(), Some(vec![2])).unwrap();
+        other.put("b".into(), "x".into(), Some(vec![2])).unwrap();
+        db.commit_blocking(&other).unwrap();
+        assert!(matches!(
+            db.commit_blocking(&reader),
+            Err(CommitError::Conflict)
+        ));
     }
 
     #[test]

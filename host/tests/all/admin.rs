@@ -186,3 +186,49 @@ async fn an_admin_listener_off_loopback_needs_a_token_and_then_every_call_carrie
         .unwrap();
     assert_eq!(r.status(), 409, "authorized; nothing to roll back to");
 }
+
+/// One HTTP/1.1 request to `addr` with `host` as its `Host` header, as a browser sends it after
+/// a DNS rebind: the status line's code.
+async fn status_with_host(addr: &str, request_line: &str, host: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{request_line} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response[9..12].parse().unwrap()
+}
+
+#[tokio::test]
+async fn without_a_token_a_page_rebound_to_loopback_is_refused() {
+    let host = Host::start().await;
+    let addr = host.admin.as_str();
+    let rebound = "rebind.attacker.example";
+    for line in ["GET /components", "GET /metrics"] {
+        assert_eq!(
+            status_with_host(addr, line, rebound, "").await,
+            403,
+            "{line}"
+        );
+    }
+    let rollback = "POST /components/user/rollback";
+    assert_eq!(status_with_host(addr, rollback, rebound, "{}").await, 403);
+    // The operator's own tools name the listener.
+    assert_eq!(
+        status_with_host(addr, "GET /components", addr, "").await,
+        200
+    );
+    assert_eq!(
+        status_with_host(addr, "GET /components", "localhost", "").await,
+        200
+    );
+    assert_eq!(
+        status_with_host(addr, rollback, addr, "{}").await,
+        409,
+        "processed: nothing to roll back to"
+    );
+}

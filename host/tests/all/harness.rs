@@ -175,7 +175,13 @@ impl Host {
             .arg(&data)
             .arg("--compile-cache")
             .arg(cache)
-            .args(["--admin-addr", &admin, "--max-instances", "128"])
+            .args(["--admin-addr", &admin])
+            .args(
+                (!extra.contains(&"--max-instances"))
+                    .then_some(["--max-instances", "128"])
+                    .into_iter()
+                    .flatten(),
+            )
             // A test that brings its own manifest says so in `extra`.
             .args(
                 (!extra.contains(&"--manifest"))

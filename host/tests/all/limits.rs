@@ -294,13 +294,11 @@ async fn a_port_holds_at_most_max_connections_and_takes_the_next_when_one_closes
 #[tokio::test(flavor = "multi_thread")]
 async fn request_bodies_held_by_the_host_stay_within_the_body_buffer() {
     let host = Host::start_with(None, &["--body-buffer", "1MiB"]).await;
-    // A client that announces 900,000 bytes, sends part of them, and stalls: the host has
-    // reserved 900,000 bytes for it.
-    let slow = stalled(
-        host.ports["user"],
-        b"POST /users HTTP/1.1\r\nhost: x\r\ncontent-length: 900000\r\n\r\n{\"a\":",
-    )
-    .await;
+    // A client that announces 900,010 bytes, sends 900,000 of them, and stalls: the host
+    // holds 900,000 bytes for it.
+    let mut upload = b"POST /users HTTP/1.1\r\nhost: x\r\ncontent-length: 900010\r\n\r\n".to_vec();
+    upload.extend(std::iter::repeat_n(b' ', 900_000));
+    let slow = stalled(host.ports["user"], &upload).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // On another port too: the budget is the host's, not a port's.
     let big = format!(r#"{{"name":"{}","price":1}}"#, "x".repeat(200_000));
@@ -415,4 +413,36 @@ async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_write_tim
         received.len()
     );
     every_port_answers(&host).await;
+}
+
+/// Clients that declare a 1 MiB body and send none of it hold no buffer: 2000 of them do not
+/// keep another client's POST from its answer (the body budget is 64 MiB, 64 such
+/// reservations).
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_that_declare_bodies_and_send_nothing_hold_no_buffer() {
+    let host = Host::start().await;
+    let mut idle = Vec::new();
+    for i in 0..2000 {
+        let service = ["user", "product", "order", "gateway"][i % 4];
+        idle.push(
+            stalled(
+                host.ports[service],
+                b"POST /users HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                  content-length: 1048576\r\n\r\n",
+            )
+            .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..5 {
+        let body = format!(r#"{{"name":"A{i}","email":"a{i}@ex.com"}}"#);
+        let r = host.send("POST", "user", "/users", Some(&body)).await;
+        assert_eq!(r.status, 201, "{:?}", r.json);
+    }
+    let big = format!(r#"{{"name":"{}","price":1}}"#, "x".repeat(200_000));
+    assert_error(
+        &host.send("POST", "product", "/products", Some(&big)).await,
+        400,
+    );
+    drop(idle);
 }

@@ -1,7 +1,7 @@
 //! Live manifest changes: services added, changed and removed while clients load the others,
 //! and a bad manifest refused while everything keeps serving.
 
-use crate::harness::{manifest, Host};
+use crate::harness::{manifest, with_fixture_as, Host};
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -298,4 +298,53 @@ async fn a_port_change_binds_the_new_port_before_the_old_one_closes() {
     let (served, failures) = load.finish().await;
     assert!(failures.is_empty(), "{failures:?}");
     assert!(served > 0);
+}
+
+/// Every instance slot is held by requests that sleep (the `misbehave` fixture as
+/// product-service) when notification-service joins: its handler cannot get an instance for
+/// seconds, which is the host's shortage, not the handler's failure. The record waits and is
+/// handled once a slot frees; it spends no attempt and never reaches the dead-letter topic.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handler_waiting_for_an_instance_slot_is_not_dead_lettered() {
+    let flags = ["--max-instances", "4", "--retry-max-attempts", "2"];
+    let (mut host, comps) = with_fixture_as("product", "misbehave.wasm", &[], &flags).await;
+    let notification = crate::harness::components_dir().join("notification.wasm");
+    std::fs::copy(notification, comps.path().join("notification.wasm")).unwrap();
+    create(&host, 1).await;
+    let url = host.url("product", "/sleep?ms=6000");
+    let sleepers: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    // Four sleep, four are refused: every slot is taken.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sleepers.iter().filter(|s| s.is_finished()).count() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the sleepers never filled the slots"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    write_manifest(&host, &with_notification("earliest"));
+    manifest_when(&host, |m| m["generation"] == 2).await;
+    host.refresh_ports().await;
+    let mut statuses = Vec::new();
+    for s in sleepers {
+        statuses.push(s.await.unwrap().unwrap());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 200, 200, 200, 503, 503, 503, 503]);
+    assert_eq!(welcomed(&host, 1).await, [1]);
+    let deferred = host
+        .metric("host_messages_deferred_total{service=\"notification\"")
+        .await;
+    assert!(deferred >= 1.0, "the handler never waited for a slot");
+    assert_eq!(
+        host.metric("host_messages_dead_lettered_total").await,
+        0.0,
+        "{}",
+        host.log()
+    );
 }

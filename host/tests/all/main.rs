@@ -5,6 +5,7 @@ mod admin;
 mod api;
 #[path = "../support/broker.rs"]
 mod broker;
+mod compose;
 mod flows;
 mod fuzz;
 mod harness;

@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS outbox_parked (
 pub struct Pg {
     pool: Pool,
     url: String,
+    /// How long a commit may wait for its locks.
+    wait: Duration,
     relay: tokio::sync::Mutex<relay::Relay>,
     /// Outbox rows and bytes as last counted by the relay (for readiness, metrics and
     /// `OUTBOX_MAX`); counted at most once a second.
@@ -110,10 +112,38 @@ const LIST: &str = "SELECT key FROM kv WHERE service = $1 AND bucket = $2 AND ke
      AND ($6::text IS NULL OR key <= $6) ORDER BY key LIMIT $7";
 const GET: &str = "SELECT value FROM kv WHERE service = $1 AND bucket = $2 AND key = $3";
 
+/// The settings every connection of `url` gets: a commit waits at most `wait` for a lock
+/// (the invocation's deadline), a session idle in a transaction (its host died mid-commit, or
+/// was cut off) is ended by the server, with the locks it held, and TCP keepalives notice a
+/// peer that is gone.
+fn connection_config(url: &str, wait: Duration) -> Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = url.parse().context("STATE_URL")?;
+    let ms = wait.as_millis().max(1);
+    let ours = format!(
+        "-c lock_timeout={ms} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+        ms * 2,
+        (ms * 2).max(10_000)
+    );
+    // The URL's own options (`?options=...`) come last, so that they win.
+    let options = match config.get_options() {
+        Some(theirs) => format!("{ours} {theirs}"),
+        None => ours,
+    };
+    config
+        .options(&options)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(30));
+    Ok(config)
+}
+
 impl Pg {
-    /// Connects to `url` and creates the tables if they do not exist.
-    pub async fn connect(url: &str) -> Result<Pg> {
-        let config: tokio_postgres::Config = url.parse().context("STATE_URL")?;
+    /// Connects to `url` and creates the tables if they do not exist. A commit waits at most
+    /// `wait` for the locks it needs (then fails as the store being unavailable).
+    pub async fn connect(url: &str, wait: Duration) -> Result<Pg> {
+        let config = connection_config(url, wait)?;
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -131,6 +161,7 @@ impl Pg {
         let pg = Pg {
             pool,
             url: url.to_string(),
+            wait,
             relay: Default::default(),
             depth: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -328,7 +359,7 @@ const SEND: &str = "INSERT INTO outbox (part, message) VALUES ($1, $2)";
 const NOTIFY: &str = "NOTIFY outbox";
 
 /// Lock ids: a key (`Some`), or a whole bucket (`None`).
-fn lock_id(service: &str, bucket: &str, key: Option<&str>) -> (i32, i32) {
+pub(super) fn lock_id(service: &str, bucket: &str, key: Option<&str>) -> (i32, i32) {
     let mut h = Sha256::new();
     for part in [service, bucket] {
         h.update((part.len() as u64).to_le_bytes());
@@ -343,11 +374,20 @@ fn lock_id(service: &str, bucket: &str, key: Option<&str>) -> (i32, i32) {
     (int(0), int(4))
 }
 
+/// Keys of one bucket an invocation may read before its commit locks the bucket instead of
+/// each key (a lock per key would fill PostgreSQL's shared lock table, `max_locks_per_transaction
+/// × max_connections`, failing this commit and others).
+const KEY_LOCKS_PER_BUCKET: usize = 64;
+/// Key locks of reads one commit may take in all; past it every bucket it read is locked whole.
+const KEY_LOCKS: usize = 256;
+
 /// The locks committing `txn` takes, sorted, each once, with whether it is exclusive: a key it
 /// writes, exclusive; a key it only read, shared; the bucket of a range it listed, exclusive;
 /// the bucket of a key it writes, shared (so that a write into a listed range waits for the
 /// lister's commit, and the other way round). Two commits conflict on a lock only when
-/// one's writes could change what the other read or wrote.
+/// one's writes could change what the other read or wrote. Past [`KEY_LOCKS_PER_BUCKET`]
+/// keys read in a bucket (or [`KEY_LOCKS`] in all), the reads of a bucket lock it whole,
+/// exclusively, as a listed range does: every write into it then waits for this commit.
 fn locks(txn: &Txn) -> ((Vec<i32>, Vec<i32>), Vec<bool>) {
     let service = &*txn.service;
     let mut modes: std::collections::BTreeMap<(i32, i32), bool> = Default::default();
@@ -359,8 +399,19 @@ fn locks(txn: &Txn) -> ((Vec<i32>, Vec<i32>), Vec<bool>) {
         take(lock_id(service, bucket, Some(key)), true);
         take(lock_id(service, bucket, None), false);
     }
+    let mut read_per_bucket: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (bucket, _, _) in &txn.reads {
+        *read_per_bucket.entry(bucket).or_default() += 1;
+    }
+    let whole = |bucket: &str| {
+        txn.reads.len() > KEY_LOCKS || read_per_bucket[bucket] > KEY_LOCKS_PER_BUCKET
+    };
     for (bucket, key, _) in &txn.reads {
-        take(lock_id(service, bucket, Some(key)), false);
+        if whole(bucket) {
+            take(lock_id(service, bucket, None), true);
+        } else {
+            take(lock_id(service, bucket, Some(key)), false);
+        }
     }
     for (range, _) in &txn.lists {
         take(lock_id(service, &range.bucket, None), true);

@@ -2,6 +2,7 @@
 //! and the oldest messages, removal and parking of the partitions it holds.
 
 use super::{sql_limit, Pg, LOCK_BASE, PARTITIONS};
+use crate::storage::outbox::{decode_rows, parked_record};
 use crate::types::Message;
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt as _;
@@ -51,13 +52,10 @@ impl Pg {
             )
             .await?;
         let rows = client.query(&stmt, &[&held, &sql_limit(max)]).await?;
-        rows.iter()
-            .map(|r| {
-                let seq: i64 = r.get(0);
-                let message = postcard::from_bytes(r.get::<_, &[u8]>(1))?;
-                Ok((seq as u64, message))
-            })
-            .collect()
+        decode_rows(
+            rows.iter()
+                .map(|r| Ok((r.get::<_, i64>(0) as u64, r.get::<_, &[u8]>(1)))),
+        )
     }
 
     /// Removes the published messages `seqs`.
@@ -84,8 +82,7 @@ impl Pg {
             )
             .await?;
         if let Some(row) = row {
-            let message: Message = postcard::from_bytes(row.get::<_, &[u8]>(0))?;
-            let record = postcard::to_allocvec(&(reason, message))?;
+            let record = parked_record(reason, row.get::<_, &[u8]>(0))?;
             tx.execute(
                 "INSERT INTO outbox_parked (reason, message) VALUES ($1, $2)",
                 &[&reason, &record],
@@ -105,7 +102,8 @@ impl Pg {
             // A lost connection lost its locks with it.
             relay.held.clear();
             relay.client = None;
-            let (client, mut connection) = tokio_postgres::connect(&self.url, NoTls)
+            let (client, mut connection) = super::connection_config(&self.url, self.wait)?
+                .connect(NoTls)
                 .await
                 .context("connecting the outbox relay to PostgreSQL")?;
             // Commits with outbox rows NOTIFY, on whichever host: wake this one's drainer.

@@ -227,6 +227,15 @@ impl Deployment {
                 ?changed,
                 "manifest applied"
             );
+            if !added.is_empty() && !removed.is_empty() {
+                tracing::warn!(
+                    ?added,
+                    ?removed,
+                    "services added and removed together: state, ids and consumer offsets belong \
+                     to a service's name, so a renamed service starts with none (the removed \
+                     name's state stays, for that name)"
+                );
+            }
         }
         Ok(())
     }

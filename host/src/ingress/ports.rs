@@ -8,6 +8,7 @@ use crate::types::contract::SERVICE_SUFFIX;
 use crate::types::http::write_limited;
 use crate::types::{json_error, Resp};
 use anyhow::{Context as _, Result};
+use arc_swap::ArcSwap;
 use futures_util::FutureExt as _;
 use hyper::header::{HeaderValue, CONNECTION};
 use hyper::server::conn::http1;
@@ -35,12 +36,19 @@ pub struct Ports {
 
 struct Port {
     port: u16,
+    /// The service its requests go to: a port can move from one service to another (a renamed
+    /// service keeping its port, two services swapping theirs) without closing.
+    service: Arc<ArcSwap<String>>,
     accepting: JoinHandle<()>,
     connections: Arc<GracefulShutdown>,
 }
 
-/// Ports bound for a change of services, not accepting yet.
-pub struct Bound(Vec<(Arc<str>, TcpListener)>);
+/// Ports bound for a change of services, not accepting yet, and open ports that move to
+/// another service with it: (from, to).
+pub struct Bound {
+    bound: Vec<(Arc<str>, TcpListener)>,
+    moved: Vec<(Arc<str>, Arc<str>)>,
+}
 
 impl Ports {
     pub fn new(runtime: Arc<Runtime>, bind_addr: IpAddr, body_buffer: u64) -> Ports {
@@ -58,8 +66,24 @@ impl Ports {
     /// Binds the ports of `specs` that are not open yet (a new service, a changed port) and
     /// writes the bound port into each spec. A service that keeps its port, or asks for any
     /// port (`0`) and has one, keeps its listener.
+    ///
+    /// A port open for a service that gives it up (removed, or moved to another port) goes to
+    /// the service that asks for it, open as it is: it is never closed and bound again.
     pub async fn bind(&self, specs: &mut [ServiceSpec]) -> Result<Bound> {
         let mut bound = Vec::new();
+        let mut moved = Vec::new();
+        // The services that keep the port they have open.
+        let keeps = |name: &str, port: u16| {
+            specs
+                .iter()
+                .any(|s| s.serves_http && &*s.name == name && (s.port == 0 || s.port == port))
+        };
+        let given_up: HashMap<u16, Arc<str>> = self
+            .open
+            .iter()
+            .filter(|(name, open)| !keeps(name, open.port))
+            .map(|(name, open)| (open.port, name.clone()))
+            .collect();
         for spec in specs.iter_mut().filter(|s| s.serves_http) {
             if let Some(open) = self.open.get(&spec.name) {
                 if spec.port == 0 || spec.port == open.port {
@@ -67,31 +91,49 @@ impl Ports {
                     continue;
                 }
             }
+            if let Some(from) = given_up.get(&spec.port).filter(|_| spec.port != 0) {
+                moved.push((from.clone(), spec.name.clone()));
+                continue;
+            }
             let listener = TcpListener::bind((self.bind_addr, spec.port))
                 .await
                 .with_context(|| format!("binding {} port {}", spec.name, spec.port))?;
             spec.port = listener.local_addr()?.port();
             bound.push((spec.name.clone(), listener));
         }
-        Ok(Bound(bound))
+        Ok(Bound { bound, moved })
     }
 
     /// Starts accepting on `bound`; then stops accepting on the ports no service of `specs`
     /// has any more (a removed service, a changed port), whose requests in flight finish in
     /// the background before their connections close.
     pub fn apply(&mut self, bound: Bound, specs: &[ServiceSpec]) {
-        for (name, listener) in bound.0 {
+        let moving: Vec<(Port, Arc<str>)> = bound
+            .moved
+            .into_iter()
+            .filter_map(|(from, to)| Some((self.open.remove(&from)?, to)))
+            .collect();
+        for (port, to) in moving {
+            tracing::info!(service = %to, port = port.port, from = %port.service.load(), "port moved");
+            port.service.store(Arc::new(to.to_string()));
+            if let Some(old) = self.open.insert(to, port) {
+                tokio::spawn(old.close());
+            }
+        }
+        for (name, listener) in bound.bound {
             let port = listener.local_addr().map_or(0, |a| a.port());
             let connections = Arc::new(GracefulShutdown::new());
+            let service = Arc::new(ArcSwap::from_pointee(name.to_string()));
             let accepting = tokio::spawn(serve(
                 listener,
                 self.runtime.clone(),
-                name.clone(),
+                service.clone(),
                 connections.clone(),
                 self.budget.clone(),
             ));
             let new = Port {
                 port,
+                service,
                 accepting,
                 connections,
             };
@@ -147,7 +189,7 @@ impl Port {
 async fn serve(
     listener: TcpListener,
     runtime: Arc<Runtime>,
-    service: Arc<str>,
+    service: Arc<ArcSwap<String>>,
     connections: Arc<GracefulShutdown>,
     budget: Arc<Semaphore>,
 ) {
@@ -162,7 +204,7 @@ async fn serve(
             Ok(conn) => conn,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(service = %service, error = %e, "accept failed");
+                tracing::warn!(service = %service.load(), error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -177,10 +219,11 @@ async fn serve(
             let svc = service_fn(move |req| {
                 let (runtime, service, budget) = (runtime.clone(), service.clone(), budget.clone());
                 async move {
-                    let resp = match runtime.service(&service) {
+                    let name = service.load_full();
+                    let resp = match runtime.service(&name) {
                         Some(service) => handle(&runtime, &service, &budget, req).await,
                         // Removed by a manifest change; its port is closing.
-                        None => gone(&service),
+                        None => gone(&name),
                     };
                     Ok::<_, Infallible>(resp)
                 }

@@ -11,6 +11,11 @@ use tokio::sync::Notify;
 /// Messages published per backend round trip.
 const BATCH: usize = 256;
 
+/// How long a drainer fails to publish before it gives its outbox partitions (with
+/// `STATE_URL`) to other hosts, which may reach the backend, and for how long.
+const STEP_BACK_AFTER: Duration = Duration::from_secs(10);
+const STAY_AWAY: Duration = Duration::from_secs(30);
+
 /// The outbox of a store, and the bell that wakes its drainer.
 #[derive(Clone)]
 pub struct Outbox {
@@ -84,6 +89,7 @@ impl Outbox {
     /// (it may deliver a batch twice; handlers are idempotent).
     pub async fn drain(self, backend: Arc<dyn Backend>) {
         let mut failures = 0u32;
+        let mut failing_since: Option<std::time::Instant> = None;
         loop {
             let batch = match outbox::oldest(&self.db, BATCH).await {
                 Ok(b) => b,
@@ -123,6 +129,7 @@ impl Outbox {
             match published {
                 Ok(()) => {
                     failures = 0;
+                    failing_since = None;
                     for m in &messages {
                         crate::metrics::get()
                             .produced
@@ -135,6 +142,11 @@ impl Outbox {
                 }
                 Err(e) => {
                     failures += 1;
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= STEP_BACK_AFTER {
+                        outbox::step_back(&self.db, STAY_AWAY).await;
+                        failing_since = None;
+                    }
                     let depth = self.depth().unwrap_or(0);
                     tracing::warn!(
                         waiting = depth,

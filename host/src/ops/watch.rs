@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use sha2::Digest as _;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +21,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// How long the manifest's content must stay the same before it is applied: a file written in
+/// two steps is applied whole, not its first half.
+pub const MANIFEST_SETTLE: Duration = Duration::from_secs(1);
 
 /// What the watcher needs from the embedder to apply a changed manifest: re-reading it,
 /// validating it, binding ports and starting consumers are the composition root's.
@@ -35,6 +40,9 @@ pub trait ManifestHooks: Send + Sync + 'static {
 enum Change {
     Component(Arc<str>),
     Manifest,
+    /// Something else in the manifest's directory changed: the manifest, if a symlink on the
+    /// way to it was swapped; a no-op when its content is what was last applied.
+    ManifestDir,
 }
 
 /// Starts watching `dir` for component files and `manifest` for the services. Dropping the
@@ -69,23 +77,49 @@ pub fn spawn(
         .canonicalize()
         .with_context(|| format!("watching {}", manifest_dir.display()))?;
     let manifest_name = manifest.file_name().map(|n| n.to_os_string());
-    for dir in [&components, &manifest_dir] {
+    // The manifest may be a symlink (a Kubernetes ConfigMap: `services.toml` -> `..data/…`,
+    // updated by swapping `..data`): any change in its directory, or in its target's, may be
+    // a new manifest. Reloading one that did not change is a no-op.
+    let mut manifest_dirs = vec![manifest_dir.clone()];
+    if let Some(target_dir) = manifest
+        .canonicalize()
+        .ok()
+        .and_then(|t| t.parent().map(Path::to_path_buf))
+    {
+        if !manifest_dirs.contains(&target_dir) {
+            manifest_dirs.push(target_dir);
+        }
+    }
+    let mut dirs = vec![components.clone()];
+    dirs.extend(manifest_dirs.iter().filter(|d| **d != components).cloned());
+    for dir in &dirs {
         watcher
             .watch(dir, RecursiveMode::NonRecursive)
             .with_context(|| format!("watching {}", dir.display()))?;
     }
+    let manifest = manifest.to_path_buf();
     tokio::spawn(async move {
         let mut due: HashMap<Change, Instant> = HashMap::new();
+        // The manifest's content when it was last looked at: applied once it is seen twice,
+        // `MANIFEST_SETTLE` apart.
+        let mut manifest_seen: Option<[u8; 32]> = None;
+        // Its content when it was last reloaded.
+        let mut manifest_reloaded: Option<[u8; 32]> = None;
         loop {
             let next = due.values().min().copied();
             tokio::select! {
                 path = rx.recv() => {
                     let Some(path) = path else { return };
                     let parent = path.parent().unwrap_or(Path::new(""));
-                    let change = if parent == manifest_dir
-                        && path.file_name().map(|n| n.to_os_string()) == manifest_name
-                    {
+                    let named = path.file_name().map(|n| n.to_os_string()) == manifest_name;
+                    let in_manifest_dir = manifest_dirs.iter().any(|d| d == parent);
+                    let change = if in_manifest_dir && named {
                         Some(Change::Manifest)
+                    } else if in_manifest_dir && parent != components {
+                        // The data dir may hold the manifest: its busy files must not keep
+                        // pushing a real change back.
+                        due.entry(Change::ManifestDir).or_insert(Instant::now() + DEBOUNCE);
+                        None
                     } else if parent != components {
                         None
                     } else if let Some(service) = service_for(&runtime, &path) {
@@ -103,11 +137,28 @@ pub fn spawn(
                         due.iter().filter(|(_, t)| **t <= now).map(|(c, _)| c.clone()).collect();
                     for change in ready {
                         due.remove(&change);
+                        if matches!(change, Change::Manifest | Change::ManifestDir) {
+                            let now_seen = tokio::fs::read(&manifest)
+                                .await
+                                .map(|text| sha2::Sha256::digest(text).into())
+                                .unwrap_or([0; 32]);
+                            if change == Change::ManifestDir && manifest_reloaded == Some(now_seen) {
+                                continue;
+                            }
+                            if manifest_seen != Some(now_seen) {
+                                // Changed since it was last looked at: wait for it to settle.
+                                manifest_seen = Some(now_seen);
+                                due.insert(Change::Manifest, Instant::now() + MANIFEST_SETTLE);
+                                continue;
+                            }
+                            manifest_seen = None;
+                            manifest_reloaded = Some(now_seen);
+                        }
                         // One at a time, in this task: a swap never races a manifest change.
                         // A bug that panics in one must not end watching for good.
                         let applied = std::panic::AssertUnwindSafe(async {
                             match &change {
-                                Change::Manifest => hooks.reload().await,
+                                Change::Manifest | Change::ManifestDir => hooks.reload().await,
                                 Change::Component(name) => {
                                     if let Some(service) = runtime.service(name) {
                                         swap_from_file(&runtime, &service).await;
@@ -119,7 +170,7 @@ pub fn spawn(
                         .await;
                         if let Err(panic) = applied {
                             let what = match &change {
-                                Change::Manifest => "the manifest".to_string(),
+                                Change::Manifest | Change::ManifestDir => "the manifest".to_string(),
                                 Change::Component(name) => format!("service {name}'s component"),
                             };
                             tracing::error!(

@@ -165,7 +165,7 @@ async fn outbox_rows_land_with_their_commit_only(a: &Db, b: &Db) {
 async fn a_commit_that_read_twenty_thousand_keys_lands(a: &Db, b: &Db) {
     let read_all = |db: Db| async move {
         let mut t = txn();
-        for i in 0..20_000 {
+        for i in 0..60_000 {
             assert_eq!(t.get(&db, "many", &format!("k{i}")).await.unwrap(), None);
         }
         t.put("other".into(), "done".into(), Some(vec![1])).unwrap();
@@ -175,7 +175,7 @@ async fn a_commit_that_read_twenty_thousand_keys_lands(a: &Db, b: &Db) {
     a.commit(t).await.unwrap();
     let t = read_all(a.clone()).await;
     let mut w = txn();
-    w.put("many".into(), "k19999".into(), Some(vec![1]))
+    w.put("many".into(), "k59999".into(), Some(vec![1]))
         .unwrap();
     b.commit(w).await.unwrap();
     assert!(matches!(a.commit(t).await, Err(CommitError::Conflict)));
@@ -281,4 +281,63 @@ async fn the_contract_holds_on_postgresql_and_survives_a_server_restart() {
     );
     let waiting = outbox::oldest(&c, 10).await.unwrap();
     assert_eq!(waiting.len(), 1, "{waiting:?}");
+}
+
+/// A relay whose session ended (its connection cut mid-drain; its partition locks went with
+/// it) deletes nothing it read: another host takes the partitions and publishes those rows.
+/// Live relays then share the partitions, each holding its half.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_that_lost_its_session_deletes_nothing_and_relays_share_partitions() {
+    let server = Postgres::start().expect("a PostgreSQL server for the tests");
+    let url = server.create_database("relay").unwrap();
+    let (a, b) = (shared(&url).await, shared(&url).await);
+    let mut t = txn();
+    for key in 0..64 {
+        t.send(message(&key.to_string())).unwrap();
+    }
+    a.commit(t).await.unwrap();
+    let read = outbox::oldest(&a, 100).await.unwrap();
+    assert_eq!(read.len(), 64, "the only relay holds every partition");
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let ended = admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'microsvc-outbox-relay' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ended, 1);
+    let seqs: Vec<u64> = read.iter().map(|(s, _)| *s).collect();
+    assert!(
+        outbox::remove(&a, &seqs).await.is_err(),
+        "removed on a session that ended"
+    );
+    let taken = outbox::oldest(&b, 100).await.unwrap();
+    assert_eq!(taken.len(), 64, "B drains what A read but could not remove");
+    // A is back: within a few claims each relay holds about half of the partitions, and
+    // between them all of them, each partition once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (on_a, on_b) = (
+            outbox::oldest(&a, 100).await.unwrap(),
+            outbox::oldest(&b, 100).await.unwrap(),
+        );
+        let seqs_a: std::collections::BTreeSet<u64> = on_a.iter().map(|(s, _)| *s).collect();
+        let seqs_b: std::collections::BTreeSet<u64> = on_b.iter().map(|(s, _)| *s).collect();
+        if !seqs_a.is_empty() && !seqs_b.is_empty() && seqs_a.len() + seqs_b.len() == 64 {
+            assert!(seqs_a.is_disjoint(&seqs_b));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never shared: A {} rows, B {}",
+            seqs_a.len(),
+            seqs_b.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

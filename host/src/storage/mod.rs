@@ -257,6 +257,8 @@ pub struct KeyRange {
     pub prefix: String,
     pub after: Option<String>,
     pub upto: Option<String>,
+    /// Keys the invocation found in it: re-checking it reads at most one more.
+    pub found: usize,
 }
 
 impl KeyRange {

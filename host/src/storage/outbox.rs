@@ -214,6 +214,14 @@ pub async fn committed_elsewhere(db: &Db) {
     }
 }
 
+/// Gives the partitions this host drains to the other hosts for `away` (with `STATE_URL`;
+/// a no-op otherwise, where nobody else could drain them): it could not publish for a while.
+pub async fn step_back(db: &Db, away: std::time::Duration) {
+    if let Some(pg) = db.shared() {
+        pg.step_back(away).await;
+    }
+}
+
 /// Removes the published messages `seqs` (a batch [`oldest`] returned). Lazily durable: after
 /// a crash, a batch whose removal was lost is published again.
 pub async fn remove(db: &Db, seqs: &[u64]) -> Result<()> {

@@ -136,6 +136,7 @@ impl Txn {
             prefix: prefix.to_string(),
             after: after.map(str::to_string),
             upto: None,
+            found: 0,
         };
         let own = |(b, k): &(String, String)| b == bucket && range.holds(k);
         // Own deletes may hide committed keys: read that many more.
@@ -162,6 +163,7 @@ impl Txn {
             // Cut short: this page saw the keys up to the last one read, no further.
             range.upto = committed.last().cloned();
         }
+        range.found = committed.len();
         self.lists.push((range, digest_keys(&committed)));
         Ok(keys.into_iter().take(limit).collect())
     }
@@ -179,7 +181,8 @@ pub(super) fn is_current(table: &redb::Table<KvKey, &[u8]>, txn: &Txn) -> Result
         }
     }
     for (range, seen) in &txn.lists {
-        if digest_keys(&scan_keys(table, &txn.service, range, usize::MAX)?) != *seen {
+        let now = scan_keys(table, &txn.service, range, range.found.saturating_add(1))?;
+        if digest_keys(&now) != *seen {
             return Ok(false);
         }
     }

@@ -348,3 +348,110 @@ async fn a_handler_waiting_for_an_instance_slot_is_not_dead_lettered() {
         host.log()
     );
 }
+
+/// Kubernetes updates a mounted ConfigMap by swapping a symlink: `services.toml` ->
+/// `..data/services.toml`, and `..data` renamed over to point at a new directory. The file the
+/// host was given never changes itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_updated_by_a_symlink_swap_is_applied() {
+    use std::os::unix::fs::symlink;
+    let config = tempfile::tempdir().unwrap();
+    let version = |name: &str, text: &str| {
+        let dir = config.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("services.toml"), text).unwrap();
+    };
+    version("..2026_12_01_1", &manifest(&[]));
+    symlink("..2026_12_01_1", config.path().join("..data")).unwrap();
+    let file = config.path().join("services.toml");
+    symlink("..data/services.toml", &file).unwrap();
+    let components = crate::harness::components_dir();
+    let host = Host::start_edited(
+        &components,
+        None,
+        &[],
+        &["--manifest", file.to_str().unwrap()],
+    )
+    .await;
+    version("..2026_12_01_2", &with_notification("earliest"));
+    symlink("..2026_12_01_2", config.path().join("..data_tmp")).unwrap();
+    std::fs::rename(
+        config.path().join("..data_tmp"),
+        config.path().join("..data"),
+    )
+    .unwrap();
+    std::fs::remove_dir_all(config.path().join("..2026_12_01_1")).unwrap();
+    manifest_when(&host, |m| m["generation"] == 2).await;
+    assert!(host
+        .services()
+        .await
+        .iter()
+        .any(|s| s["name"] == "notification"));
+}
+
+/// A manifest written in place in two steps, half a second apart: its first half alone is a
+/// valid manifest without order-service, which must never be applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_written_in_two_steps_is_applied_whole() {
+    use std::io::Write;
+    let host = Host::start().await;
+    let whole = with_notification("earliest");
+    let cut = whole.find("[service.order]").unwrap();
+    let file = host.data.join("services.toml");
+    let mut out = std::fs::File::create(&file).unwrap();
+    out.write_all(&whole.as_bytes()[..cut]).unwrap();
+    out.sync_all().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    out.write_all(&whole.as_bytes()[cut..]).unwrap();
+    drop(out);
+    manifest_when(&host, |m| m["generation"] == 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = host.admin_get("/components").await.json["manifest"].clone();
+    assert_eq!(status["generation"], 2, "{status}");
+    let names: Vec<String> = host
+        .services()
+        .await
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.contains(&"order".to_string()) && names.contains(&"notification".to_string()));
+    assert!(
+        !host.log().contains("stopping consumer"),
+        "order-service was removed for a while"
+    );
+}
+
+/// Ports move between services: two services swap theirs, and a renamed service keeps its
+/// name's port (a new service, with no state).
+#[tokio::test(flavor = "multi_thread")]
+async fn services_swap_ports_and_a_renamed_service_keeps_the_port() {
+    let mut host = Host::start().await;
+    let (user, product) = (host.ports["user"], host.ports["product"]);
+    let swapped = manifest(&[
+        ("user", &format!("port = {product}")),
+        ("product", &format!("port = {user}")),
+    ]);
+    write_manifest(&host, &swapped);
+    manifest_when(&host, |m| m["generation"] == 2).await;
+    host.refresh_ports().await;
+    assert_eq!((host.ports["user"], host.ports["product"]), (product, user));
+    let users = host.send("GET", "user", "/users", None).await;
+    assert_eq!(users.status, 200);
+    assert!(users.json.is_array());
+    let products = host.send("GET", "product", "/products", None).await;
+    assert_eq!(products.status, 200);
+    assert!(products.json[0]["price"].is_number(), "{:?}", products.json);
+    // product-service renamed catalog, keeping its port.
+    let renamed = swapped
+        .replace("[service.product]", "[service.catalog]")
+        .replace("\"product\"", "\"catalog\"");
+    write_manifest(&host, &renamed);
+    manifest_when(&host, |m| m["generation"] == 3).await;
+    host.refresh_ports().await;
+    assert_eq!(host.ports["catalog"], user);
+    assert_eq!(
+        host.send("GET", "catalog", "/products", None).await.status,
+        200
+    );
+    assert!(host.log().contains("renamed service starts with none"));
+}

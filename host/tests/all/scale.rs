@@ -306,3 +306,45 @@ async fn a_read_modify_write_that_raced_another_is_run_again_on_postgresql_too()
         crate::harness::with_product("misbehave.wasm", &[], &["--state-url", &url]).await;
     crate::api::racing_read_modify_writes_conflict_and_run_again(&host).await;
 }
+
+/// Host A cannot reach the broker (a wrong address, a partition); B can. Whatever outbox
+/// partitions A holds, it gives them up once it has failed to publish for a while, and B
+/// publishes every event, those committed through A included.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_that_cannot_publish_leaves_its_outbox_partitions_to_one_that_can() {
+    let pg = Postgres::start().expect("the scale-out tests need PostgreSQL (pg_config on PATH)");
+    let url = pg.create_database("unreachable").unwrap();
+    let broker = Broker::start().expect(
+        "the scale-out tests need tansu: cargo install tansu --locked --features dynostore",
+    );
+    let nowhere = format!("127.0.0.1:{}", crate::broker::free_port());
+    let components = crate::harness::components_dir();
+    // A first: it is the only relay for a while, and holds every partition.
+    let a = Host::start_in(
+        &components,
+        None,
+        &["--state-url", &url, "--kafka-brokers", &nowhere],
+    )
+    .await;
+    let email = |i: u32| format!("u{i}@ex.com");
+    for i in 0..10 {
+        let (status, _) = create(&a.http, &a.url("gateway", ""), &format!("U{i}"), &email(i)).await;
+        assert_eq!(status, 201);
+    }
+    let b = Host::start_in(
+        &components,
+        None,
+        &["--state-url", &url, "--kafka-brokers", &broker.addr],
+    )
+    .await;
+    for i in 10..20 {
+        let (status, _) = create(&b.http, &b.url("gateway", ""), &format!("U{i}"), &email(i)).await;
+        assert_eq!(status, 201);
+    }
+    let records = crate::kafka::read_topic(&broker, "user-created", 20).await;
+    let keys: BTreeSet<String> = records.iter().filter_map(|(k, _, _)| k.clone()).collect();
+    assert_eq!(keys.len(), 20, "{keys:?}");
+    assert!(a
+        .log()
+        .contains("giving its outbox partitions to the other hosts"));
+}

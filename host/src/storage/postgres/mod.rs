@@ -80,6 +80,8 @@ pub struct Pg {
     parked: AtomicU64,
     /// Rung when any host commits outbox rows (LISTEN on the relay connection).
     committed: Arc<tokio::sync::Notify>,
+    /// Rung when this host committed outbox rows: the other hosts' relays are told.
+    rows_committed: Arc<tokio::sync::Notify>,
 }
 
 fn conflict_or_storage(e: tokio_postgres::Error) -> CommitError {
@@ -109,7 +111,8 @@ fn sql_limit(limit: usize) -> i64 {
 /// Keys of `range` in `service`, in byte order, at most `limit`.
 const LIST: &str = "SELECT key FROM kv WHERE service = $1 AND bucket = $2 AND key >= $3 \
      AND starts_with(key, $4) AND ($5::text IS NULL OR key > $5) \
-     AND ($6::text IS NULL OR key <= $6) ORDER BY key LIMIT $7";
+     AND ($6::text IS NULL OR key <= $6) AND ($8::text IS NULL OR key < $8) \
+     ORDER BY key LIMIT $7";
 const GET: &str = "SELECT value FROM kv WHERE service = $1 AND bucket = $2 AND key = $3";
 
 /// The settings every connection of `url` gets: a commit waits at most `wait` for a lock
@@ -167,7 +170,9 @@ impl Pg {
             bytes: AtomicU64::new(0),
             parked: AtomicU64::new(0),
             committed: Arc::default(),
+            rows_committed: Arc::default(),
         };
+        tokio::spawn(notify_relays(pg.pool.clone(), pg.rows_committed.clone()));
         let mut client = pg.client().await?;
         let tx = client.transaction().await?;
         // Hosts starting together would race on CREATE ... IF NOT EXISTS.
@@ -269,11 +274,11 @@ impl Pg {
     pub async fn commit(&self, txn: &Txn) -> Result<(), CommitError> {
         let mut client = self.client().await?;
         // Prepared (once per connection) before the flight, which must go out in order.
-        let statements = [LOCK, GET, LIST, UPSERT, DELETE, SEND, NOTIFY];
+        let statements = [LOCK, GET, LIST, UPSERT, DELETE, SEND];
         let prepared = try_join_all(statements.map(|sql| client.prepare_cached(sql)))
             .await
             .map_err(conflict_or_storage)?;
-        let [lock, get, list_stmt, upsert, delete, send, notify]: [_; 7] =
+        let [lock, get, list_stmt, upsert, delete, send]: [_; 6] =
             prepared.try_into().expect("one per statement");
         let tx = client.transaction().await.map_err(conflict_or_storage)?;
         let service = &*txn.service;
@@ -296,7 +301,8 @@ impl Pg {
         }));
         let lists = try_join_all(txn.lists.iter().map(|(range, _)| {
             let (tx, stmt) = (&tx, &list_stmt);
-            async move { list(&**tx, stmt, service, range, usize::MAX).await }
+            // One key more than were found is enough to see that the range changed.
+            async move { list(&**tx, stmt, service, range, range.found.saturating_add(1)).await }
         }));
         let writes = try_join_all(txn.writes.iter().map(|((bucket, key), value)| {
             let (tx, upsert, delete) = (&tx, &upsert, &delete);
@@ -311,27 +317,14 @@ impl Pg {
             let (tx, send) = (&tx, &send);
             async move { tx.execute(send, &[part, bytes]).await }
         }));
-        // Delivered at commit, to the relay of every host: the one draining these rows'
-        // partitions need not wait for its next look.
-        let notified = async {
-            if encoded.is_empty() {
-                Ok(0)
-            } else {
-                tx.execute(&notify, &[]).await
-            }
-        };
-        use futures_util::future::{join, join3};
-        let (locked, ((reads, lists), (writes, sends, notified))) = join(
-            locked,
-            join(join(reads, lists), join3(writes, sends, notified)),
-        )
-        .await;
+        use futures_util::future::join;
+        let (locked, ((reads, lists), (writes, sends))) =
+            join(locked, join(join(reads, lists), join(writes, sends))).await;
         locked.map_err(conflict_or_storage)?;
         let reads = reads.map_err(conflict_or_storage)?;
         let lists = lists.map_err(conflict_or_storage)?;
         writes.map_err(conflict_or_storage)?;
         sends.map_err(conflict_or_storage)?;
-        notified.map_err(conflict_or_storage)?;
         for ((_, _, seen), row) in txn.reads.iter().zip(&reads) {
             let now = row.as_ref().map(|r| digest_of(r.get::<_, &[u8]>(0)));
             if now != *seen {
@@ -343,7 +336,43 @@ impl Pg {
                 return Err(CommitError::Conflict);
             }
         }
-        tx.commit().await.map_err(conflict_or_storage)
+        tx.commit().await.map_err(conflict_or_storage)?;
+        if !encoded.is_empty() {
+            // Every host's relay is told after the commit, not in it: a NOTIFY in the
+            // transaction takes a cluster-wide lock at commit, which made every commit with
+            // events wait for the one before it, advisory locks held.
+            self.rows_committed.notify_one();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        // Ends `notify_relays`, which holds a handle on the pool.
+        self.pool.close();
+        self.rows_committed.notify_one();
+    }
+}
+
+/// Sends `NOTIFY outbox` (outside any transaction) after commits that added outbox rows,
+/// one for all those that came while the last was sent, until the pool is gone.
+async fn notify_relays(pool: Pool, committed: Arc<tokio::sync::Notify>) {
+    loop {
+        committed.notified().await;
+        if pool.is_closed() {
+            return;
+        }
+        let sent = async {
+            let client = pool.get().await?;
+            client.batch_execute("NOTIFY outbox").await?;
+            anyhow::Ok(())
+        };
+        if let Err(e) = sent.await {
+            // The relays also look every second by themselves.
+            tracing::debug!(error = %format!("{e:#}"), "NOTIFY outbox failed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -356,7 +385,6 @@ const UPSERT: &str = "INSERT INTO kv (service, bucket, key, value) VALUES ($1, $
      ON CONFLICT (service, bucket, key) DO UPDATE SET value = excluded.value";
 const DELETE: &str = "DELETE FROM kv WHERE service = $1 AND bucket = $2 AND key = $3";
 const SEND: &str = "INSERT INTO outbox (part, message) VALUES ($1, $2)";
-const NOTIFY: &str = "NOTIFY outbox";
 
 /// Lock ids: a key (`Some`), or a whole bucket (`None`).
 pub(super) fn lock_id(service: &str, bucket: &str, key: Option<&str>) -> (i32, i32) {
@@ -420,6 +448,19 @@ fn locks(txn: &Txn) -> ((Vec<i32>, Vec<i32>), Vec<bool>) {
     (ids.into_iter().unzip(), exclusive)
 }
 
+/// The least string above every string that starts with `prefix`, in byte order (UTF-8 keeps
+/// code point order): the scan of a prefix stops there. `None` for the empty prefix.
+fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        if let Some(next) = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32) {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
 /// Keys of `range` through `client` (which may be a transaction), with `stmt` prepared from
 /// [`LIST`].
 async fn list(
@@ -444,8 +485,28 @@ async fn list(
                 &range.after,
                 &range.upto,
                 &sql_limit(limit),
+                &prefix_end(&range.prefix),
             ],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_below_every_key_after_its_own() {
+        assert_eq!(prefix_end(""), None);
+        assert_eq!(prefix_end("user:").as_deref(), Some("user;"));
+        assert_eq!(prefix_end("a\u{D7FF}").as_deref(), Some("a\u{E000}"));
+        assert_eq!(prefix_end("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_end("\u{10FFFF}"), None);
+        let end = prefix_end("user:").unwrap();
+        for key in ["user:", "user:1", "user:\u{10FFFF}\u{10FFFF}"] {
+            assert!(key < end.as_str(), "{key}");
+        }
+        assert!("user;" >= end.as_str());
+    }
 }

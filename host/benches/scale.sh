@@ -5,13 +5,15 @@
 #   2. one host, STATE_URL on a throwaway PostgreSQL (fsync on: the server's defaults);
 #   3. two hosts on that PostgreSQL, each loaded by its own wrk (-c16 each) at the same time,
 #      as a round-robin balancer would spread 32 connections; cells sum both.
-# Prints a markdown table. Run through `just bench`, or alone after `just build`.
+# Prints a markdown table. Run through `just bench`, or alone after `just build`; HOST_BIN runs
+# another build of the host (e.g. one from before a change, for a comparison in one sitting).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 duration=${BENCH_DURATION:-10s}
 kport=${BENCH_KAFKA_PORT:-19092}
 pgport=${BENCH_PG_PORT:-15432}
 paths=(":3001/users" ":3000/api/users" ":3000/api/v1/orders/101")
+host_bin=${HOST_BIN:-./target/release/host}
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } >/dev/null
 test -x "$(pg_config --bindir 2>/dev/null)/initdb" || { apt-get update -qq && apt-get install -y -qq postgresql; } >/dev/null
@@ -60,7 +62,7 @@ stop_broker() { kill "$broker"; wait "$broker" 2>/dev/null || true; wait_closed 
 hosts=()
 start_host() { # name admin-port [flags...]
     local name=$1 admin=$2; shift 2
-    ./target/release/host --data-dir "$work/data-$name" --compile-cache build/compile-cache \
+    "$host_bin" --data-dir "$work/data-$name" --compile-cache build/compile-cache \
         --kafka-brokers "127.0.0.1:$kport" --admin-addr "127.0.0.1:$admin" "$@" >"$work/host-$name.log" 2>&1 &
     hosts+=($!)
     wait_port "$admin"; until curl -sf "localhost:$admin/readyz" >/dev/null; do sleep 0.05; done

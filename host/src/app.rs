@@ -24,7 +24,7 @@ pub async fn build(args: &Args, specs: &[ServiceSpec]) -> Result<Arc<Runtime>> {
         Db::open(&args.data_dir)?
     };
     if let Some(url) = &args.state_url {
-        let pg = Pg::connect(url, args.request_timeout).await?;
+        let pg = Pg::connect(url, args.request_timeout, args.state_ca_file.as_deref()).await?;
         tracing::info!(store = %pg.describe(), "state, sequences and the outbox in PostgreSQL");
         db.share(pg)?;
         if args.kafka_brokers.is_none() {

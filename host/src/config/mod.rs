@@ -151,8 +151,16 @@ pub struct Args {
 
     /// PostgreSQL URL (`postgres://user:password@host:port/db`) for state, id sequences and
     /// the outbox, shared by every host given the same one. Without it, state is in DATA_DIR.
+    /// TLS follows the URL's `sslmode`: `prefer` (the default: TLS when the server offers it),
+    /// `require`, or `disable`. Servers are verified against the public web's authorities
+    /// (Mozilla's list) and those of STATE_CA_FILE.
     #[arg(long, env = "STATE_URL", hide_env_values = true)]
     pub state_url: Option<String>,
+
+    /// PEM file of certificate authorities to trust for STATE_URL's TLS, besides the public
+    /// ones (a managed PostgreSQL's CA bundle, or your own).
+    #[arg(long, env = "STATE_CA_FILE")]
+    pub state_ca_file: Option<PathBuf>,
 
     /// Kafka bootstrap servers (`host:port,...`). Without it, messaging uses the embedded backend.
     #[arg(long, env = "KAFKA_BROKERS")]

@@ -205,7 +205,8 @@ async fn shared(url: &str) -> Db {
 /// [`shared`], whose commits wait at most `wait` for a lock.
 async fn shared_waiting(url: &str, wait: std::time::Duration) -> Db {
     let db = Db::in_memory().unwrap();
-    db.share(Pg::connect(url, wait).await.unwrap()).unwrap();
+    db.share(Pg::connect(url, wait, None).await.unwrap())
+        .unwrap();
     db
 }
 

@@ -15,6 +15,8 @@ pub struct Postgres {
     bin: PathBuf,
     pub port: u16,
     stopped: bool,
+    /// Serves TLS with `server.crt` and `server.key` in its directory.
+    ssl: bool,
 }
 
 impl Postgres {
@@ -38,6 +40,7 @@ impl Postgres {
             bin,
             port,
             stopped: true,
+            ssl: false,
         };
         let data = pg.data();
         pg.run(
@@ -104,12 +107,18 @@ impl Postgres {
     pub fn resume(&mut self) -> Result<()> {
         let data = self.data();
         let log = self.dir.path().join("server.log");
-        let options = format!(
+        let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off \
              -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
             self.port,
             self.dir.path().display()
         );
+        if self.ssl {
+            let dir = self.dir.path().display();
+            options += &format!(
+                " -c ssl=on -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key"
+            );
+        }
         self.run(
             "pg_ctl",
             &[
@@ -156,6 +165,24 @@ impl Postgres {
             );
         }
         Ok(())
+    }
+
+    /// Restarts the server serving TLS with the certificate `cert_pem` and its key.
+    pub fn enable_ssl(&mut self, cert_pem: &str, key_pem: &str) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let file = self.dir.path().join(name);
+            std::fs::write(&file, pem)?;
+            // The server refuses a key others can read, and must be able to read it itself.
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+            if is_root() {
+                let status = Command::new("chown").arg("postgres").arg(&file).status()?;
+                anyhow::ensure!(status.success(), "chown postgres {}", file.display());
+            }
+        }
+        self.stop()?;
+        self.ssl = true;
+        self.resume()
     }
 
     pub fn dir(&self) -> &Path {

@@ -25,11 +25,12 @@ use anyhow::{Context as _, Result};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::future::try_join_all;
 use sha2::{Digest, Sha256};
+use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Outbox partitions: the most hosts that drain at once.
 pub const PARTITIONS: i32 = 16;
@@ -70,6 +71,8 @@ CREATE TABLE IF NOT EXISTS outbox_parked (
 pub struct Pg {
     pool: Pool,
     url: String,
+    /// For the relay's own connection.
+    tls: MakeRustlsConnect,
     /// How long a commit may wait for its locks.
     wait: Duration,
     relay: tokio::sync::Mutex<relay::Relay>,
@@ -142,14 +145,48 @@ fn connection_config(url: &str, wait: Duration) -> Result<tokio_postgres::Config
     Ok(config)
 }
 
+/// TLS for connections whose `sslmode` asks for it: servers verified against Mozilla's root
+/// authorities and those in `ca_file` (PEM).
+fn tls(ca_file: Option<&Path>) -> Result<MakeRustlsConnect> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(file) = ca_file {
+        let certs = CertificateDer::pem_file_iter(file)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("reading STATE_CA_FILE {}", file.display()))?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "STATE_CA_FILE {} holds no certificate",
+            file.display()
+        );
+        for cert in certs {
+            roots
+                .add(cert)
+                .with_context(|| format!("a certificate of STATE_CA_FILE {}", file.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS for PostgreSQL")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
 impl Pg {
     /// Connects to `url` and creates the tables if they do not exist. A commit waits at most
-    /// `wait` for the locks it needs (then fails as the store being unavailable).
-    pub async fn connect(url: &str, wait: Duration) -> Result<Pg> {
+    /// `wait` for the locks it needs (then fails as the store being unavailable). TLS as the
+    /// URL's `sslmode` says, trusting also the authorities of `ca_file`.
+    pub async fn connect(url: &str, wait: Duration, ca_file: Option<&Path>) -> Result<Pg> {
         let config = connection_config(url, wait)?;
+        let tls = tls(ca_file)?;
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -164,6 +201,7 @@ impl Pg {
         let pg = Pg {
             pool,
             url: url.to_string(),
+            tls,
             wait,
             relay: Default::default(),
             depth: AtomicU64::new(0),
@@ -494,7 +532,70 @@ async fn list(
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::{prefix_end, Pg};
+    use crate::postgres_server::Postgres;
+    use crate::storage::{outbox, Db};
+    use std::time::Duration;
+
+    /// A certificate authority, and a certificate it signed for 127.0.0.1 with its key (PEM).
+    fn authority_and_server() -> (String, String, String) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertifiedIssuer::self_signed(params, key).unwrap();
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&server_key, &ca)
+            .unwrap();
+        (ca.pem(), server.pem(), server_key.serialize_pem())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sslmode_require_uses_tls_on_every_connection_and_verifies_the_server() {
+        let (ca, cert, key) = authority_and_server();
+        let mut server = Postgres::start().expect("a PostgreSQL server for the tests");
+        server.enable_ssl(&cert, &key).unwrap();
+        let url = format!("{}?sslmode=require", server.create_database("tls").unwrap());
+        let wait = Duration::from_secs(5);
+        // Its authority is not one of the public ones: refused, saying why.
+        let refused = Pg::connect(&url, wait, None)
+            .await
+            .err()
+            .expect("an unverified server");
+        assert!(
+            format!("{refused:#}").contains("certificate"),
+            "{refused:#}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca).unwrap();
+        let pg = Pg::connect(&url, wait, Some(&ca_file)).await.unwrap();
+        let db = Db::in_memory().unwrap();
+        db.share(pg).unwrap();
+        // The relay connects on its first look at the outbox.
+        assert!(outbox::oldest(&db, 1).await.unwrap().is_empty());
+        let pg = db.shared().unwrap();
+        let client = pg.client().await.unwrap();
+        let rows = client
+            .query(
+                "SELECT a.application_name, s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a \
+                 USING (pid) WHERE a.datname = 'tls' AND a.backend_type = 'client backend'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let sessions: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert!(sessions.len() >= 2, "{sessions:?}");
+        assert!(sessions.iter().all(|(_, ssl)| *ssl), "{sessions:?}");
+        assert!(sessions
+            .iter()
+            .any(|(name, _)| name == "microsvc-outbox-relay"));
+        // Not a file of certificates: a clear error, not a panic.
+        std::fs::write(&ca_file, "not PEM").unwrap();
+        let bad = Pg::connect(&url, wait, Some(&ca_file)).await.err().unwrap();
+        assert!(format!("{bad:#}").contains("STATE_CA_FILE"), "{bad:#}");
+    }
 
     #[test]
     fn a_prefix_ends_below_every_key_after_its_own() {

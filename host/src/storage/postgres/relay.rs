@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use futures_util::StreamExt as _;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 /// The relay's own connection, which holds the advisory locks of the partitions it drains.
 /// Rows are read, deleted and parked on this connection only, so a relay whose session ended
@@ -185,7 +185,7 @@ impl Pg {
             let mut config = super::connection_config(&self.url, self.wait)?;
             config.application_name(RELAY_NAME);
             let (client, mut connection) = config
-                .connect(NoTls)
+                .connect(self.tls.clone())
                 .await
                 .context("connecting the outbox relay to PostgreSQL")?;
             // Commits with outbox rows NOTIFY, on whichever host: wake this one's drainer.

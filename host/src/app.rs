@@ -24,7 +24,10 @@ pub async fn build(args: &Args, specs: &[ServiceSpec]) -> Result<Arc<Runtime>> {
         Db::open(&args.data_dir)?
     };
     if let Some(url) = &args.state_url {
-        let pg = Pg::connect(url, args.request_timeout, args.state_ca_file.as_deref()).await?;
+        // A quarter of the request's deadline: a request that calls services that call services
+        // still answers the store's 503 itself, before its caller's deadline runs out.
+        let lock_wait = args.request_timeout / 4;
+        let pg = Pg::connect(url, lock_wait, args.state_ca_file.as_deref()).await?;
         tracing::info!(store = %pg.describe(), "state, sequences and the outbox in PostgreSQL");
         db.share(pg)?;
         if args.kafka_brokers.is_none() {

@@ -348,3 +348,54 @@ async fn a_host_that_cannot_publish_leaves_its_outbox_partitions_to_one_that_can
         .log()
         .contains("giving its outbox partitions to the other hosts"));
 }
+
+/// A session that locked user-service's id sequence and never finished (a host that died
+/// mid-statement, say) holds up only what needs that row: `POST /users` gets a clean 503
+/// within the request's deadline, and every other request is served meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_nobody_releases_costs_a_503_within_the_deadline_not_the_host() {
+    let pg = Postgres::start().expect("the scale-out tests need PostgreSQL (pg_config on PATH)");
+    let url = pg.create_database("stuck").unwrap();
+    let host = Host::start_with(None, &["--state-url", &url, "--request-timeout", "2s"]).await;
+    let alice = json!({"name": "Alice", "email": "alice@ex.com"});
+    assert_eq!(host.post("/api/users", &alice).await.status, 201);
+    let (stuck, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    stuck.batch_execute("BEGIN").await.unwrap();
+    let locked = stuck
+        .execute(
+            "SELECT 1 FROM sequences WHERE service = 'user' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(locked, 1);
+    let bob = json!({"name": "Bob", "email": "bob@ex.com"});
+    let began = Instant::now();
+    let r = host.post("/api/users", &bob).await;
+    assert_eq!(r.status, 503, "{:?}", r.json);
+    assert!(r.json["error"].is_string(), "{:?}", r.json);
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    // Everything else is served while the lock is held.
+    assert_eq!(host.get("/api/users").await.status, 200);
+    let desk = json!({"name": "Desk", "price": 99});
+    assert_eq!(host.post("/api/products", &desk).await.status, 201);
+    // Once the session ends, users are created again.
+    drop(stuck);
+    let carol = json!({"name": "Carol", "email": "carol@ex.com"});
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = host.post("/api/users", &carol).await;
+        if r.status == 201 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} {:?}", r.status, r.json);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -12,6 +12,8 @@
 //! - [`store`]: JSON records in host state.
 //!
 //! Everything except [`http`] and [`store`] is plain Rust, so it can be unit-tested natively.
+//!
+#![doc = include_str!("../../../docs/writing-a-service.md")]
 
 /// Generated bindings of world `http-service`; public for [`http_service!`] only.
 #[doc(hidden)]

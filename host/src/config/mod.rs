@@ -25,7 +25,7 @@ pub struct Args {
     pub bind_addr: IpAddr,
 
     /// The manifest: which services run, from which component, on which port, with which
-    /// permissions and limits (see the README's manifest reference).
+    /// permissions and limits (see docs/manifest.md).
     #[arg(long, env = "MANIFEST", default_value = "services.toml")]
     pub manifest: PathBuf,
 
@@ -89,8 +89,9 @@ pub struct Args {
 
     /// Requests one component instance serves before it is thrown away. Above 1 (the default is
     /// 1000) an idle instance is handed the next request of its service: faster, but guest
-    /// memory (globals, freed heap) carries over between that service's requests; see the
-    /// README. 1 gives every request a fresh instance: nothing in guest memory survives it.
+    /// memory (globals, freed heap) carries over between that service's requests; see
+    /// docs/instance-reuse.md. 1 gives every request a fresh instance: nothing in guest memory
+    /// survives it.
     #[arg(long, env = "INSTANCE_REUSE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub instance_reuse: u32,
 

@@ -205,7 +205,7 @@ async fn consume(
 /// Runs the handler on `delivery` with retries, dead-lettering it if it keeps failing. Only the
 /// handler's own failures spend attempts; while the host cannot run or commit it (no free
 /// instance slot, the store failing, the outbox full) it waits, backing off, for as long as
-/// that lasts, or until `stopping` (then the record is not committed, and comes again).
+/// that lasts. `stopping` ends any wait: the record is not committed, and comes again.
 async fn handle(
     runtime: &Runtime,
     service: &Arc<Service>,
@@ -220,49 +220,45 @@ async fn handle(
             ("service", &service.name),
             ("topic", &delivery.message.topic),
         ]);
-        match invoke::message(runtime, service, delivery, attempt).await {
+        let (why, spends_attempt) = match invoke::message(runtime, service, delivery, attempt).await
+        {
             Handled::Done => {
                 metrics::get().consumed.get_or_create(&labels).inc();
                 break None;
             }
             Handled::Reject(why) => break Some(why),
-            Handled::Unavailable(why) => {
-                metrics::get().deferred.get_or_create(&labels).inc();
-                deferred += 1;
-                let wait = policy.backoff(deferred);
-                tracing::warn!(
-                    service = %service.name,
-                    topic = %delivery.message.topic,
-                    offset = delivery.offset,
-                    attempt,
-                    retry_in = ?wait,
-                    reason = %why,
-                    "host could not run the handler; retrying without spending an attempt"
-                );
-                if *stopping.borrow() {
-                    anyhow::bail!("stopping while {why}");
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stopping.changed() => anyhow::bail!("stopping while {why}"),
-                }
-            }
             Handled::Retry(why) if attempt >= policy.max_attempts => break Some(why),
-            Handled::Retry(why) => {
-                metrics::get().retried.get_or_create(&labels).inc();
-                let wait = policy.backoff(attempt);
-                tracing::warn!(
-                    service = %service.name,
-                    topic = %delivery.message.topic,
-                    offset = delivery.offset,
-                    attempt,
-                    retry_in = ?wait,
-                    error = %why,
-                    "handler failed"
-                );
-                tokio::time::sleep(wait).await;
-                attempt += 1;
-            }
+            Handled::Retry(why) => (why, true),
+            Handled::Unavailable(why) => (why, false),
+        };
+        // A failure of the handler spends an attempt; one of the host does not.
+        let (counter, wait, what) = if spends_attempt {
+            let what = "handler failed; retrying";
+            (&metrics::get().retried, policy.backoff(attempt), what)
+        } else {
+            deferred += 1;
+            let what = "host could not run the handler; retrying without spending an attempt";
+            (&metrics::get().deferred, policy.backoff(deferred), what)
+        };
+        counter.get_or_create(&labels).inc();
+        tracing::warn!(
+            service = %service.name,
+            topic = %delivery.message.topic,
+            offset = delivery.offset,
+            attempt,
+            retry_in = ?wait,
+            error = %why,
+            "{what}"
+        );
+        if *stopping.borrow() {
+            anyhow::bail!("stopping while retrying: {why}");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopping.changed() => anyhow::bail!("stopping while retrying: {why}"),
+        }
+        if spends_attempt {
+            attempt += 1;
         }
     };
     if let Some(why) = failure {

@@ -57,14 +57,8 @@ impl Outbox {
             error = %refused.reason,
             "message refused for good; set aside in the outbox's parked table so later ones flow"
         );
-        crate::metrics::get()
-            .parked
-            .get_or_create(&crate::metrics::labels([("topic", &m.topic)]))
-            .inc();
-        if let Err(e) = outbox::park(&self.db, &seqs[..index], seqs[index], &refused.reason).await {
-            tracing::error!(error = %format!("{e:#}"), "parking the message failed");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        self.set_aside(&m.topic, &seqs[..index], seqs[index], &refused.reason)
+            .await;
     }
 
     /// Sets aside an outbox entry that does not decode, so that the ones after it flow.
@@ -74,11 +68,16 @@ impl Outbox {
             error = %entry.reason,
             "outbox entry cannot be decoded (written by another version of the host?); set aside in the outbox's parked table so later ones flow"
         );
+        self.set_aside("", &[], entry.seq, &entry.to_string()).await;
+    }
+
+    /// Parks entry `seq` (of `topic`, for the metric) with `reason`, and removes `published`.
+    async fn set_aside(&self, topic: &str, published: &[u64], seq: u64, reason: &str) {
         crate::metrics::get()
             .parked
-            .get_or_create(&crate::metrics::labels([("topic", "")]))
+            .get_or_create(&crate::metrics::labels([("topic", topic)]))
             .inc();
-        if let Err(e) = outbox::park(&self.db, &[], entry.seq, &entry.to_string()).await {
+        if let Err(e) = outbox::park(&self.db, published, seq, reason).await {
             tracing::error!(error = %format!("{e:#}"), "parking the entry failed");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -205,6 +204,19 @@ mod tests {
         }
     }
 
+    /// `db`'s outbox after a drainer into a [`Picky`] backend emptied it (or 10 s went by).
+    async fn drained(db: Db) -> (Outbox, Arc<Picky>) {
+        let backend = Arc::new(Picky::default());
+        let outbox = Outbox::new(db);
+        let drainer = tokio::spawn(outbox.clone().drain(backend.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while outbox.depth().unwrap() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drainer.abort();
+        (outbox, backend)
+    }
+
     #[tokio::test]
     async fn an_entry_that_does_not_decode_is_set_aside_and_the_rest_flow_once() {
         let db = Db::in_memory().unwrap();
@@ -217,14 +229,7 @@ mod tests {
         // Not a postcard `Message`: a topic length past the end of the bytes.
         outbox::append_raw(&db, &[0xff, 0xff, 0xff, 0x0f]);
         commit("b");
-        let backend = Arc::new(Picky::default());
-        let outbox = Outbox::new(db.clone());
-        let drainer = tokio::spawn(outbox.clone().drain(backend.clone()));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while outbox.depth().unwrap() > 0 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        drainer.abort();
+        let (outbox, backend) = drained(db).await;
         assert_eq!(outbox.depth().unwrap(), 0);
         assert_eq!(outbox.parked().unwrap(), 1);
         assert_eq!(*backend.0.lock().unwrap(), ["a", "b"]);
@@ -238,14 +243,7 @@ mod tests {
             txn.send(msg("t", "1", p)).unwrap();
         }
         db.commit_blocking(&txn).unwrap();
-        let backend = Arc::new(Picky::default());
-        let outbox = Outbox::new(db);
-        let drainer = tokio::spawn(outbox.clone().drain(backend.clone()));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while outbox.depth().unwrap() > 0 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        drainer.abort();
+        let (outbox, backend) = drained(db).await;
         assert_eq!(outbox.depth().unwrap(), 0);
         assert_eq!(outbox.parked().unwrap(), 1);
         assert_eq!(*backend.0.lock().unwrap(), ["a", "b", "c"]);

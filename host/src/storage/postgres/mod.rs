@@ -15,7 +15,14 @@
 //! are published in commit order by one host at a time; a host that dies drops its locks with
 //! its connection, and another host takes its partitions over.
 
+mod connection;
+mod locks;
 mod relay;
+
+use connection::{connection_config, tls};
+#[cfg(test)]
+pub(super) use locks::lock_id;
+use locks::{locks, LOCK};
 
 use super::txn::{digest_keys, digest_of, Txn};
 use super::{CommitError, KeyRange, NextIdError};
@@ -117,65 +124,6 @@ const LIST: &str = "SELECT key FROM kv WHERE service = $1 AND bucket = $2 AND ke
      AND ($6::text IS NULL OR key <= $6) AND ($8::text IS NULL OR key < $8) \
      ORDER BY key LIMIT $7";
 const GET: &str = "SELECT value FROM kv WHERE service = $1 AND bucket = $2 AND key = $3";
-
-/// The settings every connection of `url` gets: a commit waits at most `wait` for a lock
-/// (the invocation's deadline), a session idle in a transaction (its host died mid-commit, or
-/// was cut off) is ended by the server, with the locks it held, and TCP keepalives notice a
-/// peer that is gone.
-fn connection_config(url: &str, wait: Duration) -> Result<tokio_postgres::Config> {
-    let mut config: tokio_postgres::Config = url.parse().context("STATE_URL")?;
-    let ms = wait.as_millis().max(1);
-    let ours = format!(
-        "-c lock_timeout={ms} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
-        ms * 2,
-        (ms * 2).max(10_000)
-    );
-    // The URL's own options (`?options=...`) come last, so that they win.
-    let options = match config.get_options() {
-        Some(theirs) => format!("{ours} {theirs}"),
-        None => ours,
-    };
-    config
-        .options(&options)
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(10))
-        .keepalives_interval(Duration::from_secs(5))
-        .keepalives_retries(3)
-        .tcp_user_timeout(Duration::from_secs(30));
-    Ok(config)
-}
-
-/// TLS for connections whose `sslmode` asks for it: servers verified against Mozilla's root
-/// authorities and those in `ca_file` (PEM).
-fn tls(ca_file: Option<&Path>) -> Result<MakeRustlsConnect> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    if let Some(file) = ca_file {
-        let certs = CertificateDer::pem_file_iter(file)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .with_context(|| format!("reading STATE_CA_FILE {}", file.display()))?;
-        anyhow::ensure!(
-            !certs.is_empty(),
-            "STATE_CA_FILE {} holds no certificate",
-            file.display()
-        );
-        for cert in certs {
-            roots
-                .add(cert)
-                .with_context(|| format!("a certificate of STATE_CA_FILE {}", file.display()))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS for PostgreSQL")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(MakeRustlsConnect::new(config))
-}
 
 impl Pg {
     /// Connects to `url` and creates the tables if they do not exist. A commit waits at most
@@ -414,77 +362,10 @@ async fn notify_relays(pool: Pool, committed: Arc<tokio::sync::Notify>) {
     }
 }
 
-/// Takes the advisory locks `$1`/`$2` (exclusive where `$3`) in the order given. The two-int
-/// form: its keys never meet the outbox partitions' bigint ones.
-const LOCK: &str = "SELECT CASE WHEN x THEN pg_advisory_xact_lock(k1, k2) \
-     ELSE pg_advisory_xact_lock_shared(k1, k2) END \
-     FROM unnest($1::int4[], $2::int4[], $3::bool[]) AS t(k1, k2, x)";
 const UPSERT: &str = "INSERT INTO kv (service, bucket, key, value) VALUES ($1, $2, $3, $4) \
      ON CONFLICT (service, bucket, key) DO UPDATE SET value = excluded.value";
 const DELETE: &str = "DELETE FROM kv WHERE service = $1 AND bucket = $2 AND key = $3";
 const SEND: &str = "INSERT INTO outbox (part, message) VALUES ($1, $2)";
-
-/// Lock ids: a key (`Some`), or a whole bucket (`None`).
-pub(super) fn lock_id(service: &str, bucket: &str, key: Option<&str>) -> (i32, i32) {
-    let mut h = Sha256::new();
-    for part in [service, bucket] {
-        h.update((part.len() as u64).to_le_bytes());
-        h.update(part.as_bytes());
-    }
-    if let Some(key) = key {
-        h.update([1]);
-        h.update(key.as_bytes());
-    }
-    let d = h.finalize();
-    let int = |i: usize| i32::from_le_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]);
-    (int(0), int(4))
-}
-
-/// Keys of one bucket an invocation may read before its commit locks the bucket instead of
-/// each key (a lock per key would fill PostgreSQL's shared lock table, `max_locks_per_transaction
-/// × max_connections`, failing this commit and others).
-const KEY_LOCKS_PER_BUCKET: usize = 64;
-/// Key locks of reads one commit may take in all; past it every bucket it read is locked whole.
-const KEY_LOCKS: usize = 256;
-
-/// The locks committing `txn` takes, sorted, each once, with whether it is exclusive: a key it
-/// writes, exclusive; a key it only read, shared; the bucket of a range it listed, exclusive;
-/// the bucket of a key it writes, shared (so that a write into a listed range waits for the
-/// lister's commit, and the other way round). Two commits conflict on a lock only when
-/// one's writes could change what the other read or wrote. Past [`KEY_LOCKS_PER_BUCKET`]
-/// keys read in a bucket (or [`KEY_LOCKS`] in all), the reads of a bucket lock it whole,
-/// exclusively, as a listed range does: every write into it then waits for this commit.
-fn locks(txn: &Txn) -> ((Vec<i32>, Vec<i32>), Vec<bool>) {
-    let service = &*txn.service;
-    let mut modes: std::collections::BTreeMap<(i32, i32), bool> = Default::default();
-    let mut take = |id, exclusive: bool| {
-        let mode = modes.entry(id).or_insert(exclusive);
-        *mode |= exclusive;
-    };
-    for (bucket, key) in txn.writes.keys() {
-        take(lock_id(service, bucket, Some(key)), true);
-        take(lock_id(service, bucket, None), false);
-    }
-    let mut read_per_bucket: std::collections::BTreeMap<&str, usize> = Default::default();
-    for (bucket, _, _) in &txn.reads {
-        *read_per_bucket.entry(bucket).or_default() += 1;
-    }
-    let whole = |bucket: &str| {
-        txn.reads.len() > KEY_LOCKS || read_per_bucket[bucket] > KEY_LOCKS_PER_BUCKET
-    };
-    for (bucket, key, _) in &txn.reads {
-        if whole(bucket) {
-            take(lock_id(service, bucket, None), true);
-        } else {
-            take(lock_id(service, bucket, Some(key)), false);
-        }
-    }
-    for (range, _) in &txn.lists {
-        take(lock_id(service, &range.bucket, None), true);
-    }
-    let (ids, exclusive): (Vec<_>, Vec<_>) = modes.into_iter().unzip();
-    (ids.into_iter().unzip(), exclusive)
-}
 
 /// The least string above every string that starts with `prefix`, in byte order (UTF-8 keeps
 /// code point order): the scan of a prefix stops there. `None` for the empty prefix.

@@ -1,0 +1,66 @@
+//! Connections to PostgreSQL: the session settings every connection gets, and TLS.
+
+use anyhow::{Context as _, Result};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// The settings every connection of `url` gets: a commit waits at most `wait` for a lock
+/// (the invocation's deadline), a session idle in a transaction (its host died mid-commit, or
+/// was cut off) is ended by the server, with the locks it held, and TCP keepalives notice a
+/// peer that is gone.
+pub(super) fn connection_config(url: &str, wait: Duration) -> Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = url.parse().context("STATE_URL")?;
+    let ms = wait.as_millis().max(1);
+    let ours = format!(
+        "-c lock_timeout={ms} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+        ms * 2,
+        (ms * 2).max(10_000)
+    );
+    // The URL's own options (`?options=...`) come last, so that they win.
+    let options = match config.get_options() {
+        Some(theirs) => format!("{ours} {theirs}"),
+        None => ours,
+    };
+    config
+        .options(&options)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(30));
+    Ok(config)
+}
+
+/// TLS for connections whose `sslmode` asks for it: servers verified against Mozilla's root
+/// authorities and those in `ca_file` (PEM).
+pub(super) fn tls(ca_file: Option<&Path>) -> Result<MakeRustlsConnect> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(file) = ca_file {
+        let certs = CertificateDer::pem_file_iter(file)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("reading STATE_CA_FILE {}", file.display()))?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "STATE_CA_FILE {} holds no certificate",
+            file.display()
+        );
+        for cert in certs {
+            roots
+                .add(cert)
+                .with_context(|| format!("a certificate of STATE_CA_FILE {}", file.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS for PostgreSQL")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}

@@ -4,10 +4,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf
     && rustup target add wasm32-wasip2
 WORKDIR /src
 COPY . .
-RUN cargo build --release --target wasm32-wasip2 -p gateway -p user -p product -p order \
+RUN cargo build --profile component --target wasm32-wasip2 -p gateway -p user -p product -p order \
     && cargo build --release -p host \
     && mkdir -p /out/components \
-    && for c in gateway user product order; do cp target/wasm32-wasip2/release/$c.wasm /out/components/; done
+    && for c in gateway user product order; do cp target/wasm32-wasip2/component/$c.wasm /out/components/; done
 
 FROM debian:bookworm-slim
 COPY --from=build /src/target/release/host /usr/local/bin/host

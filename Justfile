@@ -12,13 +12,13 @@ build: build-components
 
 # Build the components and put them in the components dir (atomically: temp file + rename).
 build-components: _target
-    cargo build --release --target wasm32-wasip2 {{ prepend("-p ", components) }}
+    cargo build --profile component --target wasm32-wasip2 {{ prepend("-p ", components) }}
     mkdir -p {{out}}
     for c in {{components}}; do just _install $c; done
 
 # Rebuild one component (gateway, user, product, order, notification, or one of yours).
 build-component name: _target
-    cargo build --release --target wasm32-wasip2 -p {{name}}
+    cargo build --profile component --target wasm32-wasip2 -p {{name}}
     just _install {{name}}
 
 # Scaffold a service: components/NAME from templates/service (one lib.rs with a `route`), a
@@ -39,7 +39,7 @@ new name:
 
 _install name:
     mkdir -p {{out}}
-    cp ${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/{{ replace(name, "-", "_") }}.wasm {{out}}/.{{name}}.wasm.tmp
+    cp ${CARGO_TARGET_DIR:-target}/wasm32-wasip2/component/{{ replace(name, "-", "_") }}.wasm {{out}}/.{{name}}.wasm.tmp
     mv {{out}}/.{{name}}.wasm.tmp {{out}}/{{name}}.wasm
 
 # Test fixtures: tagged builds of user/order (x-build: a|b), components to refuse, a misbehaving
@@ -47,15 +47,15 @@ _install name:
 build-fixtures: _target
     mkdir -p {{fixtures}}
     for tag in a b; do \
-        COMPONENT_BUILD_TAG=$tag cargo build --release --target wasm32-wasip2 -p user -p order; \
-        for c in user order; do cp target/wasm32-wasip2/release/$c.wasm {{fixtures}}/$c-$tag.wasm; done; \
+        COMPONENT_BUILD_TAG=$tag cargo build --profile component --target wasm32-wasip2 -p user -p order; \
+        for c in user order; do cp target/wasm32-wasip2/component/$c.wasm {{fixtures}}/$c-$tag.wasm; done; \
     done
-    cargo build --release --target wasm32-wasip2 -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -p fixture-hello-wasi
-    cp target/wasm32-wasip2/release/fixture_hello.wasm {{fixtures}}/hello.wasm
-    cp target/wasm32-wasip2/release/fixture_hello_wasi.wasm {{fixtures}}/hello-wasi.wasm
-    cp target/wasm32-wasip2/release/fixture_misbehave.wasm {{fixtures}}/misbehave.wasm
-    cp target/wasm32-wasip2/release/fixture_no_http.wasm {{fixtures}}/no-http.wasm
-    cp target/wasm32-wasip2/release/fixture_bad_import.wasm {{fixtures}}/bad-import.wasm
+    cargo build --profile component --target wasm32-wasip2 -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -p fixture-hello-wasi
+    cp target/wasm32-wasip2/component/fixture_hello.wasm {{fixtures}}/hello.wasm
+    cp target/wasm32-wasip2/component/fixture_hello_wasi.wasm {{fixtures}}/hello-wasi.wasm
+    cp target/wasm32-wasip2/component/fixture_misbehave.wasm {{fixtures}}/misbehave.wasm
+    cp target/wasm32-wasip2/component/fixture_no_http.wasm {{fixtures}}/no-http.wasm
+    cp target/wasm32-wasip2/component/fixture_bad_import.wasm {{fixtures}}/bad-import.wasm
 
 # Build, then run the host on :3000-:3003 (admin on 127.0.0.1:3999). Extra flags go to the host.
 run *flags: build

@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use host::config::Args;
 use host::messaging::{embedded::Embedded, Backend};
 use host::runtime::{invoke, Runtime};
-use host::storage::{Db, Txn};
+use host::storage::{RedbStore, StateStore as _, Txn};
 use host::types::{HttpRequest, Message};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -141,7 +141,7 @@ fn write(bucket: &str, key: String) -> Txn {
 fn state(c: &mut Criterion) {
     let rt = Tokio::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(dir.path()).unwrap();
+    let db = RedbStore::open(dir.path()).unwrap();
     db.commit_blocking(&write("users", "1".into())).unwrap();
 
     let mut g = c.benchmark_group("state");

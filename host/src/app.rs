@@ -6,12 +6,11 @@ use crate::messaging::embedded::{Embedded, Retention};
 use crate::messaging::kafka::{Kafka, KafkaConfig};
 use crate::messaging::{self, Backend};
 use crate::ops::{admin, watch};
-use crate::runtime::{Rejected, Runtime};
-use crate::storage::{Db, Pg};
+use crate::runtime::{RejectedFile, Runtime};
+use crate::storage::{PostgresStore, RedbStore, StateStore};
 use anyhow::{Context as _, Result};
 use futures_util::future::BoxFuture;
 use sha2::{Digest, Sha256};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -19,23 +18,26 @@ use tokio::net::TcpListener;
 /// The store, messaging backend and runtime `args` ask for; no component loaded yet.
 pub async fn build(args: &Args, specs: &[ServiceSpec]) -> Result<Arc<Runtime>> {
     let db = if args.in_memory {
-        Db::in_memory()?
+        RedbStore::in_memory()?
     } else {
-        Db::open(&args.data_dir)?
+        RedbStore::open(&args.data_dir)?
     };
-    if let Some(url) = &args.state_url {
-        // A quarter of the request's deadline: a request that calls services that call services
-        // still answers the store's 503 itself, before its caller's deadline runs out.
-        let lock_wait = args.request_timeout / 4;
-        let pg = Pg::connect(url, lock_wait, args.state_ca_file.as_deref()).await?;
-        tracing::info!(store = %pg.describe(), "state, sequences and the outbox in PostgreSQL");
-        db.share(pg)?;
-        if args.kafka_brokers.is_none() {
-            tracing::warn!(
-                "STATE_URL without KAFKA_BROKERS: state is shared, but the embedded message log \
-                 is this host's own; hosts sharing state should share a Kafka too"
-            );
+    let state: Arc<dyn StateStore> = match &args.state_url {
+        None => Arc::new(db.clone()),
+        Some(url) => {
+            // A quarter of the request's deadline: a request that calls services that call
+            // services still answers the store's 503 itself, before its caller's deadline.
+            let lock_wait = args.request_timeout / 4;
+            let pg = PostgresStore::connect(url, lock_wait, args.state_ca_file.as_deref()).await?;
+            tracing::info!(store = %pg.describe(), "state, sequences and the outbox in PostgreSQL");
+            Arc::new(pg)
         }
+    };
+    if args.state_url.is_some() && args.kafka_brokers.is_none() {
+        tracing::warn!(
+            "STATE_URL without KAFKA_BROKERS: state is shared, but the embedded message log is \
+             this host's own; hosts sharing state should share a Kafka too"
+        );
     }
     let backend: Arc<dyn Backend> = match &args.kafka_brokers {
         Some(brokers) => Arc::new(Kafka::new(KafkaConfig {
@@ -56,7 +58,7 @@ pub async fn build(args: &Args, specs: &[ServiceSpec]) -> Result<Arc<Runtime>> {
         }
     };
     tracing::info!(backend = %backend.describe(), "messaging backend");
-    Runtime::new(args, specs, db, backend)
+    Runtime::new(args, specs, state, backend)
 }
 
 /// Starts everything and serves until Ctrl-C or SIGTERM.
@@ -74,7 +76,7 @@ pub async fn run(args: Args) -> Result<()> {
     tokio::spawn(admin::serve(admin_listener, runtime.clone(), access));
 
     let deployment = Arc::new(Deployment {
-        running: tokio::sync::Mutex::new(Some(Running {
+        running: tokio::sync::Mutex::new(Some(Serving {
             ports: ports::Ports::new(runtime.clone(), args.bind_addr, args.body_buffer),
             consumers: consumer::Consumers::new(runtime.clone()),
         })),
@@ -83,12 +85,12 @@ pub async fn run(args: Args) -> Result<()> {
     });
     // At start-up a component that does not load is a mistake in the manifest: exit 2.
     deployment.apply(&text, specs).await.map_err(|e| match e {
-        Refused::Manifest(e) => anyhow::Error::from(e),
-        Refused::Other(e) => e,
+        NotApplied::Manifest(e) => anyhow::Error::from(e),
+        NotApplied::Other(e) => e,
     })?;
 
-    tokio::spawn(runtime.outbox.clone().drain(runtime.backend.clone()));
-    tokio::spawn(admin::watch_backend(runtime.clone()));
+    tokio::spawn(runtime.drain_outbox());
+    tokio::spawn(runtime.watch_backend());
     let watcher = if args.watch {
         let hooks: Arc<dyn watch::ManifestHooks> = deployment.clone();
         Some(watch::spawn(
@@ -100,17 +102,17 @@ pub async fn run(args: Args) -> Result<()> {
     } else {
         None
     };
-    runtime.ready.store(true, Ordering::Release);
+    runtime.set_ready(true);
     tracing::info!("ready");
 
     let mut signals = Signals::new()?;
     signals.next().await;
     let first = tokio::time::Instant::now();
     tracing::info!(grace = ?args.shutdown_grace, "shutting down: no new connections; finishing in-flight work");
-    runtime.ready.store(false, Ordering::Release);
+    runtime.set_ready(false);
     drop(watcher);
     let running = deployment.running.lock().await.take();
-    let Running { ports, consumers } = running.context("started")?;
+    let Serving { ports, consumers } = running.context("started")?;
     // Both stop at once: no new connection is accepted and no new record is taken from here.
     let (connections, consumers) = (ports.close(), consumers.stop());
     let drained = async {
@@ -127,12 +129,14 @@ pub async fn run(args: Args) -> Result<()> {
         consumers.await;
         // Give the outbox a chance to reach the broker; what stays waits on disk.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while runtime.outbox.depth().unwrap_or(0) > 0 && tokio::time::Instant::now() < deadline {
+        while runtime.health().outbox_depth.unwrap_or(0) > 0
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     tokio::select! {
-        _ = drained => tracing::info!(outbox = runtime.outbox.depth().unwrap_or(0), "stopped cleanly"),
+        _ = drained => tracing::info!(outbox = runtime.health().outbox_depth.unwrap_or(0), "stopped cleanly"),
         _ = tokio::time::sleep(args.shutdown_grace) => tracing::warn!("grace period over; stopping with work in flight (committed data is safe)"),
         _ = signals.next_after(first + SAME_REQUEST) => tracing::warn!("second signal: stopping now (committed data is safe)"),
     }
@@ -145,29 +149,23 @@ struct Deployment {
     args: Args,
     runtime: Arc<Runtime>,
     /// `None` once shutting down.
-    running: tokio::sync::Mutex<Option<Running>>,
+    running: tokio::sync::Mutex<Option<Serving>>,
 }
 
-struct Running {
+struct Serving {
     ports: ports::Ports,
     consumers: consumer::Consumers,
 }
 
 /// Why a manifest was not applied.
-enum Refused {
+#[derive(Debug, thiserror::Error)]
+enum NotApplied {
     /// It is not a valid manifest.
+    #[error("{0}")]
     Manifest(ManifestError),
     /// It is, but a port could not be bound or a component not loaded.
+    #[error("{0:#}")]
     Other(anyhow::Error),
-}
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refused::Manifest(e) => write!(f, "{e}"),
-            Refused::Other(e) => write!(f, "{e:#}"),
-        }
-    }
 }
 
 impl Deployment {
@@ -175,7 +173,7 @@ impl Deployment {
     /// move first, then loads the components they add or change, then installs them, starts
     /// accepting and consuming for them, and stops what they removed. Any failure before the
     /// install leaves the running services as they were.
-    async fn apply(&self, text: &[u8], mut specs: Vec<ServiceSpec>) -> Result<(), Refused> {
+    async fn apply(&self, text: &[u8], mut specs: Vec<ServiceSpec>) -> Result<(), NotApplied> {
         let mut running = self.running.lock().await;
         let Some(running) = running.as_mut() else {
             return Ok(());
@@ -184,19 +182,19 @@ impl Deployment {
             .ports
             .bind(&mut specs)
             .await
-            .map_err(Refused::Other)?;
+            .map_err(NotApplied::Other)?;
         let services = self
             .runtime
             .prepare(specs.clone())
             .await
-            .map_err(|e| Refused::Manifest(ManifestError(e.to_string())))?;
+            .map_err(|e| NotApplied::Manifest(ManifestError(e.to_string())))?;
         let before: Vec<Arc<ServiceSpec>> = self
             .runtime
             .services()
             .iter()
             .map(|s| s.spec.clone())
             .collect();
-        ensure_topics(self.runtime.backend.clone(), messaging::topics(&specs)).await;
+        ensure_topics(self.runtime.backend().clone(), messaging::topics(&specs)).await;
         self.runtime.install(services);
         running.ports.apply(bound, &specs);
         running.consumers.apply(&specs);
@@ -244,13 +242,13 @@ impl Deployment {
     }
 
     /// The manifest file's text and its sha256, unless it is the one applied.
-    async fn changed(&self) -> Option<Result<(Vec<u8>, String), Refused>> {
+    async fn changed(&self) -> Option<Result<(Vec<u8>, String), NotApplied>> {
         let path = &self.args.manifest;
         let text = match tokio::fs::read(path).await {
             Ok(text) => text,
             Err(e) => {
                 let e = ManifestError(format!("{}: {e}", path.display()));
-                return Some(Err(Refused::Manifest(e)));
+                return Some(Err(NotApplied::Manifest(e)));
             }
         };
         let sha256 = hex::encode(Sha256::digest(&text));
@@ -267,7 +265,7 @@ impl watch::ManifestHooks for Deployment {
                 Some(Ok((text, sha256))) => {
                     let applied = match self.args.services_in(&text) {
                         Ok(specs) => self.apply(&text, specs).await,
-                        Err(e) => Err(Refused::Manifest(e)),
+                        Err(e) => Err(NotApplied::Manifest(e)),
                     };
                     match applied {
                         Ok(()) => return,
@@ -280,7 +278,7 @@ impl watch::ManifestHooks for Deployment {
                 error,
                 "manifest change refused; the running services keep serving"
             );
-            self.runtime.manifest.lock().unwrap().rejected = Some(Rejected {
+            self.runtime.manifest.lock().unwrap().rejected = Some(RejectedFile {
                 sha256,
                 error,
                 at: std::time::SystemTime::now(),

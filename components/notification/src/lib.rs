@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use sdk::handler::{Delivery, HandleError};
 use sdk::input::{self, Outcome};
+use sdk::router::{Params, Router};
 use sdk::store;
 use sdk::{Request, Response};
 
@@ -32,21 +33,18 @@ sdk::http_service!(super::route);
 sdk::message_handler!(super::handle);
 
 fn route(req: Request) -> Response {
-    let outcome = match (req.method.as_str(), req.segments().as_slice()) {
-        ("GET", ["notifications"]) => list(&req),
-        ("GET", ["notifications", user]) => for_user(user),
-        (method, ["notifications", ..]) => Err(Response::method_not_allowed(method, &["GET"])),
-        _ => Err(Response::no_route(&req)),
-    };
-    outcome.unwrap_or_else(|r| r)
+    Router::new(&req)
+        .get("/notifications", list)
+        .get("/notifications/:user", for_user)
+        .finish()
 }
 
-fn list(req: &Request) -> Outcome {
-    sdk::page::list(req, NOTIFICATIONS, Vec::<Notification>::new(), Ok)
+fn list(req: &Request, _: &Params) -> Outcome {
+    sdk::page::list(req, NOTIFICATIONS, Vec::<(String, Notification)>::new(), Ok)
 }
 
-fn for_user(user: &str) -> Outcome {
-    let id = input::path_id(user)?;
+fn for_user(_: &Request, path: &Params) -> Outcome {
+    let id = input::path_id(path.get("user"))?;
     match store::get_json::<Notification>(NOTIFICATIONS, &store::record_key(id))? {
         Some(n) => Ok(Response::json(200, &n)),
         None => Err(Response::not_found(format!(

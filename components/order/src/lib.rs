@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use sdk::handler::{Delivery, HandleError};
 use sdk::input::{self, Outcome};
+use sdk::router::{Params, Router};
 use sdk::store;
 use sdk::{Request, Response};
 
@@ -56,15 +57,11 @@ fn handle(delivery: Delivery) -> Result<(), HandleError> {
 }
 
 fn route(req: Request) -> Response {
-    let outcome = match (req.method.as_str(), req.segments().as_slice()) {
-        ("GET", ["orders"]) => list_orders(&req),
-        ("POST", ["orders"]) => create_order(&req.body),
-        (method, ["orders"]) => Err(Response::method_not_allowed(method, &["GET", "POST"])),
-        ("GET", ["orders", id]) => get_order(id),
-        (method, ["orders", _]) => Err(Response::method_not_allowed(method, &["GET"])),
-        _ => Err(Response::no_route(&req)),
-    };
-    outcome.unwrap_or_else(|response| response)
+    Router::new(&req)
+        .get("/orders", list_orders)
+        .post("/orders", create_order)
+        .get("/orders/:id", get_order)
+        .finish()
 }
 
 /// An order as served by GET: the stored fields plus `"user"`, the cached user or `null` if
@@ -85,12 +82,14 @@ fn with_user(order: Order) -> Result<OrderView, store::StoreError> {
     Ok(OrderView { order, user })
 }
 
-fn list_orders(req: &Request) -> Outcome {
-    sdk::page::list(req, ORDERS, vec![SEED], with_user)
+/// The seed first (its key is the lowest), then the stored orders.
+fn list_orders(req: &Request, _: &Params) -> Outcome {
+    let seed = vec![(store::record_key(SEED.id), SEED)];
+    sdk::page::list(req, ORDERS, seed, with_user)
 }
 
-fn get_order(id: &str) -> Outcome {
-    let id = input::path_id(id)?;
+fn get_order(_: &Request, path: &Params) -> Outcome {
+    let id = input::path_id(path.get("id"))?;
     let order = if id == SEED.id {
         Some(SEED)
     } else {
@@ -102,8 +101,8 @@ fn get_order(id: &str) -> Outcome {
     }
 }
 
-fn create_order(body: &[u8]) -> Outcome {
-    let fields = input::json_object(body)?;
+fn create_order(req: &Request, _: &Params) -> Outcome {
+    let fields = input::json_object(&req.body)?;
     let user_id = input::positive_int_field(&fields, "userId")?;
     let product_id = input::positive_int_field(&fields, "productId")?;
     let quantity = input::positive_int_field(&fields, "quantity")?;

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Number;
 
 use sdk::input::{self, Outcome};
+use sdk::router::{Params, Router};
 use sdk::store;
 use sdk::{Request, Response};
 
@@ -26,15 +27,11 @@ struct Product {
 sdk::http_service!(super::route);
 
 fn route(req: Request) -> Response {
-    let outcome = match (req.method.as_str(), req.segments().as_slice()) {
-        ("GET", ["products"]) => list_products(&req),
-        ("POST", ["products"]) => create_product(&req.body),
-        (method, ["products"]) => Err(Response::method_not_allowed(method, &["GET", "POST"])),
-        ("GET", ["products", id]) => get_product(id),
-        (method, ["products", _]) => Err(Response::method_not_allowed(method, &["GET"])),
-        _ => Err(Response::no_route(&req)),
-    };
-    outcome.unwrap_or_else(|response| response)
+    Router::new(&req)
+        .get("/products", list_products)
+        .post("/products", create_product)
+        .get("/products/:id", get_product)
+        .finish()
 }
 
 fn seeds() -> impl Iterator<Item = Product> {
@@ -45,12 +42,14 @@ fn seeds() -> impl Iterator<Item = Product> {
     })
 }
 
-fn list_products(req: &Request) -> Outcome {
-    sdk::page::list(req, PRODUCTS, seeds().collect::<Vec<Product>>(), Ok)
+/// The seeds first (their keys are the lowest), then the stored products.
+fn list_products(req: &Request, _: &Params) -> Outcome {
+    let seeds = seeds().map(|p| (store::record_key(p.id), p)).collect();
+    sdk::page::list(req, PRODUCTS, seeds, Ok)
 }
 
-fn get_product(id: &str) -> Outcome {
-    let id = input::path_id(id)?;
+fn get_product(_: &Request, path: &Params) -> Outcome {
+    let id = input::path_id(path.get("id"))?;
     let product = match seeds().find(|p| p.id == id) {
         Some(seed) => Some(seed),
         None => store::get_json::<Product>(PRODUCTS, &store::record_key(id))?,
@@ -61,8 +60,8 @@ fn get_product(id: &str) -> Outcome {
     }
 }
 
-fn create_product(body: &[u8]) -> Outcome {
-    let fields = input::json_object(body)?;
+fn create_product(req: &Request, _: &Params) -> Outcome {
+    let fields = input::json_object(&req.body)?;
     let name = input::validate_name("name", input::string_field(&fields, "name")?)
         .map_err(Response::bad_request)?;
     let price = input::non_negative_number_field(&fields, "price")?;

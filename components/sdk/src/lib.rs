@@ -8,6 +8,8 @@
 //! - [`handler`]: what [`message_handler!`] hands to a component that consumes messages.
 //! - [`fetch`] / [`fetch_all`]: outbound calls to other services (through [`services`] when
 //!   the URL names one, else `wasi:http`).
+//! - [`router`]: a request to one function by method and path pattern, 404/405 derived.
+//! - [`producer::send_json`]: a JSON event, sent with the invocation's commit.
 //! - [`input`]: path and JSON-body parsing that turns bad client input into 400s.
 //! - [`store`]: JSON records in host state.
 //!
@@ -47,22 +49,24 @@ pub mod subscriber_bindings {
     });
 }
 
-pub use bindings::microsvc::platform::{producer, services, state};
+pub use bindings::microsvc::platform::{services, state};
+pub use platform_contract as contract;
 pub use wasi;
 
-pub mod contract;
 pub mod handler;
 pub mod http;
 pub mod input;
-pub mod message;
 pub mod page;
+pub mod producer;
+pub mod request;
+pub mod router;
 pub mod store;
 
 pub use http::{
     fetch, fetch_all, fetch_via_wasi_http, serve, serve_values, OutboundError, OutboundErrorKind,
     OutboundRequest,
 };
-pub use message::{Request, Response};
+pub use request::{Request, Response};
 
 /// Exports `route` (a `fn(Request) -> Response`) as the component's
 /// `wasi:http/incoming-handler`, for any host, and as `microsvc:platform/http-handler`, which this

@@ -13,39 +13,21 @@ pub const DEFAULT_LIMIT: u32 = 100;
 /// Most records per page (the host's cap for `list-keys-after`).
 pub const MAX_LIMIT: u32 = 1000;
 
-/// Where a page starts: after one of the fixed records the service always lists first, or
-/// after a stored key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum After {
-    Fixed(usize),
-    Key(String),
+/// Where a page starts: after this key. Opaque to clients: `k<hex of the key>`.
+fn cursor(key: &str) -> String {
+    format!("k{}", hex::encode(key))
 }
 
-impl After {
-    /// Opaque to clients: `f<index>` or `k<hex of the key>`.
-    fn cursor(&self) -> String {
-        match self {
-            After::Fixed(i) => format!("f{i}"),
-            After::Key(k) => format!("k{}", hex::encode(k)),
-        }
-    }
-
-    fn parse(cursor: &str) -> Option<After> {
-        match cursor.split_at_checked(1)? {
-            ("f", i) if !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()) => {
-                i.parse().ok().map(After::Fixed)
-            }
-            ("k", h) => String::from_utf8(hex::decode(h).ok()?).ok().map(After::Key),
-            _ => None,
-        }
-    }
+fn parse_cursor(cursor: &str) -> Option<String> {
+    let hex = cursor.strip_prefix('k')?;
+    String::from_utf8(hex::decode(hex).ok()?).ok()
 }
 
 /// What the client asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
     pub limit: u32,
-    after: Option<After>,
+    after: Option<String>,
 }
 
 impl Page {
@@ -74,7 +56,7 @@ impl Page {
                         })?;
                 }
                 "cursor" => {
-                    page.after = Some(After::parse(value).ok_or_else(|| {
+                    page.after = Some(parse_cursor(value).ok_or_else(|| {
                         Response::bad_request(
                             "cursor is not one this service gave out; start again without it",
                         )
@@ -87,17 +69,18 @@ impl Page {
     }
 }
 
-/// One page of `fixed` (listed first, always) and then the JSON records of `bucket`, in key
-/// order, each shown as `view` makes it, answering `req`: 200 with a JSON array, and a `Link`
-/// to the next page when there may be one.
+/// One page of the JSON records of `bucket` and of `builtin` (records the service has without
+/// storing them, each with the key it would have), in key order, each shown as `view` makes
+/// it, answering `req`: 200 with a JSON array, and a `Link` to the next page when there may be
+/// one.
 pub fn list<T: DeserializeOwned, U: Serialize>(
     req: &Request,
     bucket: &str,
-    fixed: Vec<T>,
+    builtin: Vec<(String, T)>,
     view: impl FnMut(T) -> Result<U, StoreError>,
 ) -> Result<Response, Response> {
     let page = Page::from_query(req.query.as_deref())?;
-    let (items, next) = read(bucket, fixed, &page)?;
+    let (items, next) = read(bucket, builtin, &page)?;
     let items = items.into_iter().map(view).collect::<Result<Vec<U>, _>>()?;
     let mut resp = Response::json(200, &items);
     if let Some(next) = next {
@@ -105,42 +88,70 @@ pub fn list<T: DeserializeOwned, U: Serialize>(
             "<{}?limit={}&cursor={}>; rel=\"next\"",
             req.path,
             page.limit,
-            next.cursor()
+            cursor(&next)
         );
         resp = resp.with_header("link", link);
     }
     Ok(resp)
 }
 
-/// The records of `page`, and where the next page starts if this one is full.
+/// The records of `page`, and the key the next page starts after if this one is full.
 fn read<T: DeserializeOwned>(
     bucket: &str,
-    fixed: Vec<T>,
+    builtin: Vec<(String, T)>,
     page: &Page,
-) -> Result<(Vec<T>, Option<After>), StoreError> {
+) -> Result<(Vec<T>, Option<String>), StoreError> {
     let limit = page.limit as usize;
-    let (first_fixed, after_key) = match &page.after {
-        None => (0, None),
-        Some(After::Fixed(i)) => (i + 1, None),
-        Some(After::Key(k)) => (fixed.len(), Some(k.clone())),
-    };
-    let mut items: Vec<T> = fixed.into_iter().skip(first_fixed).take(limit).collect();
-    if items.len() == limit {
-        return Ok((items, Some(After::Fixed(first_fixed + limit - 1))));
-    }
-    let room = limit - items.len();
-    let keys = state::list_keys_after(bucket, "", after_key.as_deref(), room as u32)
+    let after = page.after.as_deref();
+    let stored = state::list_keys_after(bucket, "", after, page.limit)
         .map_err(|e| store::failed("list-keys-after", bucket, e))?;
-    let next = (keys.len() == room)
-        .then(|| keys.last().cloned().map(After::Key))
-        .flatten();
-    for key in keys {
-        // Reads are transactional, so a listed key is still there; skipping is just defensive.
-        if let Some(v) = store::get_json(bucket, &key)? {
-            items.push(v);
+    let mut items = Vec::with_capacity(limit);
+    let mut last = None;
+    for (key, record) in merge(builtin, stored, after, limit) {
+        let record = match record {
+            Some(record) => Some(record),
+            // Reads are transactional, so a listed key is still there; skipping is defensive.
+            None => store::get_json(bucket, &key)?,
+        };
+        items.extend(record);
+        last = Some(key);
+    }
+    let next = if items.len() == limit { last } else { None };
+    Ok((items, next))
+}
+
+/// The first `limit` keys after `after` of `builtin` (with their records) and `stored` (both
+/// lists sorted on the way), in key order; a stored key that is also built in is the built-in
+/// record.
+fn merge<T>(
+    mut builtin: Vec<(String, T)>,
+    stored: Vec<String>,
+    after: Option<&str>,
+    limit: usize,
+) -> Vec<(String, Option<T>)> {
+    builtin.retain(|(key, _)| after.is_none_or(|a| key.as_str() > a));
+    builtin.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut builtin = builtin.into_iter().peekable();
+    let mut stored = stored.into_iter().peekable();
+    let mut out = Vec::with_capacity(limit);
+    while out.len() < limit {
+        let (take_builtin, duplicate) = match (builtin.peek(), stored.peek()) {
+            (Some((b, _)), Some(s)) => (b <= s, b == s),
+            (Some(_), None) => (true, false),
+            (None, Some(_)) => (false, false),
+            (None, None) => break,
+        };
+        if duplicate {
+            stored.next();
+        }
+        if take_builtin {
+            let (key, record) = builtin.next().expect("peeked");
+            out.push((key, Some(record)));
+        } else {
+            out.push((stored.next().expect("peeked"), None));
         }
     }
-    Ok((items, next))
+    out
 }
 
 #[cfg(test)]
@@ -163,20 +174,41 @@ mod tests {
         ] {
             assert_eq!(page(bad).unwrap_err().status, 400, "{bad}");
         }
-        for after in [
-            After::Fixed(2),
-            After::Key("00000000000000000042".into()),
-            After::Key("a b/ü".into()),
-        ] {
-            let cursor = after.cursor();
+        for after in ["00000000000000000042", "a b/ü"] {
+            let cursor = cursor(after);
             assert!(
                 cursor.bytes().all(|b| b.is_ascii_alphanumeric()),
                 "{cursor}"
             );
             assert_eq!(
-                page(&format!("limit=5&cursor={cursor}")).unwrap().after,
+                page(&format!("limit=5&cursor={cursor}"))
+                    .unwrap()
+                    .after
+                    .as_deref(),
                 Some(after)
             );
         }
+    }
+
+    #[test]
+    fn built_in_records_take_their_place_among_the_stored_ones() {
+        let builtin = || vec![("k3".to_string(), 3), ("k1".to_string(), 1)];
+        let stored = vec!["k2".to_string(), "k3".to_string(), "k4".to_string()];
+        let all = merge(builtin(), stored.clone(), None, 10);
+        let want = [("k1", Some(1)), ("k2", None), ("k3", Some(3)), ("k4", None)];
+        assert_eq!(
+            all,
+            want.map(|(k, v)| (k.to_string(), v)).to_vec(),
+            "in key order, the built-in k3 once"
+        );
+        let second = merge(builtin(), vec!["k4".to_string()], Some("k2"), 2);
+        assert_eq!(
+            second,
+            [("k3".to_string(), Some(3)), ("k4".to_string(), None)]
+        );
+        assert_eq!(
+            merge(builtin(), stored, None, 1),
+            [("k1".to_string(), Some(1))]
+        );
     }
 }

@@ -2,7 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+mod email;
+
 use sdk::input::{self, Outcome};
+use sdk::router::{Params, Router};
 use sdk::store;
 use sdk::{producer, Request, Response};
 
@@ -21,35 +24,31 @@ struct User {
 sdk::http_service!(super::route);
 
 fn route(req: Request) -> Response {
-    let outcome = match (req.method.as_str(), req.segments().as_slice()) {
-        ("GET", ["users"]) => list_users(&req),
-        ("POST", ["users"]) => create_user(&req.body),
-        (method, ["users"]) => Err(Response::method_not_allowed(method, &["GET", "POST"])),
-        ("GET", ["users", id]) => get_user(id),
-        (method, ["users", _]) => Err(Response::method_not_allowed(method, &["GET"])),
-        _ => Err(Response::no_route(&req)),
-    };
-    outcome.unwrap_or_else(|response| response)
+    Router::new(&req)
+        .get("/users", list_users)
+        .post("/users", create_user)
+        .get("/users/:id", get_user)
+        .finish()
 }
 
-fn list_users(req: &Request) -> Outcome {
-    sdk::page::list(req, USERS, Vec::<User>::new(), Ok)
+fn list_users(req: &Request, _: &Params) -> Outcome {
+    sdk::page::list(req, USERS, Vec::<(String, User)>::new(), Ok)
 }
 
-fn get_user(id: &str) -> Outcome {
-    let id = input::path_id(id)?;
+fn get_user(_: &Request, path: &Params) -> Outcome {
+    let id = input::path_id(path.get("id"))?;
     match store::get_json::<User>(USERS, &store::record_key(id))? {
         Some(user) => Ok(Response::json(200, &user)),
         None => Err(Response::not_found(format!("user {id} not found"))),
     }
 }
 
-fn create_user(body: &[u8]) -> Outcome {
-    let fields = input::json_object(body)?;
+fn create_user(req: &Request, _: &Params) -> Outcome {
+    let fields = input::json_object(&req.body)?;
     let name = input::validate_name("name", input::string_field(&fields, "name")?)
         .map_err(Response::bad_request)?;
     let email = input::string_field(&fields, "email")?;
-    input::validate_email(email).map_err(Response::bad_request)?;
+    email::validate_email(email).map_err(Response::bad_request)?;
 
     let email_key = store::bounded_key("email:", &email.to_lowercase());
     if store::get_raw(EMAILS, &email_key)?.is_some() {
@@ -72,20 +71,8 @@ fn create_user(body: &[u8]) -> Outcome {
     Ok(Response::json(201, &user))
 }
 
-/// Queues `user-created`; the host only releases it if this invocation commits.
+/// Queues `user-created`; the host only releases it if this invocation commits. A 5xx makes
+/// the host roll back the user just stored, so no user exists unannounced.
 fn announce(user: &User) -> Result<(), Response> {
-    let payload = serde_json::to_vec(user)
-        .map_err(|e| Response::internal(format!("could not serialize event: {e}")))?;
-    let message = producer::Message {
-        topic: TOPIC.into(),
-        key: Some(user.id.to_string()),
-        payload,
-        headers: vec![
-            ("event-id".into(), format!("{TOPIC}-{}", user.id)),
-            ("content-type".into(), "application/json".into()),
-        ],
-    };
-    // A 5xx makes the host roll back the user we just stored, so no user exists unannounced.
-    producer::send(&message)
-        .map_err(|e| Response::internal(format!("could not publish {TOPIC}: {e:?}")))
+    producer::send_json(TOPIC, &user.id.to_string(), user)
 }

@@ -3,11 +3,11 @@
 //! Nothing else is reachable, and only the services the caller may call. (`services` is the
 //! cheaper way to the same place.)
 
-use super::services::{Outbound, Refused};
-use crate::types::contract::MAX_BODY;
+use super::services::{CallRefused, Outbound};
 use crate::types::HttpRequest;
 use anyhow::Result;
 use http_body_util::{BodyExt, Limited};
+use platform_contract::MAX_BODY;
 use std::future::Future;
 use wasmtime::component::Linker;
 use wasmtime_wasi::WasiView;
@@ -35,8 +35,8 @@ impl WasiHttpHooks for Outbound {
             .resolve(request.uri().host().unwrap_or_default())
             .map(str::to_string)
             .map_err(|r| match r {
-                Refused::NotFound(_) => HttpError::DestinationNotFound,
-                Refused::Denied(_) => HttpError::HttpRequestDenied,
+                CallRefused::NotFound(_) => HttpError::DestinationNotFound,
+                CallRefused::Denied(_) => HttpError::HttpRequestDenied,
             });
         let outbound = self.clone();
         Box::new(async move {

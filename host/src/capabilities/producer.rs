@@ -3,10 +3,10 @@
 use super::bindings::microsvc::platform::producer::{self as wit, SendError};
 use crate::config::manifest::valid_topic;
 use crate::storage::Txn;
-use crate::types::contract::MAX_BODY;
 use crate::types::http::MAX_HEADERS;
 use crate::types::{Message, REQUEST_ID};
 use anyhow::Result;
+use platform_contract::MAX_BODY;
 use wasmtime::component::{HasData, Linker};
 
 /// What `producer::send` works on: the invocation's transaction and the service's permissions.
@@ -73,11 +73,12 @@ impl wit::Host for ProducerView<'_> {
 mod tests {
     use super::wit::Host;
     use super::*;
-    use crate::storage::{outbox, Db};
+    use crate::storage::redb_store::oldest_local;
+    use crate::storage::RedbStore;
 
     #[test]
     fn send_checks_topic_and_size_and_stamps_request_id() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut txn = Txn::new("user".into());
         let allowed = vec!["user-created".to_string()];
         let mut view = ProducerView {
@@ -120,7 +121,7 @@ mod tests {
         view.send(m("user-created", 2)).unwrap();
         assert!(txn.sends());
         db.commit_blocking(&txn).unwrap();
-        let sent = outbox::oldest_local(&db, 10).unwrap();
+        let sent = oldest_local(&db, 10).unwrap();
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].1.header(REQUEST_ID), Some("req-1"));
     }

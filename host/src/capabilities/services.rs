@@ -6,14 +6,14 @@
 
 use super::bindings::microsvc::platform::services::{self as wit, CallError};
 use crate::config::ServiceSpec;
-use crate::types::contract::{MAX_BODY, SERVICE_SUFFIX};
 use crate::types::http::{header_list, header_map};
-use crate::types::{Budget, HttpRequest, Resp, REQUEST_ID};
+use crate::types::{Budget, HttpRequest, HttpResponse, REQUEST_ID};
 use anyhow::Result;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body_util::BodyExt;
 use hyper::header::{HeaderValue, HOST};
+use platform_contract::{MAX_BODY, SERVICE_SUFFIX};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
@@ -31,7 +31,7 @@ pub trait ServiceCalls: Send + Sync + 'static {
         name: &'a str,
         req: HttpRequest,
         request_id: &'a str,
-    ) -> BoxFuture<'a, Option<Resp>>;
+    ) -> BoxFuture<'a, Option<HttpResponse>>;
 }
 
 /// Who is calling out, and where it may go: one per invocation's store.
@@ -45,24 +45,26 @@ pub struct Outbound {
 }
 
 /// Why a call was not made, before any callee ran.
-pub enum Refused {
+pub enum CallRefused {
     NotFound(String),
     Denied(String),
 }
 
 impl Outbound {
     /// The service `host` (`user-service`) names, if the caller may call it.
-    pub fn resolve<'h>(&self, host: &'h str) -> Result<&'h str, Refused> {
+    pub fn resolve<'h>(&self, host: &'h str) -> Result<&'h str, CallRefused> {
         let name = host
             .strip_suffix(SERVICE_SUFFIX)
             .filter(|name| self.peers.exists(name));
         let Some(name) = name else {
             tracing::warn!(caller = %self.caller.name, destination = host, request_id = %self.request_id, "outbound call to an unknown destination refused");
-            return Err(Refused::NotFound(format!("no service is called {host:?}")));
+            return Err(CallRefused::NotFound(format!(
+                "no service is called {host:?}"
+            )));
         };
         if !self.caller.calls.iter().any(|c| c == name) {
             tracing::warn!(caller = %self.caller.name, destination = host, request_id = %self.request_id, "outbound call not in the caller's allowlist refused");
-            return Err(Refused::Denied(format!(
+            return Err(CallRefused::Denied(format!(
                 "{}{SERVICE_SUFFIX} may not call {host}",
                 self.caller.name
             )));
@@ -72,7 +74,7 @@ impl Outbound {
 
     /// Runs `req` on service `name` (carrying this request's id); `None` after the timeout or
     /// if the service is gone.
-    pub async fn call(&self, name: &str, mut req: HttpRequest) -> Option<Resp> {
+    pub async fn call(&self, name: &str, mut req: HttpRequest) -> Option<HttpResponse> {
         if let Ok(v) = HeaderValue::from_str(&self.request_id) {
             req.headers.insert(REQUEST_ID, v);
         }
@@ -94,8 +96,8 @@ impl Outbound {
         request: wit::Request,
     ) -> Result<wit::Response, CallError> {
         let name = self.resolve(&host).map_err(|r| match r {
-            Refused::NotFound(m) => CallError::NotFound(m),
-            Refused::Denied(m) => CallError::Denied(m),
+            CallRefused::NotFound(m) => CallError::NotFound(m),
+            CallRefused::Denied(m) => CallError::Denied(m),
         })?;
         let req = to_request(&host, request).map_err(CallError::Invalid)?;
         let Some(resp) = self.call(name, req).await else {
@@ -268,7 +270,7 @@ mod tests {
             name: &'a str,
             req: HttpRequest,
             _: &'a str,
-        ) -> BoxFuture<'a, Option<Resp>> {
+        ) -> BoxFuture<'a, Option<HttpResponse>> {
             Box::pin(async move {
                 if name == "product" {
                     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -344,7 +346,7 @@ mod tests {
         };
         assert!(matches!(
             denied.resolve("product-service"),
-            Err(Refused::Denied(_))
+            Err(CallRefused::Denied(_))
         ));
     }
 }

@@ -1,15 +1,15 @@
 //! `microsvc:platform/state`: key-value buckets owned by the host, one transaction per invocation.
 
 use super::bindings::microsvc::platform::state::{self as wit, Error as WitError};
-use crate::storage::{Db, NextIdError, Txn, MAX_PAGE};
-use crate::types::contract::{MAX_BODY, MAX_NAME};
+use crate::storage::{NextIdError, StateStore, Txn, MAX_PAGE};
 use crate::types::Overrun;
 use anyhow::Result;
+use platform_contract::{MAX_BODY, MAX_NAME};
 use wasmtime::component::{HasData, Linker};
 
 /// What a component's `state` imports work on: the store and the invocation's transaction.
 pub struct StateView<'a> {
-    pub db: &'a Db,
+    pub store: &'a dyn StateStore,
     pub txn: &'a mut Txn,
 }
 
@@ -50,7 +50,7 @@ impl StateView<'_> {
     async fn get_value(&mut self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, WitError> {
         check_name("bucket", bucket)?;
         check_name("key", key)?;
-        let read = self.txn.get(self.db, bucket, key).await;
+        let read = self.txn.get(self.store, bucket, key).await;
         read.map_err(|e| storage(self.txn, e))
     }
 
@@ -72,7 +72,7 @@ impl wit::Host for StateView<'_> {
     async fn next_id(&mut self, bucket: String, key: String) -> Result<u64, WitError> {
         check_name("bucket", &bucket)?;
         check_name("key", &key)?;
-        let taken = self.db.next_id(self.txn, bucket, key).await;
+        let taken = self.store.next_id(self.txn, bucket, key).await;
         taken.map_err(|e| match e {
             NextIdError::NotASequence(m) => WitError::NotACounter(m),
             NextIdError::Storage(e) => storage(self.txn, e),
@@ -93,7 +93,7 @@ impl wit::Host for StateView<'_> {
 
     async fn list_keys(&mut self, bucket: String, prefix: String) -> Result<Vec<String>, WitError> {
         check_name("bucket", &bucket)?;
-        let listed = self.txn.list_keys(self.db, &bucket, &prefix).await;
+        let listed = self.txn.list_keys(self.store, &bucket, &prefix).await;
         listed.map_err(|e| storage(self.txn, e))
     }
 
@@ -116,7 +116,7 @@ impl wit::Host for StateView<'_> {
         }
         let limit = (limit as usize).min(MAX_PAGE);
         let listed = (self.txn)
-            .list_page(self.db, &bucket, &prefix, after.as_deref(), limit)
+            .list_page(self.store, &bucket, &prefix, after.as_deref(), limit)
             .await;
         listed.map_err(|e| storage(self.txn, e))
     }
@@ -149,15 +149,15 @@ mod tests {
     use super::wit::Host;
     use super::*;
     use crate::storage::ready;
-    use crate::storage::CommitError;
+    use crate::storage::{CommitError, RedbStore};
 
-    fn view<'a>(db: &'a Db, txn: &'a mut Txn) -> StateView<'a> {
-        StateView { db, txn }
+    fn view<'a>(store: &'a RedbStore, txn: &'a mut Txn) -> StateView<'a> {
+        StateView { store, txn }
     }
 
     #[test]
     fn bad_names_big_values_and_non_counters_are_errors_not_traps() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut t = Txn::new("s".into());
         let mut v = view(&db, &mut t);
         assert!(matches!(
@@ -186,7 +186,7 @@ mod tests {
 
     #[test]
     fn an_invocation_past_its_host_budget_gets_errors_and_stays_failed() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut t = Txn::limited("s".into(), 4 << 20);
         let mut v = view(&db, &mut t);
         // Overwriting one key costs one value, not one per write.
@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn racing_increments_conflict_instead_of_sharing_an_id() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut a = Txn::new("user".into());
         let mut b = Txn::new("user".into());
         let inc = |t: &mut Txn| ready(view(&db, t).increment("m".into(), "id".into(), 1)).unwrap();
@@ -229,7 +229,7 @@ mod tests {
 
     #[test]
     fn a_page_of_zero_keys_is_refused_and_records_no_range() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut t = Txn::new("s".into());
         let mut v = view(&db, &mut t);
         assert!(matches!(
@@ -246,7 +246,7 @@ mod tests {
 
     #[test]
     fn list_keys_sees_own_writes_and_deletes() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut t = Txn::new("s".into());
         let mut v = view(&db, &mut t);
         ready(v.set("b".into(), "a1".into(), vec![1])).unwrap();

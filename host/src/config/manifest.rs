@@ -17,12 +17,12 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
-    service: IndexMap<Spanned<String>, Entry>,
+    service: IndexMap<Spanned<String>, ServiceTable>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Entry {
+struct ServiceTable {
     /// The component file, relative to `--components-dir`.
     component: Spanned<String>,
     /// Omitted: reachable only from other services.
@@ -34,7 +34,7 @@ struct Entry {
     #[serde(default)]
     subscribe: Vec<Subscribe>,
     #[serde(default)]
-    limits: EntryLimits,
+    limits: LimitsTable,
     /// Testing aid: a delay before each in-process call into the service.
     latency: Option<Spanned<String>>,
 }
@@ -50,7 +50,7 @@ struct Subscribe {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct EntryLimits {
+struct LimitsTable {
     memory: Option<Spanned<String>>,
     cpu: Option<Spanned<String>>,
     concurrency: Option<Spanned<u64>>,
@@ -67,16 +67,9 @@ pub const LATENCY: std::ops::RangeInclusive<std::time::Duration> =
     std::time::Duration::ZERO..=std::time::Duration::from_secs(60);
 
 /// A manifest that cannot be used, with where and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct ManifestError(pub String);
-
-impl std::fmt::Display for ManifestError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ManifestError {}
 
 /// What the manifest's services run with unless they say otherwise, and where things are.
 pub struct Context<'a> {

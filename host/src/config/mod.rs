@@ -16,184 +16,256 @@ use std::time::Duration;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "host", version)]
 pub struct Args {
-    /// Directory the manifest's component files are relative to.
-    #[arg(long, env = "COMPONENTS_DIR", default_value = "build/components")]
-    pub components_dir: PathBuf,
-
-    /// Address the service ports bind to.
-    #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1")]
-    pub bind_addr: IpAddr,
-
     /// The manifest: which services run, from which component, on which port, with which
     /// permissions and limits (see docs/manifest.md).
-    #[arg(long, env = "MANIFEST", default_value = "services.toml")]
+    #[arg(
+        help_heading = "Services",
+        long,
+        env = "MANIFEST",
+        default_value = "services.toml"
+    )]
     pub manifest: PathBuf,
 
     /// Overrides a service's port, as NAME=PORT (repeatable; env PORTS=NAME=PORT,...). 0 = any
     /// free port. For tests, and for two hosts side by side.
-    #[arg(long = "port", env = "PORTS", value_delimiter = ',', value_parser = manifest::parse_port)]
+    #[arg(help_heading = "Services", long = "port", env = "PORTS", value_delimiter = ',', value_parser = manifest::parse_port)]
     pub ports: Vec<(String, u16)>,
+
+    /// Directory the manifest's component files are relative to.
+    #[arg(
+        help_heading = "Services",
+        long,
+        env = "COMPONENTS_DIR",
+        default_value = "build/components"
+    )]
+    pub components_dir: PathBuf,
+
+    /// Address the service ports bind to.
+    #[arg(
+        help_heading = "Services",
+        long,
+        env = "BIND_ADDR",
+        default_value = "127.0.0.1"
+    )]
+    pub bind_addr: IpAddr,
+
+    /// Swap a service's component when its file in the components dir changes, and apply a
+    /// changed manifest.
+    #[arg(help_heading = "Services", long, env = "WATCH_COMPONENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub watch: bool,
 
     /// Address of the admin listener (/healthz, /readyz, /components, /metrics, rollback).
     /// Anything but loopback needs ADMIN_TOKEN.
-    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:3999")]
+    #[arg(
+        help_heading = "Admin",
+        long,
+        env = "ADMIN_ADDR",
+        default_value = "127.0.0.1:3999"
+    )]
     pub admin_addr: SocketAddr,
 
     /// Bearer token every admin call but GET /healthz and /readyz must carry
     /// (`Authorization: Bearer TOKEN`). Required when ADMIN_ADDR is not loopback.
-    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        help_heading = "Admin",
+        long,
+        env = "ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     pub admin_token: Option<String>,
 
-    /// Directory of the durable state (users, products, orders, caches, outbox, embedded log).
-    #[arg(long, env = "DATA_DIR", default_value = "data")]
+    /// Directory of the durable state: the services' state, id sequences, outbox and embedded
+    /// message log.
+    #[arg(help_heading = "State", long, env = "DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
 
-    /// Directory of precompiled components, keyed by content digest, reused across restarts.
-    #[arg(long, env = "COMPILE_CACHE", default_value = "build/compile-cache")]
-    pub compile_cache: PathBuf,
-
-    /// Bytes of compiled components the compile cache keeps; least recently used entries are
-    /// removed past it.
-    #[arg(long, env = "COMPILE_CACHE_MAX", default_value = "512MiB", value_parser = parse_size)]
-    pub compile_cache_max: u64,
-
-    /// Swap a service's component when its file in the components dir changes, and apply a
-    /// changed manifest.
-    #[arg(long, env = "WATCH_COMPONENTS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub watch: bool,
-
     /// Keep all state in memory instead of DATA_DIR (lost at exit; for tests and demos).
-    #[arg(long, env = "STATE_IN_MEMORY")]
+    #[arg(help_heading = "State", long, env = "STATE_IN_MEMORY")]
     pub in_memory: bool,
-
-    /// Largest linear memory one instance may have (e.g. 64MiB); growing past it fails that
-    /// request with 500. A service's `limits` in the manifest override this and the next two.
-    #[arg(long, env = "MEMORY_LIMIT", default_value = "64MiB", value_parser = parse_size)]
-    pub memory_limit: u64,
-
-    /// Guest compute time one request or message may use before it is stopped (504).
-    #[arg(long, env = "CPU_DEADLINE", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub cpu_deadline: Duration,
-
-    /// Requests in flight per service; beyond it 503 with Retry-After (0 = 64 per core).
-    #[arg(long, env = "MAX_CONCURRENT", default_value_t = 0)]
-    pub max_concurrent: usize,
-
-    /// On SIGTERM/Ctrl-C, how long in-flight requests and handlers may take to finish.
-    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
-
-    /// Component instances that may exist at once (pooling allocator slots).
-    #[arg(long, env = "MAX_INSTANCES", default_value_t = 512)]
-    pub max_instances: u32,
-
-    /// Requests one component instance serves before it is thrown away. Above 1 (the default is
-    /// 1000) an idle instance is handed the next request of its service: faster, but guest
-    /// memory (globals, freed heap) carries over between that service's requests; see
-    /// docs/instance-reuse.md. 1 gives every request a fresh instance: nothing in guest memory
-    /// survives it.
-    #[arg(long, env = "INSTANCE_REUSE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
-    pub instance_reuse: u32,
-
-    /// Longest a client may take to send a request's headers, and longest an idle keep-alive
-    /// connection is kept.
-    #[arg(long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub header_timeout: Duration,
-
-    /// Longest a response write may wait for the client to read; past it the connection is
-    /// closed (a client that stops reading cannot hold a connection and its response).
-    #[arg(long, env = "WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub write_timeout: Duration,
-
-    /// Open connections per service port; further clients wait in the listen backlog until one
-    /// closes.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
-    pub max_connections: usize,
-
-    /// Request-body bytes all service ports together may hold at once (buffered for their
-    /// invocations); beyond it requests get 503 with Retry-After.
-    #[arg(long, env = "BODY_BUFFER", default_value = "64MiB", value_parser = parse_size)]
-    pub body_buffer: u64,
-
-    /// Wall-clock time one request or message handler may take, waiting included; past it the
-    /// request gets 504 (a message is retried) and the instance is thrown away.
-    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub request_timeout: Duration,
-
-    /// How long the embedded message log keeps records every consumer group has handled.
-    #[arg(long, env = "LOG_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
-    pub log_retention: Duration,
-
-    /// Bytes per topic past which the embedded log removes its oldest handled records, however
-    /// young.
-    #[arg(long, env = "LOG_RETENTION_BYTES", default_value = "1GiB", value_parser = parse_size)]
-    pub log_retention_bytes: u64,
-
-    /// Bytes of events the outbox may hold while the messaging backend does not take them;
-    /// beyond it requests that would send an event get 503 (a message handler is retried).
-    #[arg(long, env = "OUTBOX_MAX", default_value = "1GiB", value_parser = parse_size)]
-    pub outbox_max: u64,
-
-    /// Host memory one invocation may make the host hold for it, outside the guest's memory
-    /// limit: staged writes, copies of values read, listed keys, outgoing messages, its
-    /// response body and the responses of services it calls. Past it the invocation fails (500
-    /// for a request, a retry for a message) and nothing it staged is kept.
-    #[arg(long, env = "INVOCATION_HOST_BYTES", default_value = "16MiB", value_parser = parse_size)]
-    pub invocation_host_bytes: u64,
-
-    /// Longest a client may take to send a request's body; past it the request gets 408 and
-    /// the connection is closed.
-    #[arg(long, env = "BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub body_timeout: Duration,
-
-    /// Longest a service-to-service call may take before the caller sees a timeout.
-    #[arg(long, env = "OUTBOUND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub outbound_timeout: Duration,
 
     /// PostgreSQL URL (`postgres://user:password@host:port/db`) for state, id sequences and
     /// the outbox, shared by every host given the same one. Without it, state is in DATA_DIR.
     /// TLS follows the URL's `sslmode`: `prefer` (the default: TLS when the server offers it),
     /// `require`, or `disable`. Servers are verified against the public web's authorities
     /// (Mozilla's list) and those of STATE_CA_FILE.
-    #[arg(long, env = "STATE_URL", hide_env_values = true)]
+    #[arg(
+        help_heading = "State",
+        long,
+        env = "STATE_URL",
+        hide_env_values = true
+    )]
     pub state_url: Option<String>,
 
     /// PEM file of certificate authorities to trust for STATE_URL's TLS, besides the public
     /// ones (a managed PostgreSQL's CA bundle, or your own).
-    #[arg(long, env = "STATE_CA_FILE")]
+    #[arg(help_heading = "State", long, env = "STATE_CA_FILE")]
     pub state_ca_file: Option<PathBuf>,
 
+    /// Bytes of events the outbox may hold while the messaging backend does not take them;
+    /// beyond it requests that would send an event get 503 (a message handler is retried).
+    #[arg(help_heading = "State", long, env = "OUTBOX_MAX", default_value = "1GiB", value_parser = parse_size)]
+    pub outbox_max: u64,
+
+    /// Requests one component instance serves before it is thrown away. Above 1 (the default is
+    /// 1000) an idle instance is handed the next request of its service: faster, but guest
+    /// memory (globals, freed heap) carries over between that service's requests; see
+    /// docs/instance-reuse.md. 1 gives every request a fresh instance: nothing in guest memory
+    /// survives it.
+    #[arg(help_heading = "Instances", long, env = "INSTANCE_REUSE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub instance_reuse: u32,
+
+    /// Component instances that may exist at once (pooling allocator slots).
+    #[arg(
+        help_heading = "Instances",
+        long,
+        env = "MAX_INSTANCES",
+        default_value_t = 512
+    )]
+    pub max_instances: u32,
+
+    /// Largest linear memory one instance may have (e.g. 64MiB); growing past it fails that
+    /// request with 500. A service's `limits` in the manifest override this, CPU_DEADLINE and
+    /// MAX_CONCURRENT.
+    #[arg(help_heading = "Instances", long, env = "MEMORY_LIMIT", default_value = "64MiB", value_parser = parse_size)]
+    pub memory_limit: u64,
+
+    /// Guest compute time one request or message may use before it is stopped (504).
+    #[arg(help_heading = "Instances", long, env = "CPU_DEADLINE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub cpu_deadline: Duration,
+
+    /// Wall-clock time one request or message handler may take, waiting included; past it the
+    /// request gets 504 (a message is retried) and the instance is thrown away.
+    #[arg(help_heading = "Instances", long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Host memory one invocation may make the host hold for it, outside the guest's memory
+    /// limit: staged writes, copies of values read, listed keys, outgoing messages, its
+    /// response body and the responses of services it calls. Past it the invocation fails (500
+    /// for a request, a retry for a message) and nothing it staged is kept.
+    #[arg(help_heading = "Instances", long, env = "INVOCATION_HOST_BYTES", default_value = "16MiB", value_parser = parse_size)]
+    pub invocation_host_bytes: u64,
+
+    /// Requests in flight per service; beyond it 503 with Retry-After (0 = 64 per core).
+    #[arg(
+        help_heading = "Instances",
+        long,
+        env = "MAX_CONCURRENT",
+        default_value_t = 0
+    )]
+    pub max_concurrent: usize,
+
+    /// Directory of precompiled components, keyed by content digest, reused across restarts.
+    #[arg(
+        help_heading = "Instances",
+        long,
+        env = "COMPILE_CACHE",
+        default_value = "build/compile-cache"
+    )]
+    pub compile_cache: PathBuf,
+
+    /// Bytes of compiled components the compile cache keeps; least recently used entries are
+    /// removed past it.
+    #[arg(help_heading = "Instances", long, env = "COMPILE_CACHE_MAX", default_value = "512MiB", value_parser = parse_size)]
+    pub compile_cache_max: u64,
+
+    /// Open connections per service port; further clients wait in the listen backlog until one
+    /// closes.
+    #[arg(
+        help_heading = "Connections",
+        long,
+        env = "MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    pub max_connections: usize,
+
+    /// Request-body bytes all service ports together may hold at once (buffered for their
+    /// invocations); beyond it requests get 503 with Retry-After.
+    #[arg(help_heading = "Connections", long, env = "BODY_BUFFER", default_value = "64MiB", value_parser = parse_size)]
+    pub body_buffer: u64,
+
+    /// Longest a client may take to send a request's headers, and longest an idle keep-alive
+    /// connection is kept.
+    #[arg(help_heading = "Connections", long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Longest a client may take to send a request's body; past it the request gets 408 and
+    /// the connection is closed.
+    #[arg(help_heading = "Connections", long, env = "BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Longest a response write may wait for the client to read; past it the connection is
+    /// closed (a client that stops reading cannot hold a connection and its response).
+    #[arg(help_heading = "Connections", long, env = "WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
+    /// Longest a service-to-service call may take before the caller sees a timeout.
+    #[arg(help_heading = "Connections", long, env = "OUTBOUND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub outbound_timeout: Duration,
+
+    /// On SIGTERM/Ctrl-C, how long in-flight requests and handlers may take to finish.
+    #[arg(help_heading = "Connections", long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// Kafka bootstrap servers (`host:port,...`). Without it, messaging uses the embedded backend.
-    #[arg(long, env = "KAFKA_BROKERS")]
+    #[arg(help_heading = "Messaging", long, env = "KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
 
     /// Partitions of the Kafka topics the host creates.
-    #[arg(long, env = "KAFKA_PARTITIONS", default_value_t = 3)]
+    #[arg(
+        help_heading = "Messaging",
+        long,
+        env = "KAFKA_PARTITIONS",
+        default_value_t = 3
+    )]
     pub kafka_partitions: i32,
 
     /// Replication factor of the Kafka topics the host creates.
-    #[arg(long, env = "KAFKA_REPLICATION", default_value_t = 1)]
+    #[arg(
+        help_heading = "Messaging",
+        long,
+        env = "KAFKA_REPLICATION",
+        default_value_t = 1
+    )]
     pub kafka_replication: i32,
 
     /// Longest the broker may hold a consumer fetch open (fetch.wait.max.ms).
-    #[arg(long, env = "KAFKA_FETCH_WAIT", default_value = "10ms", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Messaging", long, env = "KAFKA_FETCH_WAIT", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub kafka_fetch_wait: Duration,
 
     /// Records per Kafka produce batch. 1 keeps every offset resumable on brokers that cannot
     /// start a fetch inside a batch (tansu); raise it on Apache Kafka for throughput.
-    #[arg(long, env = "KAFKA_BATCH_MESSAGES", default_value_t = 1)]
+    #[arg(
+        help_heading = "Messaging",
+        long,
+        env = "KAFKA_BATCH_MESSAGES",
+        default_value_t = 1
+    )]
     pub kafka_batch_messages: u32,
 
+    /// How long the embedded message log keeps records every consumer group has handled.
+    #[arg(help_heading = "Messaging", long, env = "LOG_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub log_retention: Duration,
+
+    /// Bytes per topic past which the embedded log removes its oldest handled records, however
+    /// young.
+    #[arg(help_heading = "Messaging", long, env = "LOG_RETENTION_BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub log_retention_bytes: u64,
+
     /// Attempts at handling one message before it is dead-lettered to `<topic>.dlq`.
-    #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value_t = 5)]
+    #[arg(
+        help_heading = "Messaging",
+        long,
+        env = "RETRY_MAX_ATTEMPTS",
+        default_value_t = 5
+    )]
     pub retry_max_attempts: u32,
 
     /// Backoff after the first failed attempt; doubles per attempt up to RETRY_BACKOFF_MAX.
-    #[arg(long, env = "RETRY_BACKOFF", default_value = "200ms", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Messaging", long, env = "RETRY_BACKOFF", default_value = "200ms", value_parser = humantime::parse_duration)]
     pub retry_backoff: Duration,
 
     /// Upper bound of the retry backoff.
-    #[arg(long, env = "RETRY_BACKOFF_MAX", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Messaging", long, env = "RETRY_BACKOFF_MAX", default_value = "10s", value_parser = humantime::parse_duration)]
     pub retry_backoff_max: Duration,
 }
 

@@ -26,10 +26,10 @@ const MAX_BATCH: usize = 64;
 /// The consumers this host runs: one per subscribed topic of each service.
 pub struct Consumers {
     runtime: Arc<Runtime>,
-    running: HashMap<(Arc<str>, String), Running>,
+    running: HashMap<(Arc<str>, String), RunningConsumer>,
 }
 
-struct Running {
+struct RunningConsumer {
     group: String,
     start: Start,
     stop: watch::Sender<bool>,
@@ -77,7 +77,7 @@ impl Consumers {
                 key.1.clone(),
                 stopping,
             ));
-            let running = Running {
+            let running = RunningConsumer {
                 group: spec.group.clone(),
                 start: spec.start,
                 stop,
@@ -116,7 +116,7 @@ async fn run(
         };
         let (group, start) = (current.spec.group.clone(), current.spec.start);
         drop(current);
-        match runtime.backend.subscribe(&group, &topic, start).await {
+        match runtime.backend().subscribe(&group, &topic, start).await {
             Ok(mut sub) => {
                 tracing::info!(service = %service, topic, group, "consuming");
                 // A bug that panics here must not end consumption for good: resubscribe.
@@ -178,11 +178,7 @@ async fn consume(
         for delivery in &batch {
             handle(runtime, &service, delivery, stopping).await?;
         }
-        // With the embedded backend the offsets are stored after the writes in the same
-        // store, so they cannot outlive them.
-        if !runtime.backend.in_state_store() {
-            runtime.db.durable().await?;
-        }
+        runtime.handled_writes_durable().await?;
         // Committing a record commits everything before it on its partition.
         let mut last = std::collections::BTreeMap::new();
         for d in &batch {

@@ -4,9 +4,8 @@
 use super::http::handle;
 use crate::config::ServiceSpec;
 use crate::runtime::Runtime;
-use crate::types::contract::SERVICE_SUFFIX;
 use crate::types::http::write_limited;
-use crate::types::{json_error, Resp};
+use crate::types::{json_error, HttpResponse};
 use anyhow::{Context as _, Result};
 use arc_swap::ArcSwap;
 use futures_util::FutureExt as _;
@@ -16,6 +15,7 @@ use hyper::service::service_fn;
 use hyper::StatusCode;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use platform_contract::SERVICE_SUFFIX;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -242,7 +242,7 @@ async fn serve(
     }
 }
 
-fn gone(service: &str) -> Resp {
+fn gone(service: &str) -> HttpResponse {
     let mut resp = json_error(
         StatusCode::SERVICE_UNAVAILABLE,
         &format!("{service}{SERVICE_SUFFIX} is no longer in the manifest"),

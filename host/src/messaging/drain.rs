@@ -1,7 +1,8 @@
 //! The outbox drainer: moves committed messages from the outbox table to the backend, in order.
 
-use super::{Backend, Refused};
-use crate::storage::{outbox, Db};
+use super::{Backend, Unpublishable};
+use crate::storage::outbox::Undecodable;
+use crate::storage::StateStore;
 use crate::types::Message;
 use anyhow::Result;
 use std::sync::Arc;
@@ -16,17 +17,17 @@ const BATCH: usize = 256;
 const STEP_BACK_AFTER: Duration = Duration::from_secs(10);
 const STAY_AWAY: Duration = Duration::from_secs(30);
 
-/// The outbox of a store, and the bell that wakes its drainer.
+/// Publishes the outbox of a store, woken by the bell commits ring.
 #[derive(Clone)]
-pub struct Outbox {
-    db: Db,
+pub struct Drainer {
+    store: Arc<dyn StateStore>,
     wake: Arc<Notify>,
 }
 
-impl Outbox {
-    pub fn new(db: Db) -> Outbox {
-        Outbox {
-            db,
+impl Drainer {
+    pub fn new(store: Arc<dyn StateStore>) -> Drainer {
+        Drainer {
+            store,
             wake: Arc::new(Notify::new()),
         }
     }
@@ -37,17 +38,17 @@ impl Outbox {
     }
 
     pub fn depth(&self) -> Result<u64> {
-        outbox::depth(&self.db)
+        self.store.outbox().depth()
     }
 
     /// Messages set aside because the backend refused them for good.
     pub fn parked(&self) -> Result<u64> {
-        outbox::parked(&self.db)
+        self.store.outbox().parked()
     }
 
     /// Sets aside the message of the batch (`seqs`, `messages`) the backend refused for good,
     /// with those before it (published), so that the ones after it flow.
-    async fn park(&self, refused: &Refused, seqs: &[u64], messages: &[Message]) {
+    async fn park(&self, refused: &Unpublishable, seqs: &[u64], messages: &[Message]) {
         let index = refused.index.min(seqs.len() - 1);
         let m = &messages[index];
         tracing::error!(
@@ -62,7 +63,7 @@ impl Outbox {
     }
 
     /// Sets aside an outbox entry that does not decode, so that the ones after it flow.
-    async fn park_undecodable(&self, entry: &outbox::Undecodable) {
+    async fn park_undecodable(&self, entry: &Undecodable) {
         tracing::error!(
             seq = entry.seq,
             error = %entry.reason,
@@ -77,7 +78,7 @@ impl Outbox {
             .parked
             .get_or_create(&crate::metrics::labels([("topic", topic)]))
             .inc();
-        if let Err(e) = outbox::park(&self.db, published, seq, reason).await {
+        if let Err(e) = self.store.outbox().park(published, seq, reason).await {
             tracing::error!(error = %format!("{e:#}"), "parking the entry failed");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -90,10 +91,10 @@ impl Outbox {
         let mut failures = 0u32;
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
-            let batch = match outbox::oldest(&self.db, BATCH).await {
+            let batch = match self.store.outbox().oldest(BATCH).await {
                 Ok(b) => b,
-                Err(e) if e.is::<outbox::Undecodable>() => {
-                    let undecodable = e.downcast::<outbox::Undecodable>().expect("checked");
+                Err(e) if e.is::<Undecodable>() => {
+                    let undecodable = e.downcast::<Undecodable>().expect("checked");
                     self.park_undecodable(&undecodable).await;
                     continue;
                 }
@@ -108,7 +109,7 @@ impl Outbox {
                 let woken = async {
                     tokio::select! {
                         _ = self.wake.notified() => {}
-                        _ = outbox::committed_elsewhere(&self.db) => {}
+                        _ = self.store.outbox().committed_elsewhere() => {}
                     }
                 };
                 let _ = tokio::time::timeout(Duration::from_secs(1), woken).await;
@@ -120,7 +121,7 @@ impl Outbox {
             let refused = published
                 .as_ref()
                 .err()
-                .and_then(|e| e.chain().find_map(|c| c.downcast_ref::<Refused>()));
+                .and_then(|e| e.chain().find_map(|c| c.downcast_ref::<Unpublishable>()));
             if let Some(refused) = refused {
                 self.park(refused, &seqs, &messages).await;
                 continue;
@@ -135,7 +136,7 @@ impl Outbox {
                             .get_or_create(&crate::metrics::labels([("topic", &m.topic)]))
                             .inc();
                     }
-                    if let Err(e) = outbox::remove(&self.db, &seqs).await {
+                    if let Err(e) = self.store.outbox().remove(&seqs).await {
                         tracing::error!(error = %format!("{e:#}"), "trimming the outbox failed")
                     }
                 }
@@ -143,7 +144,7 @@ impl Outbox {
                     failures += 1;
                     let since = *failing_since.get_or_insert_with(std::time::Instant::now);
                     if since.elapsed() >= STEP_BACK_AFTER {
-                        outbox::step_back(&self.db, STAY_AWAY).await;
+                        self.store.outbox().step_back(STAY_AWAY).await;
                         failing_since = None;
                     }
                     let depth = self.depth().unwrap_or(0);
@@ -166,7 +167,7 @@ mod tests {
     use super::*;
     use crate::messaging::tests::msg;
     use crate::messaging::Subscription;
-    use crate::storage::Txn;
+    use crate::storage::{RedbStore, Txn};
     use std::sync::Mutex;
 
     /// A backend that refuses for good any message whose payload is `huge`.
@@ -181,7 +182,7 @@ mod tests {
         async fn publish(&self, messages: &[Message]) -> Result<()> {
             for (index, m) in messages.iter().enumerate() {
                 if m.payload == b"huge" {
-                    return Err(Refused {
+                    return Err(Unpublishable {
                         index,
                         reason: "too large".into(),
                     }
@@ -205,9 +206,9 @@ mod tests {
     }
 
     /// `db`'s outbox after a drainer into a [`Picky`] backend emptied it (or 10 s went by).
-    async fn drained(db: Db) -> (Outbox, Arc<Picky>) {
+    async fn drained(db: RedbStore) -> (Drainer, Arc<Picky>) {
         let backend = Arc::new(Picky::default());
-        let outbox = Outbox::new(db);
+        let outbox = Drainer::new(Arc::new(db));
         let drainer = tokio::spawn(outbox.clone().drain(backend.clone()));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while outbox.depth().unwrap() > 0 && std::time::Instant::now() < deadline {
@@ -219,7 +220,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_entry_that_does_not_decode_is_set_aside_and_the_rest_flow_once() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let commit = |payload: &str| {
             let mut txn = Txn::new("user".into());
             txn.send(msg("t", "1", payload)).unwrap();
@@ -227,7 +228,7 @@ mod tests {
         };
         commit("a");
         // Not a postcard `Message`: a topic length past the end of the bytes.
-        outbox::append_raw(&db, &[0xff, 0xff, 0xff, 0x0f]);
+        crate::storage::redb_store::append_raw(&db, &[0xff, 0xff, 0xff, 0x0f]);
         commit("b");
         let (outbox, backend) = drained(db).await;
         assert_eq!(outbox.depth().unwrap(), 0);
@@ -237,7 +238,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_refused_for_good_is_set_aside_and_the_rest_flow_once() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut txn = Txn::new("user".into());
         for p in ["a", "huge", "b", "c"] {
             txn.send(msg("t", "1", p)).unwrap();

@@ -4,7 +4,7 @@
 
 use super::{Backend, Subscription};
 use crate::config::Start;
-use crate::storage::Db;
+use crate::storage::RedbStore;
 use crate::types::{Delivery, Message};
 use anyhow::Result;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
@@ -38,7 +38,7 @@ pub struct Retention {
 }
 
 pub struct Embedded {
-    db: Db,
+    db: RedbStore,
     /// Bumped after every append so waiting subscriptions look again.
     appended: watch::Sender<u64>,
     retention: Retention,
@@ -69,7 +69,7 @@ impl Drop for LiveGuard {
 }
 
 impl Embedded {
-    pub fn new(db: Db) -> Embedded {
+    pub fn new(db: RedbStore) -> Embedded {
         Embedded::with_retention(
             db,
             Retention {
@@ -79,7 +79,7 @@ impl Embedded {
         )
     }
 
-    pub fn with_retention(db: Db, retention: Retention) -> Embedded {
+    pub fn with_retention(db: RedbStore, retention: Retention) -> Embedded {
         Embedded {
             db,
             appended: watch::Sender::new(0),
@@ -173,7 +173,7 @@ fn millis(t: SystemTime) -> u64 {
 /// age; a group that was not (a removed service, a renamed group) no longer holds records back.
 /// Returns how many records went, and the groups that did not count. Blocking.
 pub fn trim(
-    db: &Db,
+    db: &RedbStore,
     retention: Retention,
     now: SystemTime,
     live: &[(String, String)],
@@ -261,7 +261,7 @@ pub fn trim(
 }
 
 /// Bytes of all topics in the log.
-pub fn log_bytes(db: &Db) -> Result<u64> {
+pub fn log_bytes(db: &RedbStore) -> Result<u64> {
     let rtx = db.redb().begin_read()?;
     let sizes = match rtx.open_table(LOG_BYTES) {
         Ok(t) => t,
@@ -277,7 +277,7 @@ pub fn log_bytes(db: &Db) -> Result<u64> {
 
 /// Lazily durable: the outbox entries it replaces are removed after it, in order, so a crash
 /// can at worst publish them again.
-fn append_blocking(db: &Db, messages: &[Message]) -> Result<()> {
+fn append_blocking(db: &RedbStore, messages: &[Message]) -> Result<()> {
     let now = millis(SystemTime::now());
     db.write_lazily(|wtx| {
         let mut ends = BTreeMap::new();
@@ -317,6 +317,10 @@ impl Backend for Embedded {
 
     fn in_state_store(&self) -> bool {
         true
+    }
+
+    fn stored_bytes(&self) -> Option<u64> {
+        log_bytes(&self.db).ok()
     }
 
     async fn publish(&self, messages: &[Message]) -> Result<()> {
@@ -370,7 +374,7 @@ impl Backend for Embedded {
 }
 
 struct EmbeddedSubscription {
-    db: Db,
+    db: RedbStore,
     group: String,
     topic: String,
     cursor: u64,
@@ -456,7 +460,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_topic_trimmed_empty_never_gives_an_offset_twice() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let log = Embedded::with_retention(db.clone(), retention(3600));
         log.publish(&[msg("t", "k", "a"), msg("t", "k", "b")])
             .await
@@ -490,7 +494,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_group_nobody_subscribed_for_longer_than_retention_stops_holding_records() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let log = Embedded::with_retention(db.clone(), retention(3600));
         log.publish(&[msg("t", "k", "a"), msg("t", "k", "b")])
             .await
@@ -524,7 +528,7 @@ mod tests {
 
     #[tokio::test]
     async fn trimming_keeps_what_a_group_has_not_handled_and_new_groups_start_at_the_oldest() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let log = Embedded::new(db.clone());
         let batch: Vec<Message> = (0..10).map(|i| msg("t", "k", &format!("m{i}"))).collect();
         log.publish(&batch).await.unwrap();
@@ -580,7 +584,7 @@ mod tests {
 
     #[tokio::test]
     async fn contract_in_memory() {
-        let backend: Arc<dyn Backend> = Arc::new(Embedded::new(Db::in_memory().unwrap()));
+        let backend: Arc<dyn Backend> = Arc::new(Embedded::new(RedbStore::in_memory().unwrap()));
         crate::messaging::tests::contract(backend, "contract").await;
     }
 
@@ -588,10 +592,11 @@ mod tests {
     async fn contract_on_disk_and_offsets_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let backend: Arc<dyn Backend> = Arc::new(Embedded::new(Db::open(dir.path()).unwrap()));
+            let backend: Arc<dyn Backend> =
+                Arc::new(Embedded::new(RedbStore::open(dir.path()).unwrap()));
             crate::messaging::tests::contract(backend, "contract").await;
         }
-        let backend = Embedded::new(Db::open(dir.path()).unwrap());
+        let backend = Embedded::new(RedbStore::open(dir.path()).unwrap());
         backend
             .publish(&[crate::messaging::tests::msg("contract", "9", "e")])
             .await

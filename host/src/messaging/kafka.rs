@@ -2,12 +2,12 @@
 //! real broker. Idempotent producer with `acks=all`; one consumer group per subscribing
 //! service with manual offset commits.
 
-use super::Refused;
+use super::Unpublishable;
 use super::{Backend, Subscription};
 use crate::config::Start;
-use crate::types::contract::MAX_BODY;
 use crate::types::{Delivery, Message};
 use anyhow::{anyhow, bail, Context as _, Result};
+use platform_contract::MAX_BODY;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -40,10 +40,10 @@ fn permanent(e: &KafkaError) -> bool {
     )
 }
 
-/// The error for message `index` of a batch: [`Refused`] when retrying cannot help.
+/// The error for message `index` of a batch: [`Unpublishable`] when retrying cannot help.
 fn produce_error(index: usize, topic: &str, e: KafkaError) -> anyhow::Error {
     if permanent(&e) {
-        Refused {
+        Unpublishable {
             index,
             reason: format!("Kafka refuses the record for {topic}: {e}"),
         }

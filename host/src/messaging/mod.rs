@@ -11,29 +11,20 @@ pub mod kafka;
 use crate::config::{ServiceSpec, Start};
 use crate::types::{Delivery, Message};
 use anyhow::Result;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-pub use drain::Outbox;
+pub use drain::Drainer;
 
 /// A message the backend will never take, whatever the retries (too large for the broker, a
 /// topic it refuses): the `index`-th of the batch. The ones before it were stored.
-#[derive(Debug)]
-pub struct Refused {
+#[derive(Debug, thiserror::Error)]
+#[error("message {index} of the batch refused for good: {reason}")]
+pub struct Unpublishable {
     pub index: usize,
     pub reason: String,
 }
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "message {} of the batch refused for good: {}",
-            self.index, self.reason
-        )
-    }
-}
-
-impl std::error::Error for Refused {}
 
 /// A durable, ordered log of topics with consumer-group offsets. Implemented by the embedded
 /// store and by Kafka; `tests::contract` runs the same checks against each.
@@ -42,7 +33,7 @@ pub trait Backend: Send + Sync + 'static {
     /// Human-readable name and location, for the start-up log and readiness.
     fn describe(&self) -> String;
     /// Appends `messages` in order. `Ok` means every one of them is durably stored. An error
-    /// that retrying cannot fix is a [`Refused`] (in the `anyhow` chain); any other is worth
+    /// that retrying cannot fix is a [`Unpublishable`] (in the `anyhow` chain); any other is worth
     /// retrying.
     async fn publish(&self, messages: &[Message]) -> Result<()>;
     /// Starts reading `topic` for consumer group `group`, after its last committed record.
@@ -66,6 +57,37 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether the backend is reachable now (for readiness and logs).
     async fn health(&self) -> Result<()> {
         Ok(())
+    }
+    /// Bytes the backend keeps on this host's disk (the embedded log), if it keeps any.
+    fn stored_bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Keeps `up` set to whether `backend` answers its health check (every second, forever) and
+/// says in the log when it goes away or comes back, with the events `waiting` in the outbox.
+pub async fn watch_health(
+    backend: Arc<dyn Backend>,
+    up: Arc<AtomicBool>,
+    waiting: impl Fn() -> u64,
+) {
+    loop {
+        let now = match backend.health().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "messaging backend health check failed");
+                false
+            }
+        };
+        if up.swap(now, Ordering::AcqRel) != now {
+            let waiting = waiting();
+            if now {
+                tracing::info!(backend = %backend.describe(), waiting, "messaging backend reachable again");
+            } else {
+                tracing::warn!(backend = %backend.describe(), waiting, "messaging backend unreachable; events wait in the outbox");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -1,11 +1,9 @@
 //! The admin listener (loopback by default): health, readiness, components, metrics, rollback.
 
-use crate::messaging::embedded;
 use crate::metrics;
-use crate::runtime::{Rejected, Runtime};
-use crate::storage::outbox;
+use crate::runtime::{RejectedFile, Runtime};
 use crate::types::http::write_limited;
-use crate::types::{json_error, Resp};
+use crate::types::{json_error, HttpResponse};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, WWW_AUTHENTICATE};
@@ -15,7 +13,6 @@ use hyper::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -64,7 +61,7 @@ impl Access {
     }
 
     /// The refusal for a request that may not do what it asks, if any.
-    fn check(&self, method: &Method, path: &str, headers: &HeaderMap) -> Option<Resp> {
+    fn check(&self, method: &Method, path: &str, headers: &HeaderMap) -> Option<HttpResponse> {
         let probe = method == Method::GET && matches!(path, "/healthz" | "/readyz");
         let bearer = headers
             .get(AUTHORIZATION)
@@ -152,7 +149,7 @@ pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, access: Access)
     }
 }
 
-fn json(status: StatusCode, value: Value) -> Resp {
+fn json(status: StatusCode, value: Value) -> HttpResponse {
     let mut resp = hyper::Response::new(Full::new(Bytes::from(value.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -160,12 +157,12 @@ fn json(status: StatusCode, value: Value) -> Resp {
     resp
 }
 
-fn route(runtime: &Runtime, method: &Method, path: &str) -> Resp {
+fn route(runtime: &Runtime, method: &Method, path: &str) -> HttpResponse {
     match (method, path) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, json!({ "status": "ok" })),
         (&Method::GET, "/readyz") => {
-            let ready = runtime.is_ready();
-            let status = if ready {
+            let health = runtime.health();
+            let status = if health.ready {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -173,26 +170,23 @@ fn route(runtime: &Runtime, method: &Method, path: &str) -> Resp {
             json(
                 status,
                 json!({
-                    "ready": ready,
-                    "messaging": runtime.backend.describe(),
-                    "messaging_reachable": runtime.backend_up.load(Ordering::Acquire),
-                    "outbox_depth": runtime.outbox.depth().ok(),
-                    "outbox_parked": runtime.outbox.parked().ok(),
-                    "outbox_bytes": outbox::bytes(&runtime.db),
+                    "ready": health.ready,
+                    "messaging": health.messaging,
+                    "messaging_reachable": health.messaging_reachable,
+                    "outbox_depth": health.outbox_depth,
+                    "outbox_parked": health.outbox_parked,
+                    "outbox_bytes": health.outbox_bytes,
                 }),
             )
         }
         (&Method::GET, "/components") => json(StatusCode::OK, components(runtime)),
         (&Method::GET, "/metrics") => {
-            metrics::get()
-                .outbox_depth
-                .set(runtime.outbox.depth().unwrap_or(0) as i64);
-            let m = metrics::get();
+            let (health, m) = (runtime.health(), metrics::get());
+            m.outbox_depth.set(health.outbox_depth.unwrap_or(0) as i64);
             m.outbox_parked
-                .set(runtime.outbox.parked().unwrap_or(0) as i64);
-            m.outbox_bytes.set(outbox::bytes(&runtime.db) as i64);
-            m.log_bytes
-                .set(embedded::log_bytes(&runtime.db).unwrap_or(0) as i64);
+                .set(health.outbox_parked.unwrap_or(0) as i64);
+            m.outbox_bytes.set(health.outbox_bytes as i64);
+            m.log_bytes.set(health.log_bytes.unwrap_or(0) as i64);
             let mut resp = hyper::Response::new(Full::new(Bytes::from(metrics::render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -254,7 +248,7 @@ fn time(at: std::time::SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
-fn rejected(r: &Rejected) -> Value {
+fn rejected(r: &RejectedFile) -> Value {
     json!({ "sha256": r.sha256, "error": r.error, "at": time(r.at) })
 }
 
@@ -269,7 +263,7 @@ fn version_move(path: &str) -> Option<(&str, bool)> {
     (!name.is_empty()).then_some((name, forward))
 }
 
-fn move_version(runtime: &Runtime, name: &str, forward: bool) -> Resp {
+fn move_version(runtime: &Runtime, name: &str, forward: bool) -> HttpResponse {
     // Not while a manifest change hands the service's history to its successor.
     let _versions = runtime.versions.lock().unwrap_or_else(|e| e.into_inner());
     let Some(service) = runtime.service(name) else {
@@ -303,36 +297,10 @@ fn move_version(runtime: &Runtime, name: &str, forward: bool) -> Resp {
     }
 }
 
-/// Keeps `backend_up` (shown by `/readyz`) current and says in the log when the backend goes
-/// away or comes back.
-pub async fn watch_backend(runtime: Arc<Runtime>) {
-    loop {
-        let up = match runtime.backend.health().await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::debug!(error = %format!("{e:#}"), "messaging backend health check failed");
-                false
-            }
-        };
-        let was = runtime.backend_up.swap(up, Ordering::AcqRel);
-        if was != up {
-            let waiting = runtime.outbox.depth().unwrap_or(0);
-            if up {
-                tracing::info!(backend = %runtime.backend.describe(), waiting, "messaging backend reachable again");
-            } else {
-                tracing::warn!(backend = %runtime.backend.describe(), waiting, "messaging backend unreachable; events wait in the outbox");
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Args;
-    use crate::messaging::embedded::Embedded;
-    use crate::storage::Db;
     use clap::Parser;
     use http_body_util::BodyExt;
     use proptest::prelude::*;
@@ -340,18 +308,16 @@ mod tests {
     /// A runtime with no services, shared by every case.
     fn runtime() -> Arc<Runtime> {
         static RUNTIME: std::sync::LazyLock<Arc<Runtime>> = std::sync::LazyLock::new(|| {
-            let db = Db::in_memory().unwrap();
             let args = Args::parse_from(["host", "--max-instances", "4"]);
-            let runtime =
-                Runtime::new(&args, &[], db.clone(), Arc::new(Embedded::new(db))).unwrap();
+            let runtime = Runtime::in_memory(&args);
             // A started host: `/readyz` answers 200, so every 4xx/5xx below is an error.
-            runtime.ready.store(true, Ordering::Release);
+            runtime.set_ready(true);
             runtime
         });
         RUNTIME.clone()
     }
 
-    fn body(resp: Resp) -> Value {
+    fn body(resp: HttpResponse) -> Value {
         let bytes = futures_util::FutureExt::now_or_never(resp.into_body().collect())
             .expect("a full body")
             .unwrap()

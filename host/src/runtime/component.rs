@@ -1,7 +1,7 @@
 //! Component files: reading, compiling (through the compile cache) and pre-instantiating them.
 
 use super::cache::CompileCache;
-use super::store::{Ctx, Warm};
+use super::store::{Instance, InstanceState};
 use crate::capabilities::exports::{handler, http_handler};
 use crate::config::ServiceSpec;
 use anyhow::{Context as _, Result};
@@ -15,7 +15,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 /// A component ready to be instantiated per request.
 pub struct Loaded {
-    pub proxy: ProxyPre<Ctx>,
+    pub proxy: ProxyPre<InstanceState>,
     /// `microsvc:platform/http-handler#handle`, if the component exports it: HTTP requests then
     /// go through it instead of `wasi:http` (same request, far fewer host calls).
     pub http_handler: Option<http_handler::GuestIndices>,
@@ -26,7 +26,7 @@ pub struct Loaded {
     pub loaded_at: SystemTime,
     /// Instances that served a request and may serve another (INSTANCE_REUSE > 1); they belong
     /// to this version, so a swap never hands a request to an old instance.
-    pub idle: Mutex<Vec<Warm>>,
+    pub idle: Mutex<Vec<Instance>>,
 }
 
 impl Loaded {
@@ -49,7 +49,7 @@ impl Loaded {
 /// that it exports what the service needs.
 pub async fn load(
     engine: &Engine,
-    linker: &Linker<Ctx>,
+    linker: &Linker<InstanceState>,
     spec: &ServiceSpec,
     cache: &CompileCache,
 ) -> Result<Loaded> {
@@ -68,7 +68,7 @@ pub async fn read(path: &Path) -> Result<(Vec<u8>, String)> {
 
 pub async fn prepare(
     engine: &Engine,
-    linker: &Linker<Ctx>,
+    linker: &Linker<InstanceState>,
     spec: &ServiceSpec,
     bytes: Vec<u8>,
     sha256: String,

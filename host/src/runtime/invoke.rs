@@ -4,18 +4,20 @@
 //! delivered messages. Each invocation has its own transaction, request id and CPU budget; an
 //! instance is pooled again only when the call ended cleanly.
 
+use super::component::Loaded;
 use super::service::Service;
-use super::store::{Ctx, Entry, Warm};
+use super::store::{HttpEntry, Instance, InstanceState};
 use super::Runtime;
 use crate::capabilities::exports::{handler, http_handler, Message, Request};
 use crate::storage::{CommitError, Txn};
-use crate::types::contract::SERVICE_SUFFIX;
 use crate::types::http::{busy, header_list, response};
-use crate::types::{json_error, Delivery, HttpRequest, Overrun, Resp, REQUEST_ID};
+use crate::types::{json_error, Delivery, HttpRequest, HttpResponse, Overrun, REQUEST_ID};
 use anyhow::{anyhow, Result};
 use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
+use platform_contract::SERVICE_SUFFIX;
 use std::sync::Arc;
+use std::time::Duration;
 use wasmtime::component::ResourceTable;
 use wasmtime::Store;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
@@ -23,21 +25,114 @@ use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
 
-/// An invocation that ran past the wall-clock limit (`REQUEST_TIMEOUT`): a guest can wait on a
-/// clock or a call without computing, which the CPU deadline does not see.
-#[derive(Debug)]
-struct WallClock(std::time::Duration);
+/// Why an invocation has nothing to commit, other than what the guest itself answered.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// It ran past the wall-clock limit (`REQUEST_TIMEOUT`): a guest can wait on a clock or a
+    /// call without computing, which the CPU deadline does not see.
+    #[error("did not finish within {0:?}")]
+    WallClock(Duration),
+    /// It computed past its CPU deadline.
+    #[error("computed past its deadline")]
+    Deadline,
+    /// No instance slot was free.
+    #[error("all instance slots are busy")]
+    NoSlot,
+    /// It made the host hold more than `INVOCATION_HOST_BYTES`.
+    #[error("{0}")]
+    Overrun(Overrun),
+    /// It trapped, could not be instantiated, or answered what the host cannot use.
+    #[error("{0:#}")]
+    Guest(anyhow::Error),
+}
 
-impl std::fmt::Display for WallClock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "did not finish within {:?}", self.0)
+impl Failure {
+    fn of(e: anyhow::Error) -> Failure {
+        if e.chain()
+            .any(|c| c.is::<wasmtime::PoolConcurrencyLimitError>())
+        {
+            Failure::NoSlot
+        } else if e
+            .chain()
+            .any(|c| c.downcast_ref() == Some(&wasmtime::Trap::Interrupt))
+        {
+            Failure::Deadline
+        } else {
+            Failure::Guest(e)
+        }
     }
 }
 
-impl std::error::Error for WallClock {}
+/// What an invocation hands its component.
+enum Call<'a> {
+    Request(&'a HttpRequest),
+    Message(&'a handler::Delivery),
+}
+
+/// What the component answered.
+enum Answer {
+    Response(HttpResponse),
+    Handled(Result<(), handler::HandleError>),
+}
 
 /// Re-runs after a commit conflict before the client is told to retry.
 const MAX_CONFLICT_RETRIES: usize = 64;
+
+/// Runs `call` once on an instance of `loaded` (fresh or reused) within the wall-clock limit,
+/// and ends the invocation: its transaction (to commit or drop), and what the component
+/// answered or why it did not.
+async fn run_once(
+    runtime: &Runtime,
+    service: &Arc<Service>,
+    loaded: &Arc<Loaded>,
+    request_id: &str,
+    call: Call<'_>,
+) -> (Result<Answer, Failure>, Txn) {
+    let mut instance = match Instance::get(runtime, service, loaded).await {
+        Ok(instance) => instance,
+        Err(e) => return (Err(Failure::of(e)), Txn::default()),
+    };
+    instance.store.data_mut().begin(request_id);
+    let limit = runtime.settings.request_timeout;
+    let host_bytes = runtime.settings.invocation_host_bytes;
+    let run = async {
+        let Instance {
+            store,
+            entry,
+            handler,
+            ..
+        } = &mut instance;
+        match call {
+            Call::Request(req) => {
+                let (clean, resp) = match entry {
+                    HttpEntry::Handler(handler) => call_handler(store, handler, req).await,
+                    HttpEntry::WasiHttp(proxy) => {
+                        call_wasi_http(store, proxy, req, host_bytes).await
+                    }
+                };
+                (clean, resp.map(Answer::Response))
+            }
+            Call::Message(delivery) => {
+                let handler = handler.as_ref().expect("loaded with a handler");
+                store.set_epoch_deadline(1);
+                match handler.call_handle(&mut *store, delivery).await {
+                    Ok(handled) => (true, Ok(Answer::Handled(handled))),
+                    Err(e) => (false, Err(e.into())),
+                }
+            }
+        }
+    };
+    // Dropping the call stops the guest where it waits; the instance is discarded.
+    let (clean, answer) = match tokio::time::timeout(limit, run).await {
+        Ok((clean, answer)) => (clean, answer.map_err(Failure::of)),
+        Err(_) => (false, Err(Failure::WallClock(limit))),
+    };
+    let txn = instance.finish(clean, runtime, service, loaded);
+    match txn.budget.overrun() {
+        Some(overrun) => (Err(Failure::Overrun(overrun)), txn),
+        None => (answer, txn),
+    }
+}
 
 /// Serves one HTTP request with `service`'s current component. Never fails: errors become
 /// JSON error responses.
@@ -46,7 +141,7 @@ pub async fn http(
     service: &Arc<Service>,
     req: HttpRequest,
     request_id: &str,
-) -> Resp {
+) -> HttpResponse {
     let Ok(_permit) = service.permits.try_acquire() else {
         tracing::warn!(service = %service.name, request_id, "concurrency limit reached");
         return busy(&format!(
@@ -57,74 +152,13 @@ pub async fn http(
     let mut rerunning = None;
     for _ in 0..MAX_CONFLICT_RETRIES {
         let loaded = service.loaded.load_full();
-        let (outcome, txn) = match Warm::get(runtime, service, &loaded).await {
-            Ok(mut warm) => {
-                warm.store.data_mut().begin(request_id);
-                let call = async {
-                    match &warm.entry {
-                        Entry::Handler(handler) => {
-                            call_handler(&mut warm.store, handler, &req).await
-                        }
-                        Entry::WasiHttp(proxy) => {
-                            let limit = runtime.settings.invocation_host_bytes;
-                            call_wasi_http(&mut warm.store, proxy, &req, limit).await
-                        }
-                    }
-                };
-                let limit = runtime.settings.request_timeout;
-                // Dropping the call stops the guest where it waits; the instance is discarded.
-                let (clean, outcome) = tokio::time::timeout(limit, call)
-                    .await
-                    .unwrap_or_else(|_| (false, Err(WallClock(limit).into())));
-                (outcome, warm.finish(clean, runtime, service, &loaded))
-            }
-            Err(e) => (Err(e), Txn::default()),
+        let resp = match run_once(runtime, service, &loaded, request_id, Call::Request(&req)).await
+        {
+            (Ok(Answer::Response(resp)), txn) => (resp, txn),
+            (Ok(Answer::Handled(_)), _) => unreachable!("a request is answered with a response"),
+            (Err(failure), _) => return failed(service, request_id, failure),
         };
-        if let Some(overrun) = txn.budget.overrun() {
-            tracing::error!(service = %service.name, request_id, error = %overrun, "component failed; its writes were rolled back");
-            return json_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("{}{SERVICE_SUFFIX} failed: {overrun}", service.name),
-            );
-        }
-        let resp = match outcome {
-            Ok(resp) => resp,
-            Err(e) if e.is::<WallClock>() => {
-                tracing::error!(service = %service.name, request_id, error = %e, "component stopped; its writes were rolled back");
-                return json_error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &format!("{}{SERVICE_SUFFIX} {e}", service.name),
-                );
-            }
-            Err(e)
-                if e.chain()
-                    .any(|c| c.is::<wasmtime::PoolConcurrencyLimitError>()) =>
-            {
-                tracing::warn!(service = %service.name, request_id, "all instance slots busy");
-                return busy("all instance slots are busy; retry");
-            }
-            Err(e)
-                if e.chain()
-                    .any(|c| c.downcast_ref() == Some(&wasmtime::Trap::Interrupt)) =>
-            {
-                tracing::error!(service = %service.name, request_id, deadline = ?service.spec.limits.cpu, "component computed past its CPU deadline; stopped");
-                return json_error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &format!(
-                        "{}{SERVICE_SUFFIX} computed past its deadline",
-                        service.name
-                    ),
-                );
-            }
-            Err(e) => {
-                let cause = e.root_cause().to_string();
-                tracing::error!(service = %service.name, request_id, error = %format!("{e:#}"), "component failed; its writes were rolled back");
-                return json_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("{}{SERVICE_SUFFIX} failed: {cause}", service.name),
-                );
-            }
-        };
+        let (resp, txn) = resp;
         if resp.status().is_server_error() {
             return resp; // the service reported a failure: nothing it wrote or sent is kept
         }
@@ -147,6 +181,46 @@ pub async fn http(
     busy("too many conflicting concurrent updates; retry")
 }
 
+/// The response to a request whose invocation failed; its writes were rolled back.
+fn failed(service: &Service, request_id: &str, failure: Failure) -> HttpResponse {
+    let name = &service.name;
+    match failure {
+        Failure::NoSlot => {
+            tracing::warn!(service = %name, request_id, "all instance slots busy");
+            busy("all instance slots are busy; retry")
+        }
+        Failure::WallClock(_) => {
+            tracing::error!(service = %name, request_id, error = %failure, "component stopped; its writes were rolled back");
+            json_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!("{name}{SERVICE_SUFFIX} {failure}"),
+            )
+        }
+        Failure::Deadline => {
+            tracing::error!(service = %name, request_id, deadline = ?service.spec.limits.cpu, "component computed past its CPU deadline; stopped");
+            json_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!("{name}{SERVICE_SUFFIX} {failure}"),
+            )
+        }
+        Failure::Overrun(overrun) => {
+            tracing::error!(service = %name, request_id, error = %overrun, "component failed; its writes were rolled back");
+            json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("{name}{SERVICE_SUFFIX} failed: {overrun}"),
+            )
+        }
+        Failure::Guest(e) => {
+            let cause = e.root_cause().to_string();
+            tracing::error!(service = %name, request_id, error = %format!("{e:#}"), "component failed; its writes were rolled back");
+            json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("{name}{SERVICE_SUFFIX} failed: {cause}"),
+            )
+        }
+    }
+}
+
 type ResponseSender =
     tokio::sync::oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>;
 type ResponseReceiver =
@@ -154,7 +228,7 @@ type ResponseReceiver =
 
 /// The guest's response, buffered (at most `limit` bytes): it is released only after the
 /// caller decided to commit.
-async fn collect_response(rx: ResponseReceiver, limit: usize) -> Result<Resp> {
+async fn collect_response(rx: ResponseReceiver, limit: usize) -> Result<HttpResponse> {
     let resp = match rx.await {
         Ok(Ok(resp)) => resp,
         Ok(Err(code)) => return Err(anyhow!("component answered with error {code:?}")),
@@ -175,11 +249,11 @@ async fn collect_response(rx: ResponseReceiver, limit: usize) -> Result<Resp> {
 /// Runs the guest's `wasi:http` handler on `req`: whether the instance may serve again, and the
 /// response.
 async fn call_wasi_http(
-    store: &mut Store<Ctx>,
+    store: &mut Store<InstanceState>,
     proxy: &Proxy,
     req: &HttpRequest,
     limit: usize,
-) -> (bool, Result<Resp>) {
+) -> (bool, Result<HttpResponse>) {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let collect = collect_response(rx, limit);
     tokio::pin!(collect);
@@ -212,10 +286,10 @@ async fn call_wasi_http(
 /// Runs the guest's `http-handler` on `req`: whether the instance may serve again, and the
 /// response.
 async fn call_handler(
-    store: &mut Store<Ctx>,
+    store: &mut Store<InstanceState>,
     handler: &http_handler::Guest,
     req: &HttpRequest,
-) -> (bool, Result<Resp>) {
+) -> (bool, Result<HttpResponse>) {
     let request = Request {
         method: req.method.as_str().to_string(),
         path_with_query: req
@@ -239,7 +313,7 @@ async fn call_handler(
 
 /// Runs the guest's `handle` on `req`; the response goes to `tx`.
 async fn call_http(
-    store: &mut Store<Ctx>,
+    store: &mut Store<InstanceState>,
     proxy: &Proxy,
     req: &HttpRequest,
     tx: ResponseSender,
@@ -314,43 +388,25 @@ pub async fn message(
                 service.name
             ));
         }
-        let (called, txn) = match Warm::get(runtime, service, &loaded).await {
-            Ok(mut warm) => {
-                warm.store.data_mut().begin(&request_id);
-                warm.store.set_epoch_deadline(1);
-                let handler = warm.handler.as_ref().expect("loaded with a handler");
-                let limit = runtime.settings.request_timeout;
-                let called =
-                    match tokio::time::timeout(limit, handler.call_handle(&mut warm.store, &arg))
-                        .await
-                    {
-                        Ok(called) => called.map_err(anyhow::Error::from),
-                        Err(_) => Err(WallClock(limit).into()),
-                    };
-                let txn = warm.finish(called.is_ok(), runtime, service, &loaded);
-                (called, txn)
+        let (answer, txn) =
+            run_once(runtime, service, &loaded, &request_id, Call::Message(&arg)).await;
+        let handled = match answer {
+            Err(Failure::NoSlot) => return Handled::Unavailable(Failure::NoSlot.to_string()),
+            Err(Failure::Overrun(overrun)) => return Handled::Retry(overrun.to_string()),
+            _ if txn.unavailable.is_some() => {
+                // Whatever the handler made of the store's error, the failure was the host's.
+                let failure = txn.unavailable.as_deref().unwrap_or_default();
+                return Handled::Unavailable(format!("state unavailable: {failure}"));
             }
-            Err(e)
-                if e.chain()
-                    .any(|c| c.is::<wasmtime::PoolConcurrencyLimitError>()) =>
-            {
-                return Handled::Unavailable("all instance slots are busy".into());
-            }
-            Err(e) => (Err(e), Txn::default()),
+            Err(Failure::Guest(e)) => return Handled::Retry(format!("trap: {}", e.root_cause())),
+            Err(failure) => return Handled::Retry(format!("handler {failure}")),
+            Ok(Answer::Response(_)) => unreachable!("a message is answered with a result"),
+            Ok(Answer::Handled(handled)) => handled,
         };
-        if let Some(overrun) = txn.budget.overrun() {
-            return Handled::Retry(overrun.to_string());
-        }
-        if let Some(failure) = &txn.unavailable {
-            // Whatever the handler made of the store's error, the failure was the host's.
-            return Handled::Unavailable(format!("state unavailable: {failure}"));
-        }
-        match called {
-            Err(e) if e.is::<WallClock>() => return Handled::Retry(format!("handler {e}")),
-            Err(e) => return Handled::Retry(format!("trap: {}", e.root_cause())),
-            Ok(Err(handler::HandleError::Retry(m))) => return Handled::Retry(m),
-            Ok(Err(handler::HandleError::Reject(m))) => return Handled::Reject(m),
-            Ok(Ok(())) => match runtime.commit_handled(txn, rerunning.take()).await {
+        match handled {
+            Err(handler::HandleError::Retry(m)) => return Handled::Retry(m),
+            Err(handler::HandleError::Reject(m)) => return Handled::Reject(m),
+            Ok(()) => match runtime.commit_handled(txn, rerunning.take()).await {
                 Ok(()) => return Handled::Done,
                 Err(CommitError::Conflict) => {
                     service.conflicts.inc();

@@ -10,9 +10,9 @@ mod store;
 
 use crate::capabilities::services::ServiceCalls;
 use crate::config::{Args, ServiceSpec};
-use crate::messaging::{Backend, Outbox, RetryPolicy};
-use crate::storage::{CommitError, Db, Txn};
-use crate::types::{HttpRequest, Message, Resp};
+use crate::messaging::{Backend, Drainer, RetryPolicy};
+use crate::storage::{CommitError, StateStore, Txn};
+use crate::types::{HttpRequest, HttpResponse, Message};
 use anyhow::Result;
 use arc_swap::ArcSwap;
 use cache::CompileCache;
@@ -24,8 +24,8 @@ use std::time::{Duration, SystemTime};
 use wasmtime::component::Linker;
 use wasmtime::Engine;
 
-pub use service::{Rejected, Service};
-pub use store::Ctx;
+pub use service::{RejectedFile, Service};
+pub use store::InstanceState;
 
 /// Host-wide settings of invocations, from the flags.
 pub struct Settings {
@@ -80,10 +80,10 @@ impl Settings {
 
 pub struct Runtime {
     pub engine: Engine,
-    pub linker: Linker<Ctx>,
-    pub db: Db,
-    pub outbox: Outbox,
-    pub backend: Arc<dyn Backend>,
+    pub linker: Linker<InstanceState>,
+    state: Arc<dyn StateStore>,
+    drainer: Drainer,
+    backend: Arc<dyn Backend>,
     /// The services of the applied manifest; empty until they are loaded (the admin listener
     /// runs before that). Replaced as a whole by a manifest change: invocations in flight keep
     /// the `Arc<Service>` they started with.
@@ -96,12 +96,26 @@ pub struct Runtime {
     /// The largest memory limit an instance can have: the engine reserved slots this large at
     /// start-up.
     max_memory: u64,
-    pub ready: AtomicBool,
+    ready: AtomicBool,
     /// Last result of the messaging backend's health check.
-    pub backend_up: AtomicBool,
+    backend_up: Arc<AtomicBool>,
     pub settings: Settings,
     /// What the `services` capability of every store calls back into.
     peers: Arc<dyn ServiceCalls>,
+}
+
+/// The host as readiness and metrics report it.
+pub struct Health {
+    pub ready: bool,
+    /// The messaging backend, described.
+    pub messaging: String,
+    /// Whether the backend answered its last health check.
+    pub messaging_reachable: bool,
+    pub outbox_depth: Option<u64>,
+    pub outbox_parked: Option<u64>,
+    pub outbox_bytes: u64,
+    /// Bytes of the embedded message log (`None` with a broker).
+    pub log_bytes: Option<u64>,
 }
 
 /// The manifest as applied, for the admin API.
@@ -113,35 +127,23 @@ pub struct ManifestStatus {
     pub generation: u64,
     pub applied_at: SystemTime,
     /// The last change refused (since the last one applied).
-    pub rejected: Option<Rejected>,
+    pub rejected: Option<RejectedFile>,
 }
 
 /// A service whose component could not be loaded.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{}: service.{}.component: {error:#}", spec.at, spec.name)]
 pub struct LoadError {
     pub spec: ServiceSpec,
     pub error: anyhow::Error,
 }
 
-impl std::fmt::Display for LoadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let spec = &self.spec;
-        write!(
-            f,
-            "{}: service.{}.component: {:#}",
-            spec.at, spec.name, self.error
-        )
-    }
-}
-
-impl std::error::Error for LoadError {}
-
 impl Runtime {
-    /// The engine and linker over `db` and `backend`; no component loaded yet.
+    /// The engine and linker over `state` and `backend`; no component loaded yet.
     pub fn new(
         args: &Args,
         specs: &[ServiceSpec],
-        db: Db,
+        state: Arc<dyn StateStore>,
         backend: Arc<dyn Backend>,
     ) -> Result<Arc<Runtime>> {
         let max_memory = specs
@@ -154,8 +156,8 @@ impl Runtime {
         Ok(Arc::new_cyclic(|me| Runtime {
             engine,
             linker,
-            outbox: Outbox::new(db.clone()),
-            db,
+            drainer: Drainer::new(state.clone()),
+            state,
             backend,
             services: ArcSwap::default(),
             versions: Mutex::new(()),
@@ -168,10 +170,10 @@ impl Runtime {
             }),
             max_memory,
             ready: AtomicBool::new(false),
-            backend_up: AtomicBool::new(true),
+            backend_up: Arc::new(AtomicBool::new(true)),
             settings: Settings::new(args, specs.len()),
             // Weak: idle instances' stores hold it, and the runtime holds them.
-            peers: Arc::new(Peers(me.clone())),
+            peers: Arc::new(RuntimeServices(me.clone())),
         }))
     }
 
@@ -264,6 +266,61 @@ impl Runtime {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// Whether `/readyz` says the host takes traffic: from start-up until shutdown begins.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// A runtime with no services on an in-memory store and the embedded log, for tests.
+    #[cfg(test)]
+    pub(crate) fn in_memory(args: &Args) -> Arc<Runtime> {
+        let db = crate::storage::RedbStore::in_memory().unwrap();
+        let log = crate::messaging::embedded::Embedded::new(db.clone());
+        Runtime::new(args, &[], Arc::new(db), Arc::new(log)).unwrap()
+    }
+
+    /// What readiness and metrics report, as of now.
+    pub fn health(&self) -> Health {
+        let outbox = self.state.outbox();
+        Health {
+            ready: self.is_ready(),
+            messaging: self.backend.describe(),
+            messaging_reachable: self.backend_up.load(Ordering::Acquire),
+            outbox_depth: outbox.depth().ok(),
+            outbox_parked: outbox.parked().ok(),
+            outbox_bytes: outbox.bytes(),
+            log_bytes: self.backend.stored_bytes(),
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Publishes the outbox, forever (see [`Drainer::drain`]).
+    pub fn drain_outbox(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.drainer.clone().drain(self.backend.clone())
+    }
+
+    /// Checks the messaging backend's health every second, forever, for [`Runtime::health`].
+    pub fn watch_backend(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let depth = self.drainer.clone();
+        crate::messaging::watch_health(self.backend.clone(), self.backend_up.clone(), move || {
+            depth.depth().unwrap_or(0)
+        })
+    }
+
+    /// Returns once the writes of the message handlers that ran so far are durable: before
+    /// their records' offsets are committed. With a backend that keeps its offsets in the
+    /// state store, they are written in order after the handlers' writes, and a crash loses
+    /// both together, so there is nothing to wait for.
+    pub async fn handled_writes_durable(&self) -> Result<()> {
+        if self.backend.in_state_store() {
+            return Ok(());
+        }
+        self.state.durable().await
+    }
+
     /// Commits an invocation (on disk when this returns) and wakes the outbox drainer if it sent
     /// messages. `serialized` is held by re-runs after a conflict until their commit is done.
     async fn commit(
@@ -275,10 +332,10 @@ impl Runtime {
         if sent {
             self.outbox_has_room()?;
         }
-        self.db.commit(txn).await?;
+        self.state.commit(txn).await?;
         drop(serialized);
         if sent {
-            self.outbox.poke();
+            self.drainer.poke();
         }
         Ok(())
     }
@@ -286,7 +343,7 @@ impl Runtime {
     /// Refuses new messages while the outbox holds `OUTBOX_MAX` bytes: an unreachable broker
     /// must not fill the disk.
     fn outbox_has_room(&self) -> Result<(), CommitError> {
-        let held = crate::storage::outbox::bytes(&self.db);
+        let held = self.state.outbox().bytes();
         if held >= self.settings.outbox_max {
             return Err(CommitError::Full(format!(
                 "the outbox holds {held} bytes of events the messaging backend has not taken \
@@ -320,19 +377,19 @@ impl Runtime {
         if sent {
             self.outbox_has_room()?;
         }
-        self.db.apply(txn).await?;
+        self.state.apply(txn).await?;
         drop(serialized);
         if sent {
-            self.outbox.poke();
+            self.drainer.poke();
         }
         Ok(())
     }
 }
 
 /// The services of a runtime, as the `services` capability calls them.
-struct Peers(Weak<Runtime>);
+struct RuntimeServices(Weak<Runtime>);
 
-impl ServiceCalls for Peers {
+impl ServiceCalls for RuntimeServices {
     fn exists(&self, name: &str) -> bool {
         self.0
             .upgrade()
@@ -344,7 +401,7 @@ impl ServiceCalls for Peers {
         name: &'a str,
         req: HttpRequest,
         request_id: &'a str,
-    ) -> BoxFuture<'a, Option<Resp>> {
+    ) -> BoxFuture<'a, Option<HttpResponse>> {
         Box::pin(async move {
             let runtime = self.0.upgrade()?;
             let target = runtime.service(name)?;
@@ -359,7 +416,6 @@ impl ServiceCalls for Peers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messaging::embedded::Embedded;
     use clap::Parser as _;
 
     fn fixture(name: &str) -> PathBuf {
@@ -387,8 +443,7 @@ mod tests {
             "--compile-cache",
             cache.to_str().unwrap(),
         ]);
-        let db = Db::in_memory().unwrap();
-        let runtime = Runtime::new(&args, &[], db.clone(), Arc::new(Embedded::new(db))).unwrap();
+        let runtime = Runtime::in_memory(&args);
         let file = dir.path().join("user.wasm");
         let mut spec = ServiceSpec::named("user");
         spec.file = file.clone();

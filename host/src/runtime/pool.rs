@@ -2,19 +2,23 @@
 
 use super::component::Loaded;
 use super::service::Service;
-use super::store::{new_store, Entry, Warm};
+use super::store::{new_store, HttpEntry, Instance};
 use super::Runtime;
 use crate::storage::Txn;
 use anyhow::Result;
 use std::sync::Arc;
 use wasmtime_wasi_http::p2::bindings::Proxy;
 
-impl Warm {
+impl Instance {
     /// An idle instance of `loaded` if instances are reused and one is free, else a new one.
-    pub(super) async fn get(runtime: &Runtime, service: &Service, loaded: &Loaded) -> Result<Warm> {
+    pub(super) async fn get(
+        runtime: &Runtime,
+        service: &Service,
+        loaded: &Loaded,
+    ) -> Result<Instance> {
         if runtime.settings.instance_reuse > 1 {
-            if let Some(warm) = loaded.idle.lock().unwrap().pop() {
-                return Ok(warm);
+            if let Some(idle) = loaded.idle.lock().unwrap().pop() {
+                return Ok(idle);
             }
         }
         let mut store = new_store(runtime, &service.spec, &service.name);
@@ -30,15 +34,15 @@ impl Warm {
             .as_ref()
             .and_then(|i| i.load(&mut store, &instance).ok());
         let entry = match handle {
-            Some(handle) => Entry::Handler(handle),
-            None => Entry::WasiHttp(Proxy::new(&mut store, &instance)?),
+            Some(handle) => HttpEntry::Handler(handle),
+            None => HttpEntry::WasiHttp(Proxy::new(&mut store, &instance)?),
         };
         let handler = match &loaded.handler {
             // Loading checked that the component exports the handler.
             Some(indices) => Some(indices.load(&mut store, &instance)?),
             None => None,
         };
-        Ok(Warm {
+        Ok(Instance {
             store,
             entry,
             handler,

@@ -33,7 +33,7 @@ pub struct Service {
 
 /// A file that was offered as a new version and refused.
 #[derive(Clone, Debug)]
-pub struct Rejected {
+pub struct RejectedFile {
     pub sha256: String,
     pub error: String,
     pub at: SystemTime,
@@ -46,7 +46,7 @@ struct Swaps {
     previous: Vec<Arc<Loaded>>,
     /// Versions left by rollbacks, most recent last, for rolling forward again.
     undone: Vec<Arc<Loaded>>,
-    rejected: Option<Rejected>,
+    rejected: Option<RejectedFile>,
 }
 
 impl Swaps {
@@ -126,7 +126,7 @@ impl Service {
         self.swaps.lock().unwrap().generation
     }
 
-    pub fn rejected(&self) -> Option<Rejected> {
+    pub fn rejected(&self) -> Option<RejectedFile> {
         self.swaps.lock().unwrap().rejected.clone()
     }
 
@@ -138,7 +138,7 @@ impl Service {
     }
 
     pub fn reject(&self, sha256: String, error: String) {
-        self.swaps.lock().unwrap().rejected = Some(Rejected {
+        self.swaps.lock().unwrap().rejected = Some(RejectedFile {
             sha256,
             error,
             at: SystemTime::now(),

@@ -1,4 +1,4 @@
-//! An instance's store: its data (`Ctx`, what each capability works on), limits and linker.
+//! An instance's store: its data (`InstanceState`, what each capability works on), limits and linker.
 
 use super::engine::EPOCH_TICK;
 use super::Runtime;
@@ -9,7 +9,7 @@ use crate::capabilities::state::StateView;
 use crate::capabilities::stderr::GuestStderr;
 use crate::capabilities::{outgoing_http, producer, services, state};
 use crate::config::ServiceSpec;
-use crate::storage::{Db, Txn};
+use crate::storage::{StateStore, Txn};
 use anyhow::Result;
 use std::sync::Arc;
 use wasmtime::component::{Linker, ResourceTable};
@@ -18,11 +18,11 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-pub struct Ctx {
+pub struct InstanceState {
     pub(super) table: ResourceTable,
     wasi: WasiCtx,
     http: WasiHttpCtx,
-    db: Db,
+    state: Arc<dyn StateStore>,
     /// The service's name, which scopes its transactions.
     name: Arc<str>,
     /// The calling service, its allowlist and the request being served: what calls out need.
@@ -38,7 +38,7 @@ pub struct Ctx {
     pub(super) txn: Txn,
 }
 
-impl WasiView for Ctx {
+impl WasiView for InstanceState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
             ctx: &mut self.wasi,
@@ -47,7 +47,7 @@ impl WasiView for Ctx {
     }
 }
 
-impl WasiHttpView for Ctx {
+impl WasiHttpView for InstanceState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
         WasiHttpCtxView {
             ctx: &mut self.http,
@@ -57,10 +57,10 @@ impl WasiHttpView for Ctx {
     }
 }
 
-impl Ctx {
+impl InstanceState {
     pub(super) fn state(&mut self) -> StateView<'_> {
         StateView {
-            db: &self.db,
+            store: &*self.state,
             txn: &mut self.txn,
         }
     }
@@ -95,15 +95,15 @@ impl Ctx {
 }
 
 /// How a component answers HTTP: `http-handler` when it exports it, else `wasi:http`.
-pub(super) enum Entry {
+pub(super) enum HttpEntry {
     Handler(http_handler::Guest),
     WasiHttp(Proxy),
 }
 
 /// An instantiated component with its store, ready for an invocation (see `pool`).
-pub struct Warm {
-    pub(super) store: Store<Ctx>,
-    pub(super) entry: Entry,
+pub struct Instance {
+    pub(super) store: Store<InstanceState>,
+    pub(super) entry: HttpEntry,
     /// The message handler, for subscribing services.
     pub(super) handler: Option<handler::Guest>,
     /// Invocations it has served.
@@ -111,20 +111,24 @@ pub struct Warm {
 }
 
 /// Everything a service's store needs from the host, linked once.
-pub fn linker(engine: &Engine) -> Result<Linker<Ctx>> {
+pub fn linker(engine: &Engine) -> Result<Linker<InstanceState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     outgoing_http::add_to_linker(&mut linker)?;
-    state::add_to_linker(&mut linker, Ctx::state)?;
-    producer::add_to_linker(&mut linker, Ctx::producer)?;
-    services::add_to_linker(&mut linker, Ctx::services)?;
+    state::add_to_linker(&mut linker, InstanceState::state)?;
+    producer::add_to_linker(&mut linker, InstanceState::producer)?;
+    services::add_to_linker(&mut linker, InstanceState::services)?;
     Ok(linker)
 }
 
 /// A store for a new instance of the service `spec` describes.
-pub(super) fn new_store(runtime: &Runtime, spec: &Arc<ServiceSpec>, name: &Arc<str>) -> Store<Ctx> {
+pub(super) fn new_store(
+    runtime: &Runtime,
+    spec: &Arc<ServiceSpec>,
+    name: &Arc<str>,
+) -> Store<InstanceState> {
     let stderr = GuestStderr::new(name.clone());
-    let ctx = Ctx {
+    let ctx = InstanceState {
         table: ResourceTable::new(),
         // No preopens, no environment, no sockets: a component reaches the world only
         // through wasi:http (to the services it may call) and the platform interfaces.
@@ -137,7 +141,7 @@ pub(super) fn new_store(runtime: &Runtime, spec: &Arc<ServiceSpec>, name: &Arc<s
             .allow_ip_name_lookup(false)
             .build(),
         http: WasiHttpCtx::new(),
-        db: runtime.db.clone(),
+        state: runtime.state.clone(),
         name: name.clone(),
         outbound: Outbound {
             caller: spec.clone(),

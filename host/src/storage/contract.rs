@@ -2,7 +2,11 @@
 //! server (started by the test), each through two handles of one store, as two hosts sharing
 //! it would use it.
 
-use super::{outbox, CommitError, Db, Pg, Txn};
+use super::{CommitError, PostgresStore, RedbStore, StateStore, Txn};
+use std::sync::Arc;
+
+/// One handle on a store, as a host holds it.
+type Store = Arc<dyn StateStore>;
 use crate::postgres_server::Postgres;
 use crate::types::Message;
 
@@ -20,25 +24,28 @@ fn txn() -> Txn {
 }
 
 /// Two transactions read a key as absent and both write it: the second commit conflicts.
-async fn racing_writes_of_one_key_conflict(a: &Db, b: &Db) {
+async fn racing_writes_of_one_key_conflict(a: &Store, b: &Store) {
     let (mut t1, mut t2) = (txn(), txn());
-    assert_eq!(t1.get(a, "b", "k").await.unwrap(), None);
-    assert_eq!(t2.get(b, "b", "k").await.unwrap(), None);
+    assert_eq!(t1.get(&**a, "b", "k").await.unwrap(), None);
+    assert_eq!(t2.get(&**b, "b", "k").await.unwrap(), None);
     t1.put("b".into(), "k".into(), Some(b"1".to_vec())).unwrap();
     t2.put("b".into(), "k".into(), Some(b"2".to_vec())).unwrap();
     a.commit(t1).await.unwrap();
     assert!(matches!(b.commit(t2).await, Err(CommitError::Conflict)));
-    assert_eq!(txn().get(b, "b", "k").await.unwrap(), Some(b"1".to_vec()));
+    assert_eq!(
+        txn().get(&**b, "b", "k").await.unwrap(),
+        Some(b"1".to_vec())
+    );
 }
 
 /// Each of two transactions reads the other's key as absent and inserts its own (write skew):
 /// committed at the same time, exactly one lands, every round.
-async fn write_skew_on_absent_keys_is_refused(a: &Db, b: &Db) {
+async fn write_skew_on_absent_keys_is_refused(a: &Store, b: &Store) {
     for round in 0..20 {
         let (x, y) = (format!("x{round}"), format!("y{round}"));
         let (mut t1, mut t2) = (txn(), txn());
-        assert_eq!(t1.get(a, "skew", &y).await.unwrap(), None);
-        assert_eq!(t2.get(b, "skew", &x).await.unwrap(), None);
+        assert_eq!(t1.get(&**a, "skew", &y).await.unwrap(), None);
+        assert_eq!(t2.get(&**b, "skew", &x).await.unwrap(), None);
         t1.put("skew".into(), x.clone(), Some(vec![1])).unwrap();
         t2.put("skew".into(), y.clone(), Some(vec![2])).unwrap();
         let (r1, r2) = tokio::join!(a.commit(t1), b.commit(t2));
@@ -54,13 +61,13 @@ async fn write_skew_on_absent_keys_is_refused(a: &Db, b: &Db) {
 /// (as new emails are), committed all at once through both handles: none touches another's
 /// keys, so every one lands. (Under SERIALIZABLE, a quarter of such commits failed in
 /// `POST /api/users` benchmarks: its predicate locks cover whole index pages.)
-async fn unrelated_commits_never_conflict(a: &Db, b: &Db) {
+async fn unrelated_commits_never_conflict(a: &Store, b: &Store) {
     let commits = (0..32).map(|i| {
         let db = if i % 2 == 0 { a.clone() } else { b.clone() };
         async move {
             let mut t = txn();
             let key = format!("email:u{i:03}@ex.com");
-            assert_eq!(t.get(&db, "emails", &key).await.unwrap(), None);
+            assert_eq!(t.get(&*db, "emails", &key).await.unwrap(), None);
             t.put("emails".into(), key, Some(vec![1])).unwrap();
             t.put("users".into(), format!("{i:020}"), Some(vec![2]))
                 .unwrap();
@@ -71,16 +78,16 @@ async fn unrelated_commits_never_conflict(a: &Db, b: &Db) {
     let results = futures_util::future::join_all(commits).await;
     let refused: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
     assert!(refused.is_empty(), "{refused:?}");
-    let emails = txn().list_keys(a, "emails", "email:").await.unwrap();
+    let emails = txn().list_keys(&**a, "emails", "email:").await.unwrap();
     assert_eq!(emails.len(), 32);
-    let waiting = outbox::oldest(a, 100).await.unwrap();
+    let waiting = a.outbox().oldest(100).await.unwrap();
     assert_eq!(waiting.len(), 32);
     let seqs: Vec<u64> = waiting.iter().map(|(s, _)| *s).collect();
-    outbox::remove(a, &seqs).await.unwrap();
+    a.outbox().remove(&seqs).await.unwrap();
 }
 
 /// A listed range that gains a key conflicts; a page does not conflict with keys beyond it.
-async fn listed_ranges_are_validated(a: &Db, b: &Db) {
+async fn listed_ranges_are_validated(a: &Store, b: &Store) {
     let mut seed = txn();
     for k in ["a1", "a3", "a5"] {
         seed.put("l".into(), k.into(), Some(vec![0])).unwrap();
@@ -89,7 +96,7 @@ async fn listed_ranges_are_validated(a: &Db, b: &Db) {
 
     let mut lister = txn();
     assert_eq!(
-        lister.list_keys(a, "l", "a").await.unwrap(),
+        lister.list_keys(&**a, "l", "a").await.unwrap(),
         ["a1", "a3", "a5"]
     );
     lister
@@ -103,7 +110,7 @@ async fn listed_ranges_are_validated(a: &Db, b: &Db) {
     // The first page (a1, a2) does not cover a4.
     let mut page = txn();
     assert_eq!(
-        page.list_page(a, "l", "a", None, 2).await.unwrap(),
+        page.list_page(&**a, "l", "a", None, 2).await.unwrap(),
         ["a1", "a2"]
     );
     page.put("l".into(), "seen".into(), Some(vec![2])).unwrap();
@@ -111,13 +118,16 @@ async fn listed_ranges_are_validated(a: &Db, b: &Db) {
     beyond.put("l".into(), "a4".into(), Some(vec![0])).unwrap();
     b.commit(beyond).await.unwrap();
     a.commit(page).await.unwrap();
-    let after = txn().list_page(b, "l", "a", Some("a2"), 10).await.unwrap();
+    let after = txn()
+        .list_page(&**b, "l", "a", Some("a2"), 10)
+        .await
+        .unwrap();
     assert_eq!(after, ["a3", "a4", "a5"]);
 }
 
 /// Ids taken through both handles at once never repeat.
-async fn ids_never_repeat_across_handles(a: &Db, b: &Db) {
-    let take = |db: &Db| {
+async fn ids_never_repeat_across_handles(a: &Store, b: &Store) {
+    let take = |db: &Store| {
         let db = db.clone();
         async move {
             let mut ids = Vec::new();
@@ -138,9 +148,9 @@ async fn ids_never_repeat_across_handles(a: &Db, b: &Db) {
 }
 
 /// Messages land with their commit, and a conflicting commit sends nothing.
-async fn outbox_rows_land_with_their_commit_only(a: &Db, b: &Db) {
+async fn outbox_rows_land_with_their_commit_only(a: &Store, b: &Store) {
     let mut reader = txn();
-    reader.get(a, "o", "k").await.unwrap();
+    reader.get(&**a, "o", "k").await.unwrap();
     reader.put("o".into(), "k".into(), Some(vec![1])).unwrap();
     reader.send(message("lost")).unwrap();
     let mut winner = txn();
@@ -148,25 +158,25 @@ async fn outbox_rows_land_with_their_commit_only(a: &Db, b: &Db) {
     winner.send(message("sent")).unwrap();
     b.commit(winner).await.unwrap();
     assert!(matches!(a.commit(reader).await, Err(CommitError::Conflict)));
-    let waiting = outbox::oldest(a, 100).await.unwrap();
+    let waiting = a.outbox().oldest(100).await.unwrap();
     let keys: Vec<_> = waiting
         .iter()
         .map(|(_, m)| m.key.clone().unwrap())
         .collect();
     assert_eq!(keys, ["sent"]);
     let seqs: Vec<u64> = waiting.iter().map(|(s, _)| *s).collect();
-    outbox::remove(a, &seqs).await.unwrap();
-    assert!(outbox::oldest(a, 100).await.unwrap().is_empty());
+    a.outbox().remove(&seqs).await.unwrap();
+    assert!(a.outbox().oldest(100).await.unwrap().is_empty());
 }
 
 /// An invocation that read 20,000 (absent) keys commits, as it does on any store: on
 /// PostgreSQL its reads lock the bucket rather than each key (a lock per key would overflow
 /// the server's lock table). Its reads are still checked: a write to one of them conflicts.
-async fn a_commit_that_read_twenty_thousand_keys_lands(a: &Db, b: &Db) {
-    let read_all = |db: Db| async move {
+async fn a_commit_that_read_twenty_thousand_keys_lands(a: &Store, b: &Store) {
+    let read_all = |db: Store| async move {
         let mut t = txn();
         for i in 0..60_000 {
-            assert_eq!(t.get(&db, "many", &format!("k{i}")).await.unwrap(), None);
+            assert_eq!(t.get(&*db, "many", &format!("k{i}")).await.unwrap(), None);
         }
         t.put("other".into(), "done".into(), Some(vec![1])).unwrap();
         t
@@ -181,7 +191,7 @@ async fn a_commit_that_read_twenty_thousand_keys_lands(a: &Db, b: &Db) {
     assert!(matches!(a.commit(t).await, Err(CommitError::Conflict)));
 }
 
-async fn run_all(a: &Db, b: &Db) {
+async fn run_all(a: &Store, b: &Store) {
     racing_writes_of_one_key_conflict(a, b).await;
     write_skew_on_absent_keys_is_refused(a, b).await;
     unrelated_commits_never_conflict(a, b).await;
@@ -193,21 +203,18 @@ async fn run_all(a: &Db, b: &Db) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_contract_holds_on_redb() {
-    let db = Db::in_memory().unwrap();
+    let db: Store = Arc::new(RedbStore::in_memory().unwrap());
     run_all(&db, &db.clone()).await;
 }
 
-/// A store on database `url`: the redb part in memory, the rest in PostgreSQL.
-async fn shared(url: &str) -> Db {
+/// A store on database `url`.
+async fn shared(url: &str) -> Store {
     shared_waiting(url, std::time::Duration::from_secs(30)).await
 }
 
 /// [`shared`], whose commits wait at most `wait` for a lock.
-async fn shared_waiting(url: &str, wait: std::time::Duration) -> Db {
-    let db = Db::in_memory().unwrap();
-    db.share(Pg::connect(url, wait, None).await.unwrap())
-        .unwrap();
-    db
+async fn shared_waiting(url: &str, wait: std::time::Duration) -> Store {
+    Arc::new(PostgresStore::connect(url, wait, None).await.unwrap())
 }
 
 /// A session that took a key's lock and then never finished (its host died mid-commit, or was
@@ -267,20 +274,20 @@ async fn the_contract_holds_on_postgresql_and_survives_a_server_restart() {
     drop((a, b));
     let c = shared(&url).await;
     assert_eq!(
-        txn().get(&c, "d", "k").await.unwrap(),
+        txn().get(&*c, "d", "k").await.unwrap(),
         Some(b"kept".to_vec())
     );
     server.stop().unwrap();
     assert!(
-        txn().get(&c, "d", "k").await.is_err(),
+        txn().get(&*c, "d", "k").await.is_err(),
         "no server, no answer"
     );
     server.resume().unwrap();
     assert_eq!(
-        txn().get(&c, "d", "k").await.unwrap(),
+        txn().get(&*c, "d", "k").await.unwrap(),
         Some(b"kept".to_vec())
     );
-    let waiting = outbox::oldest(&c, 10).await.unwrap();
+    let waiting = c.outbox().oldest(10).await.unwrap();
     assert_eq!(waiting.len(), 1, "{waiting:?}");
 }
 
@@ -297,7 +304,7 @@ async fn a_relay_that_lost_its_session_deletes_nothing_and_relays_share_partitio
         t.send(message(&key.to_string())).unwrap();
     }
     a.commit(t).await.unwrap();
-    let read = outbox::oldest(&a, 100).await.unwrap();
+    let read = a.outbox().oldest(100).await.unwrap();
     assert_eq!(read.len(), 64, "the only relay holds every partition");
     let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
@@ -314,18 +321,18 @@ async fn a_relay_that_lost_its_session_deletes_nothing_and_relays_share_partitio
     assert_eq!(ended, 1);
     let seqs: Vec<u64> = read.iter().map(|(s, _)| *s).collect();
     assert!(
-        outbox::remove(&a, &seqs).await.is_err(),
+        a.outbox().remove(&seqs).await.is_err(),
         "removed on a session that ended"
     );
-    let taken = outbox::oldest(&b, 100).await.unwrap();
+    let taken = b.outbox().oldest(100).await.unwrap();
     assert_eq!(taken.len(), 64, "B drains what A read but could not remove");
     // A is back: within a few claims each relay holds about half of the partitions, and
     // between them all of them, each partition once.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
         let (on_a, on_b) = (
-            outbox::oldest(&a, 100).await.unwrap(),
-            outbox::oldest(&b, 100).await.unwrap(),
+            a.outbox().oldest(100).await.unwrap(),
+            b.outbox().oldest(100).await.unwrap(),
         );
         let seqs_a: std::collections::BTreeSet<u64> = on_a.iter().map(|(s, _)| *s).collect();
         let seqs_b: std::collections::BTreeSet<u64> = on_b.iter().map(|(s, _)| *s).collect();

@@ -1,5 +1,6 @@
-//! Durable storage: state, id sequences and the outbox, in redb (committed by one committer
-//! thread) or, with `STATE_URL`, in PostgreSQL shared by several hosts (`postgres`).
+//! Durable storage: state, id sequences and the outbox behind one [`StateStore`] trait, in
+//! redb on this host's disk ([`RedbStore`], the default) or in PostgreSQL shared by several
+//! hosts ([`PostgresStore`], with `STATE_URL`). The composition root picks one at start-up.
 //!
 //! An invocation (one HTTP request or one delivered message) reads through to the store and
 //! buffers its writes and outgoing messages in a [`Txn`]. When it succeeds the host commits
@@ -9,244 +10,80 @@
 //! gives serializable behaviour (no duplicate ids, no duplicate emails) without holding a lock
 //! while guest code runs.
 
-mod committer;
 #[cfg(test)]
 mod contract;
 pub mod outbox;
 pub mod postgres;
-mod sequences;
+pub mod redb_store;
 mod txn;
 
-use anyhow::{Context as _, Result};
-use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use anyhow::Result;
+use async_trait::async_trait;
 
-pub use postgres::Pg;
-pub use sequences::NextIdError;
+pub use outbox::Outbox;
+pub use postgres::PostgresStore;
+pub use redb_store::RedbStore;
 pub use txn::Txn;
 pub use txn::MAX_PAGE;
 
-/// (service, bucket, key) -> value. The service part is set by the host, never by the guest.
-const KV: TableDefinition<KvKey, &[u8]> = TableDefinition::new("kv");
-type KvKey = (&'static str, &'static str, &'static str);
+/// Where services' state, id sequences and outbox live. Every read and write is scoped to
+/// one service (the transaction's), set by the host, never by the guest.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// The committed value of `service`'s `bucket/key`.
+    async fn read_value(&self, service: &str, bucket: &str, key: &str) -> Result<Option<Vec<u8>>>;
 
-/// The embedded store every durable piece of the host lives in (state, outbox, embedded log).
-///
-/// Invocations commit through one committer thread, which takes every commit that queued up
-/// while it was busy and applies them all in one redb write transaction, with one fsync when
-/// any of them must be durable (group commit). Concurrent writers thus share both the fsync and
-/// redb's per-commit work (a non-durable redb commit alone costs about 100 µs here) instead of
-/// taking turns at the writer lock. Bookkeeping writes ([`Db::write_lazily`]) commit without
-/// fsync and become durable with the next durable commit.
-#[derive(Clone)]
-pub struct Db(Arc<Inner>);
+    /// Up to `limit` committed keys of `range` in `service`, in byte order.
+    async fn read_keys(&self, service: &str, range: &KeyRange, limit: usize)
+        -> Result<Vec<String>>;
 
-struct Inner {
-    db: Database,
-    /// Write transactions begun so far, counted inside each (under redb's writer lock), so
-    /// that a durable commit knows which writes it covers.
-    written: AtomicU64,
-    sequences: sequences::Sequences,
-    /// Encoded bytes of the messages in the outbox, kept as they come and go.
-    outbox_bytes: AtomicU64,
-    sync: Mutex<Syncs>,
-    synced: Condvar,
-    /// To the committer thread, which stops when this is dropped.
-    committer: mpsc::Sender<committer::Pending>,
-    /// Where state, sequences and the outbox are when they are shared (`STATE_URL`); the redb
-    /// store then keeps only this host's own things (the embedded log).
-    shared: OnceLock<Pg>,
-}
+    /// The next id of `bucket/key` for `txn`'s service. Taken at once, not validated at
+    /// commit: ids never repeat, and an id taken by an invocation that then fails is skipped.
+    async fn next_id(&self, txn: &mut Txn, bucket: String, key: String)
+        -> Result<u64, NextIdError>;
 
-#[derive(Default)]
-struct Syncs {
-    /// Every write counted up to here is on disk.
-    durable: u64,
-    /// Durable commits done (for tests and curiosity).
-    count: u64,
-    running: bool,
+    /// Applies `txn`'s writes, ids and messages at once if nothing it read has changed
+    /// (else [`CommitError::Conflict`]): visible to later invocations when this returns,
+    /// durable once [`StateStore::durable`] returns. A store that is durable at once (the
+    /// default) just commits.
+    async fn apply(&self, txn: Txn) -> Result<(), CommitError> {
+        self.commit(txn).await
+    }
+
+    /// [`StateStore::apply`], and on disk when this returns.
+    async fn commit(&self, txn: Txn) -> Result<(), CommitError>;
+
+    /// Returns once everything applied before the call is durable.
+    async fn durable(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The messages of committed invocations, waiting to be published.
+    fn outbox(&self) -> &dyn Outbox;
 }
 
 /// Why a commit did not happen.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum CommitError {
     /// Something this invocation read was changed by another one: run it again.
+    #[error("conflicting concurrent update")]
     Conflict,
     /// The outbox holds as much as it may (`OUTBOX_MAX`): nothing that sends is taken until
     /// the messaging backend drains it.
+    #[error("{0}")]
     Full(String),
+    #[error("storage error: {0:#}")]
+    Storage(#[from] anyhow::Error),
+}
+
+/// Why no id was handed out.
+#[derive(Debug, thiserror::Error)]
+pub enum NextIdError {
+    /// The key holds something that is not a sequence, or the sequence is exhausted.
+    #[error("{0}")]
+    NotASequence(String),
+    #[error("storage error: {0:#}")]
     Storage(anyhow::Error),
-}
-
-impl From<anyhow::Error> for CommitError {
-    fn from(e: anyhow::Error) -> Self {
-        CommitError::Storage(e)
-    }
-}
-
-impl std::fmt::Display for CommitError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CommitError::Conflict => write!(f, "conflicting concurrent update"),
-            CommitError::Full(m) => write!(f, "{m}"),
-            CommitError::Storage(e) => write!(f, "storage error: {e:#}"),
-        }
-    }
-}
-
-impl Db {
-    pub fn open(dir: &Path) -> Result<Db> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating data dir {}", dir.display()))?;
-        let path = dir.join("state.redb");
-        let db = Database::create(&path).with_context(|| format!("opening {}", path.display()))?;
-        Db::wrap(db)
-    }
-
-    /// Same layout, nothing on disk: for tests and throwaway runs.
-    pub fn in_memory() -> Result<Db> {
-        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
-        Db::wrap(db)
-    }
-
-    fn wrap(db: Database) -> Result<Db> {
-        let (committer, queue) = mpsc::channel();
-        let outbox_bytes = AtomicU64::new(outbox::bytes_stored(&db)?);
-        let inner = Arc::new(Inner {
-            db,
-            written: AtomicU64::new(0),
-            sequences: Default::default(),
-            outbox_bytes,
-            sync: Mutex::default(),
-            synced: Condvar::new(),
-            committer,
-            shared: OnceLock::new(),
-        });
-        committer::spawn(Arc::downgrade(&inner), queue);
-        Ok(Db(inner))
-    }
-
-    pub fn redb(&self) -> &Database {
-        &self.0.db
-    }
-
-    /// Keeps state, sequences and the outbox in `pg` from now on. Called once, before any
-    /// invocation.
-    pub fn share(&self, pg: Pg) -> Result<()> {
-        self.0
-            .shared
-            .set(pg)
-            .map_err(|_| anyhow::anyhow!("the store is already shared"))
-    }
-
-    /// The shared store, if state is in PostgreSQL.
-    pub fn shared(&self) -> Option<&Pg> {
-        self.0.shared.get()
-    }
-
-    /// Runs `f` in a write transaction that reaches the disk with the next durable commit: for
-    /// bookkeeping whose loss in a crash only causes a redelivery. Blocking.
-    pub fn write_lazily<R>(&self, f: impl FnOnce(&WriteTransaction) -> Result<R>) -> Result<R> {
-        let mut wtx = self.0.db.begin_write()?;
-        wtx.set_durability(Durability::None);
-        self.0.written.fetch_add(1, Ordering::SeqCst);
-        let r = f(&wtx)?;
-        wtx.commit()?;
-        Ok(r)
-    }
-
-    /// Returns once everything committed before the call is on disk. Whoever finds no durable
-    /// commit running starts one; the others wait for it. Blocking.
-    pub fn wait_durable(&self) -> Result<()> {
-        let inner = &*self.0;
-        let target = inner.written.load(Ordering::SeqCst);
-        let mut st = inner.sync.lock().unwrap();
-        loop {
-            if st.durable >= target {
-                return Ok(());
-            }
-            if st.running {
-                st = inner.synced.wait(st).unwrap();
-                continue;
-            }
-            st.running = true;
-            drop(st);
-            let result = (|| -> Result<u64> {
-                let mut wtx = inner.db.begin_write()?;
-                // Holding the writer lock: every write counted so far has committed.
-                let covers = inner.written.load(Ordering::SeqCst);
-                wtx.set_durability(Durability::Immediate);
-                wtx.commit()?;
-                Ok(covers)
-            })();
-            st = inner.sync.lock().unwrap();
-            st.running = false;
-            inner.synced.notify_all();
-            // On failure the waiters try a durable commit of their own.
-            let covers = result.context("durable commit")?;
-            st.durable = st.durable.max(covers);
-            st.count += 1;
-        }
-    }
-
-    /// [`Db::wait_durable`] off the async workers: an fsync must not run on a request thread.
-    pub async fn durable(&self) -> Result<()> {
-        let db = self.clone();
-        tokio::task::spawn_blocking(move || db.wait_durable()).await?
-    }
-
-    async fn read_value(&self, service: &str, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        match self.shared() {
-            Some(pg) => pg.read_value(service, bucket, key).await,
-            None => self.read_value_local(service, bucket, key),
-        }
-    }
-
-    async fn read_keys(
-        &self,
-        service: &str,
-        range: &KeyRange,
-        limit: usize,
-    ) -> Result<Vec<String>> {
-        match self.shared() {
-            Some(pg) => pg.read_keys(service, range, limit).await,
-            None => self.read_keys_local(service, range, limit),
-        }
-    }
-
-    fn read_value_local(&self, service: &str, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        let rtx = self.0.db.begin_read()?;
-        let table = match rtx.open_table(KV) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        Ok(table
-            .get((service, bucket, key))?
-            .map(|v| v.value().to_vec()))
-    }
-
-    fn read_keys_local(
-        &self,
-        service: &str,
-        range: &KeyRange,
-        limit: usize,
-    ) -> Result<Vec<String>> {
-        let rtx = self.0.db.begin_read()?;
-        match rtx.open_table(KV) {
-            Ok(table) => scan_keys(&table, service, range, limit),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(Vec::new()),
-            Err(e) => Err(e.into()),
-        }
-    }
-}
-
-/// The output of `f`, which must be ready at once: a redb read or id, in a sync test.
-#[cfg(test)]
-pub(crate) fn ready<F: std::future::Future>(f: F) -> F::Output {
-    futures_util::FutureExt::now_or_never(f).expect("ready at once")
 }
 
 /// Keys of one bucket that start with `prefix`, after `after` (exclusive) and up to `upto`
@@ -269,62 +106,8 @@ impl KeyRange {
     }
 }
 
-/// Up to `limit` keys of `range`, in byte order.
-fn scan_keys(
-    table: &impl ReadableTable<KvKey, &'static [u8]>,
-    service: &str,
-    range: &KeyRange,
-    limit: usize,
-) -> Result<Vec<String>> {
-    let start = match &range.after {
-        Some(after) if after.as_str() > range.prefix.as_str() => after.as_str(),
-        _ => range.prefix.as_str(),
-    };
-    let mut keys = Vec::new();
-    for entry in table.range((service, range.bucket.as_str(), start)..)? {
-        let (k, _) = entry?;
-        let (s, b, key) = k.value();
-        if s != service || b != range.bucket || !key.starts_with(&range.prefix) {
-            break;
-        }
-        if range.upto.as_deref().is_some_and(|u| key > u) || keys.len() == limit {
-            break;
-        }
-        if range.holds(key) {
-            keys.push(key.to_string());
-        }
-    }
-    Ok(keys)
-}
-
+/// The output of `f`, which must be ready at once: a redb read or id, in a sync test.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::storage::ready;
-
-    #[test]
-    fn committed_data_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let db = Db::open(dir.path()).unwrap();
-            let mut t = Txn::new("s".into());
-            t.put("b".into(), "k".into(), Some(b"v".to_vec())).unwrap();
-            db.commit_blocking(&t).unwrap();
-        }
-        let db = Db::open(dir.path()).unwrap();
-        let mut t = Txn::new("s".into());
-        assert_eq!(ready(t.get(&db, "b", "k")).unwrap(), Some(b"v".to_vec()));
-    }
-
-    #[test]
-    fn buckets_are_scoped_per_service() {
-        let db = Db::in_memory().unwrap();
-        let mut t = Txn::new("user".into());
-        t.put("b".into(), "k".into(), Some(b"secret".to_vec()))
-            .unwrap();
-        db.commit_blocking(&t).unwrap();
-        let mut other = Txn::new("order".into());
-        assert_eq!(ready(other.get(&db, "b", "k")).unwrap(), None);
-        assert!(ready(other.list_keys(&db, "b", "")).unwrap().is_empty());
-    }
+pub(crate) fn ready<F: std::future::Future>(f: F) -> F::Output {
+    futures_util::FutureExt::now_or_never(f).expect("ready at once")
 }

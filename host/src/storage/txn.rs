@@ -1,6 +1,7 @@
 //! One invocation's optimistic transaction: reads recorded for validation, writes buffered.
 
-use super::{scan_keys, Db, KeyRange, KvKey};
+use super::redb_store::RedbStore;
+use super::{KeyRange, StateStore};
 use crate::types::budget::ENTRY_OVERHEAD;
 use crate::types::{Budget, Message, Overrun};
 use anyhow::Result;
@@ -47,8 +48,9 @@ pub struct Txn {
     /// Set when the store failed one of this invocation's reads: whatever the guest answered,
     /// the failure was the host's.
     pub unavailable: Option<String>,
-    /// The store whose sequences this transaction took ids from, to release them when done.
-    pub(super) lease: Option<Db>,
+    /// The redb store whose in-memory sequences this transaction took ids from, to release
+    /// them when it is dropped.
+    pub(super) lease: Option<RedbStore>,
     /// Set once its writes are in the store.
     pub(super) committed: AtomicBool,
 }
@@ -86,11 +88,16 @@ impl Txn {
 
     /// The value at `bucket/key` as this invocation sees it: its own write, else the store's
     /// (remembered, so that the commit can check it is still current).
-    pub async fn get(&mut self, db: &Db, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+    pub async fn get(
+        &mut self,
+        store: &dyn StateStore,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>> {
         if let Some(v) = self.writes.get(&(bucket.to_string(), key.to_string())) {
             return Ok(v.clone());
         }
-        let value = db.read_value(&self.service, bucket, key).await?;
+        let value = store.read_value(&self.service, bucket, key).await?;
         let held = bucket.len() + key.len() + std::mem::size_of::<Seen>();
         self.budget.charge(held + ENTRY_OVERHEAD)?;
         let seen = value.as_deref().map(digest_of);
@@ -116,8 +123,14 @@ impl Txn {
     }
 
     /// Keys of `bucket` starting with `prefix` as this invocation sees them, in byte order.
-    pub async fn list_keys(&mut self, db: &Db, bucket: &str, prefix: &str) -> Result<Vec<String>> {
-        self.list_page(db, bucket, prefix, None, usize::MAX).await
+    pub async fn list_keys(
+        &mut self,
+        store: &dyn StateStore,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<String>> {
+        self.list_page(store, bucket, prefix, None, usize::MAX)
+            .await
     }
 
     /// Up to `limit` keys of `bucket` starting with `prefix` and after `after`, as this
@@ -125,7 +138,7 @@ impl Txn {
     /// so a page does not conflict with inserts beyond it.
     pub async fn list_page(
         &mut self,
-        db: &Db,
+        store: &dyn StateStore,
         bucket: &str,
         prefix: &str,
         after: Option<&str>,
@@ -146,7 +159,7 @@ impl Txn {
             .filter(|(bk, v)| own(bk) && v.is_none())
             .count();
         let want = limit.saturating_add(deletes);
-        let committed = db.read_keys(&self.service, &range, want).await?;
+        let committed = store.read_keys(&self.service, &range, want).await?;
         let held: usize = committed.iter().map(|k| k.len() + ENTRY_OVERHEAD).sum();
         self.budget
             .charge(bucket.len() + prefix.len() + 2 * held + ENTRY_OVERHEAD)?;
@@ -169,38 +182,6 @@ impl Txn {
     }
 }
 
-/// Whether nothing `txn` read has changed since.
-pub(super) fn is_current(table: &redb::Table<KvKey, &[u8]>, txn: &Txn) -> Result<bool> {
-    use redb::ReadableTable;
-    for (bucket, key, seen) in &txn.reads {
-        let now = table
-            .get((&*txn.service, bucket.as_str(), key.as_str()))?
-            .map(|v| digest_of(v.value()));
-        if now != *seen {
-            return Ok(false);
-        }
-    }
-    for (range, seen) in &txn.lists {
-        let now = scan_keys(table, &txn.service, range, range.found.saturating_add(1))?;
-        if digest_keys(&now) != *seen {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-/// `txn`'s writes and the ids it took.
-pub(super) fn write(table: &mut redb::Table<KvKey, &[u8]>, txn: &Txn) -> Result<()> {
-    for ((bucket, key), value) in &txn.writes {
-        let k = (&*txn.service, bucket.as_str(), key.as_str());
-        match value {
-            Some(v) => table.insert(k, v.as_slice())?,
-            None => table.remove(k)?,
-        };
-    }
-    super::sequences::write(table, txn)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,7 +190,7 @@ mod tests {
 
     #[test]
     fn writes_are_invisible_until_commit_and_visible_after() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut t1 = Txn::new("user".into());
         t1.put("b".into(), "k".into(), Some(b"v".to_vec())).unwrap();
         assert_eq!(ready(t1.get(&db, "b", "k")).unwrap(), Some(b"v".to_vec()));
@@ -222,7 +203,7 @@ mod tests {
 
     #[test]
     fn a_listed_range_whose_keys_changed_conflicts_even_when_nul_bytes_line_them_up() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut seed = Txn::new("user".into());
         seed.put("b".into(), "p\0x".into(), Some(vec![1])).unwrap();
         db.commit_blocking(&seed).unwrap();
@@ -246,7 +227,7 @@ mod tests {
 
     #[test]
     fn racing_read_modify_writes_conflict_instead_of_both_landing() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let bump = |t: &mut Txn| {
             let n = ready(t.get(&db, "m", "id")).unwrap().map_or(0, |v| v[0]);
             t.put("m".into(), "id".into(), Some(vec![n + 1])).unwrap();
@@ -262,7 +243,7 @@ mod tests {
 
     #[test]
     fn pages_walk_every_key_once_and_conflict_only_within_their_range() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut seed = Txn::new("s".into());
         for i in 0..25 {
             seed.put("b".into(), format!("k{i:02}"), Some(vec![i]))
@@ -317,7 +298,7 @@ mod tests {
 
     #[test]
     fn list_keys_merges_own_writes_and_detects_phantoms() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut seed = Txn::new("s".into());
         seed.put("b".into(), "a1".into(), Some(vec![1])).unwrap();
         seed.put("b".into(), "a2".into(), Some(vec![2])).unwrap();

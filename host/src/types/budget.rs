@@ -16,23 +16,14 @@ pub struct Budget {
 }
 
 /// An invocation passed its host-memory budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the invocation made the host hold more than {limit} bytes (staged writes, values read, \
+     messages, responses); see INVOCATION_HOST_BYTES"
+)]
 pub struct Overrun {
     pub limit: usize,
 }
-
-impl std::fmt::Display for Overrun {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the invocation made the host hold more than {} bytes (staged writes, values read, \
-             messages, responses); see INVOCATION_HOST_BYTES",
-            self.limit
-        )
-    }
-}
-
-impl std::error::Error for Overrun {}
 
 /// Default of `INVOCATION_HOST_BYTES`.
 pub const DEFAULT_LIMIT: usize = 16 << 20;

@@ -9,7 +9,7 @@ use std::sync::LazyLock;
 
 /// A response with its body in memory: guests' responses are buffered so that nothing is
 /// released before the invocation's writes commit.
-pub type Resp = hyper::Response<Full<Bytes>>;
+pub type HttpResponse = hyper::Response<Full<Bytes>>;
 
 /// Carried from the client through every service a request calls and into its events.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -24,7 +24,7 @@ pub struct HttpRequest {
 }
 
 /// `{"error": message}` with `status`: the one error shape every port answers with.
-pub fn json_error(status: StatusCode, message: &str) -> Resp {
+pub fn json_error(status: StatusCode, message: &str) -> HttpResponse {
     let body = serde_json::json!({ "error": message }).to_string();
     let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
@@ -34,7 +34,7 @@ pub fn json_error(status: StatusCode, message: &str) -> Resp {
 }
 
 /// 503 with `Retry-After: 1`: the host is at a limit, not broken.
-pub fn busy(why: &str) -> Resp {
+pub fn busy(why: &str) -> HttpResponse {
     let mut resp = json_error(StatusCode::SERVICE_UNAVAILABLE, why);
     resp.headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -124,7 +124,7 @@ pub fn response(
     status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
-) -> Result<Resp, String> {
+) -> Result<HttpResponse, String> {
     let status = StatusCode::from_u16(status).map_err(|_| format!("status {status}"))?;
     let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;

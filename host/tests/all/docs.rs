@@ -66,3 +66,51 @@ fn every_flag_of_host_help_is_in_the_operations_manual_and_no_other() {
         "environment not in the manual: {missing:?}; in the manual but not read: {stale:?}"
     );
 }
+
+/// `--flag`s per section: sections start at lines `starts` recognises (and names).
+fn sections(
+    text: &str,
+    starts: impl Fn(&str) -> Option<String>,
+    is_entry: impl Fn(&str) -> bool + Copy,
+) -> Vec<(String, BTreeSet<String>)> {
+    let mut out: Vec<(String, BTreeSet<String>)> = Vec::new();
+    for line in text.lines() {
+        if let Some(heading) = starts(line) {
+            out.push((heading, BTreeSet::new()));
+        } else if let Some((_, flags)) = out.last_mut() {
+            flags.extend(names(line, is_entry).0);
+        }
+    }
+    out
+}
+
+#[test]
+fn host_help_groups_the_flags_under_the_headings_of_the_manual() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_host"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let mut groups = sections(
+        &help,
+        |l| {
+            let heading = l.strip_suffix(':')?;
+            (!l.starts_with(' ') && !heading.contains(' ')).then(|| heading.to_string())
+        },
+        |l| l.trim_start().starts_with("--"),
+    );
+    groups.retain(|(heading, _)| heading != "Options");
+    let manual = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/operations.md"
+    ))
+    .unwrap();
+    let table = manual.split("## Flags and environment").nth(1).unwrap();
+    let documented = sections(
+        table,
+        |l| l.strip_prefix("### ").map(str::to_string),
+        |l| l.starts_with("| `--"),
+    );
+    assert!(groups.len() >= 5, "{groups:?}");
+    assert_eq!(groups, documented);
+}

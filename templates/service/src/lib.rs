@@ -2,18 +2,15 @@
 //! name it); state, messages and calls to other services go through `sdk`.
 
 use sdk::input::Outcome;
+use sdk::router::{Params, Router};
 use sdk::{Request, Response};
 
 sdk::http_service!(super::route);
 
 fn route(req: Request) -> Response {
-    let outcome = match (req.method.as_str(), req.segments().as_slice()) {
-        ("GET", []) => hello(),
-        _ => Err(Response::no_route(&req)),
-    };
-    outcome.unwrap_or_else(|r| r)
+    Router::new(&req).get("/", hello).finish()
 }
 
-fn hello() -> Outcome {
+fn hello(_: &Request, _: &Params) -> Outcome {
     Ok(Response::json(200, &serde_json::json!({ "service": "NAME" })))
 }

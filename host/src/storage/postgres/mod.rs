@@ -25,10 +25,11 @@ pub(super) use locks::lock_id;
 use locks::{locks, LOCK};
 
 use super::txn::{digest_keys, digest_of, Txn};
-use super::{CommitError, KeyRange, NextIdError};
+use super::{CommitError, KeyRange, NextIdError, Outbox, StateStore};
 use crate::types::budget::ENTRY_OVERHEAD;
 use crate::types::Message;
 use anyhow::{Context as _, Result};
+use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::future::try_join_all;
 use sha2::{Digest, Sha256};
@@ -75,7 +76,7 @@ CREATE TABLE IF NOT EXISTS outbox_parked (
 "#;
 
 /// The shared store.
-pub struct Pg {
+pub struct PostgresStore {
     pool: Pool,
     url: String,
     /// For the relay's own connection.
@@ -125,11 +126,15 @@ const LIST: &str = "SELECT key FROM kv WHERE service = $1 AND bucket = $2 AND ke
      ORDER BY key LIMIT $7";
 const GET: &str = "SELECT value FROM kv WHERE service = $1 AND bucket = $2 AND key = $3";
 
-impl Pg {
+impl PostgresStore {
     /// Connects to `url` and creates the tables if they do not exist. A commit waits at most
     /// `wait` for the locks it needs (then fails as the store being unavailable). TLS as the
     /// URL's `sslmode` says, trusting also the authorities of `ca_file`.
-    pub async fn connect(url: &str, wait: Duration, ca_file: Option<&Path>) -> Result<Pg> {
+    pub async fn connect(
+        url: &str,
+        wait: Duration,
+        ca_file: Option<&Path>,
+    ) -> Result<PostgresStore> {
         let config = connection_config(url, wait)?;
         let tls = tls(ca_file)?;
         let manager = Manager::from_config(
@@ -146,7 +151,7 @@ impl Pg {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .context("PostgreSQL pool")?;
-        let pg = Pg {
+        let pg = PostgresStore {
             pool,
             url: url.to_string(),
             tls,
@@ -176,11 +181,6 @@ impl Pg {
             .context("connecting to PostgreSQL (STATE_URL)")
     }
 
-    /// Returns when some host committed outbox rows (or spuriously).
-    pub async fn outbox_committed(&self) {
-        self.committed.notified().await
-    }
-
     /// The server, for logs (no password).
     pub fn describe(&self) -> String {
         let config: Option<tokio_postgres::Config> = self.url.parse().ok();
@@ -194,20 +194,18 @@ impl Pg {
             None => "postgresql".into(),
         }
     }
+}
 
-    pub async fn read_value(
-        &self,
-        service: &str,
-        bucket: &str,
-        key: &str,
-    ) -> Result<Option<Vec<u8>>> {
+#[async_trait]
+impl StateStore for PostgresStore {
+    async fn read_value(&self, service: &str, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(GET).await?;
         let row = client.query_opt(&stmt, &[&service, &bucket, &key]).await?;
         Ok(row.map(|r| r.get(0)))
     }
 
-    pub async fn read_keys(
+    async fn read_keys(
         &self,
         service: &str,
         range: &KeyRange,
@@ -221,11 +219,11 @@ impl Pg {
     /// The next id of `bucket/key`: one statement of its own, outside any invocation's commit,
     /// so ids never repeat across hosts and never make invocations conflict (an id taken by an
     /// invocation that then fails is skipped).
-    pub async fn next_id(
+    async fn next_id(
         &self,
         txn: &mut Txn,
-        bucket: &str,
-        key: &str,
+        bucket: String,
+        key: String,
     ) -> Result<u64, NextIdError> {
         txn.budget
             .charge(bucket.len() + key.len() + ENTRY_OVERHEAD)
@@ -257,7 +255,7 @@ impl Pg {
     /// each other only when one writes what the other read or wrote (or lists), so unrelated
     /// commits never abort each other, which SERIALIZABLE's page-grained predicate locks did
     /// (a quarter of `POST /api/users` under load, measured: BENCHMARKS.md).
-    pub async fn commit(&self, txn: &Txn) -> Result<(), CommitError> {
+    async fn commit(&self, txn: Txn) -> Result<(), CommitError> {
         let mut client = self.client().await?;
         // Prepared (once per connection) before the flight, which must go out in order.
         let statements = [LOCK, GET, LIST, UPSERT, DELETE, SEND];
@@ -268,7 +266,7 @@ impl Pg {
             prepared.try_into().expect("one per statement");
         let tx = client.transaction().await.map_err(conflict_or_storage)?;
         let service = &*txn.service;
-        let (ids, exclusive) = locks(txn);
+        let (ids, exclusive) = locks(&txn);
         let mut encoded = Vec::with_capacity(txn.outbox.len());
         for m in &txn.outbox {
             encoded.push((
@@ -329,11 +327,17 @@ impl Pg {
             // events wait for the one before it, advisory locks held.
             self.rows_committed.notify_one();
         }
+        txn.committed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    fn outbox(&self) -> &dyn Outbox {
+        self
     }
 }
 
-impl Drop for Pg {
+impl Drop for PostgresStore {
     fn drop(&mut self) {
         // Ends `notify_relays`, which holds a handle on the pool.
         self.pool.close();
@@ -413,9 +417,9 @@ async fn list(
 
 #[cfg(test)]
 mod tests {
-    use super::{prefix_end, Pg};
+    use super::{prefix_end, PostgresStore};
     use crate::postgres_server::Postgres;
-    use crate::storage::{outbox, Db};
+    use crate::storage::Outbox as _;
     use std::time::Duration;
 
     /// A certificate authority, and a certificate it signed for 127.0.0.1 with its key (PEM).
@@ -440,7 +444,7 @@ mod tests {
         let url = format!("{}?sslmode=require", server.create_database("tls").unwrap());
         let wait = Duration::from_secs(5);
         // Its authority is not one of the public ones: refused, saying why.
-        let refused = Pg::connect(&url, wait, None)
+        let refused = PostgresStore::connect(&url, wait, None)
             .await
             .err()
             .expect("an unverified server");
@@ -451,12 +455,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca).unwrap();
-        let pg = Pg::connect(&url, wait, Some(&ca_file)).await.unwrap();
-        let db = Db::in_memory().unwrap();
-        db.share(pg).unwrap();
+        let pg = PostgresStore::connect(&url, wait, Some(&ca_file))
+            .await
+            .unwrap();
         // The relay connects on its first look at the outbox.
-        assert!(outbox::oldest(&db, 1).await.unwrap().is_empty());
-        let pg = db.shared().unwrap();
+        assert!(pg.oldest(1).await.unwrap().is_empty());
         let client = pg.client().await.unwrap();
         let rows = client
             .query(
@@ -474,7 +477,10 @@ mod tests {
             .any(|(name, _)| name == "microsvc-outbox-relay"));
         // Not a file of certificates: a clear error, not a panic.
         std::fs::write(&ca_file, "not PEM").unwrap();
-        let bad = Pg::connect(&url, wait, Some(&ca_file)).await.err().unwrap();
+        let bad = PostgresStore::connect(&url, wait, Some(&ca_file))
+            .await
+            .err()
+            .unwrap();
         assert!(format!("{bad:#}").contains("STATE_CA_FILE"), "{bad:#}");
     }
 

@@ -1,10 +1,11 @@
 //! The outbox relay: which partitions this host drains (advisory locks on its own connection),
 //! and the oldest messages, removal and parking of the partitions it holds.
 
-use super::{sql_limit, Pg, LOCK_BASE, PARTITIONS};
-use crate::storage::outbox::{decode_rows, parked_record};
+use super::{sql_limit, PostgresStore, LOCK_BASE, PARTITIONS};
+use crate::storage::outbox::{decode_rows, parked_record, Outbox};
 use crate::types::Message;
 use anyhow::{Context as _, Result};
+use async_trait::async_trait;
 use futures_util::StreamExt as _;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ pub(super) struct Relay {
     /// The session the last batch was read on.
     read_on: Option<u64>,
     held: Vec<i32>,
-    /// The query of [`Pg::oldest`], prepared on this session.
+    /// The query of [`PostgresStore::oldest`], prepared on this session.
     oldest: Option<tokio_postgres::Statement>,
     claimed_at: Option<Instant>,
     counted_at: Option<Instant>,
@@ -41,26 +42,27 @@ const COUNT_EXACTLY: i64 = 10_000;
 /// The relay connections' `application_name`: live relays are counted by it.
 const RELAY_NAME: &str = "microsvc-outbox-relay";
 
-impl Pg {
+#[async_trait]
+impl Outbox for PostgresStore {
     /// Messages waiting, as last counted.
-    pub fn depth(&self) -> u64 {
-        self.depth.load(Ordering::Relaxed)
+    fn depth(&self) -> Result<u64> {
+        Ok(self.depth.load(Ordering::Relaxed))
     }
 
     /// Bytes of messages waiting, as last counted.
-    pub fn bytes(&self) -> u64 {
+    fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }
 
     /// Messages set aside, as last counted.
-    pub fn parked(&self) -> u64 {
-        self.parked.load(Ordering::Relaxed)
+    fn parked(&self) -> Result<u64> {
+        Ok(self.parked.load(Ordering::Relaxed))
     }
 
     /// Up to `max` of the oldest messages of the partitions this host drains, with their
     /// sequence numbers, in commit order per key. Read on the relay's session, which holds
     /// those partitions as it reads them.
-    pub async fn oldest(&self, max: usize) -> Result<Vec<(u64, Message)>> {
+    async fn oldest(&self, max: usize) -> Result<Vec<(u64, Message)>> {
         let mut relay = self.relay.lock().await;
         let held = self.claim(&mut relay).await?;
         if held.is_empty() {
@@ -89,23 +91,8 @@ impl Pg {
         )
     }
 
-    /// The relay's connection, if it is the session the last batch was read on: the one
-    /// that held the batch's partitions. Otherwise the partitions may have moved to another
-    /// host, which publishes the rows itself.
-    fn fenced(relay: &Relay) -> Result<&tokio_postgres::Client> {
-        match &relay.client {
-            Some(client) if !client.is_closed() && relay.read_on == Some(relay.session) => {
-                Ok(client)
-            }
-            _ => anyhow::bail!(
-                "the outbox relay lost the session it read the batch on; its partitions may \
-                 belong to another host now, which publishes them"
-            ),
-        }
-    }
-
     /// Removes the published messages `seqs`, on the session that read them.
-    pub async fn remove(&self, seqs: &[u64]) -> Result<()> {
+    async fn remove(&self, seqs: &[u64]) -> Result<()> {
         let seqs: Vec<i64> = seqs.iter().map(|&s| s as i64).collect();
         let relay = self.relay.lock().await;
         let client = Self::fenced(&relay)?;
@@ -117,7 +104,7 @@ impl Pg {
 
     /// Sets message `seq` aside with `reason`, and removes `published`, on the session that
     /// read them.
-    pub async fn park(&self, published: &[u64], seq: u64, reason: &str) -> Result<()> {
+    async fn park(&self, published: &[u64], seq: u64, reason: &str) -> Result<()> {
         let published: Vec<i64> = published.iter().map(|&s| s as i64).collect();
         let relay = self.relay.lock().await;
         let client = Self::fenced(&relay)?;
@@ -155,7 +142,7 @@ impl Pg {
 
     /// Gives up every partition for `away` (the relay could not publish for a while): other
     /// hosts take them over, and this one claims again after that.
-    pub async fn step_back(&self, away: Duration) {
+    async fn step_back(&self, away: Duration) {
         let mut relay = self.relay.lock().await;
         if !relay.held.is_empty() {
             tracing::warn!(
@@ -168,6 +155,27 @@ impl Pg {
         relay.client = None;
         relay.held.clear();
         relay.away_until = Some(Instant::now() + away);
+    }
+
+    async fn committed_elsewhere(&self) {
+        self.committed.notified().await
+    }
+}
+
+impl PostgresStore {
+    /// The relay's connection, if it is the session the last batch was read on: the one
+    /// that held the batch's partitions. Otherwise the partitions may have moved to another
+    /// host, which publishes the rows itself.
+    fn fenced(relay: &Relay) -> Result<&tokio_postgres::Client> {
+        match &relay.client {
+            Some(client) if !client.is_closed() && relay.read_on == Some(relay.session) => {
+                Ok(client)
+            }
+            _ => anyhow::bail!(
+                "the outbox relay lost the session it read the batch on; its partitions may \
+                 belong to another host now, which publishes them"
+            ),
+        }
     }
 
     /// The partitions this host drains: those whose advisory locks its relay connection holds.

@@ -1,6 +1,7 @@
 //! Id sequences: ids that never repeat and never make concurrent invocations conflict.
 
-use super::{Db, KvKey, Txn};
+use super::{KvKey, RedbStore};
+use crate::storage::{NextIdError, Txn};
 use crate::types::budget::ENTRY_OVERHEAD;
 use anyhow::Result;
 use redb::ReadableTable;
@@ -23,14 +24,6 @@ pub(super) struct Head {
     holders: u32,
 }
 
-/// Why no id was handed out.
-#[derive(Debug)]
-pub enum NextIdError {
-    /// The key holds something that is not a sequence, or the sequence is exhausted.
-    NotASequence(String),
-    Storage(anyhow::Error),
-}
-
 /// A sequence is stored as 8 little-endian bytes, like a counter.
 fn sequence_value(bytes: &[u8]) -> Result<u64, NextIdError> {
     let arr: [u8; 8] = bytes.try_into().map_err(|_| {
@@ -39,22 +32,10 @@ fn sequence_value(bytes: &[u8]) -> Result<u64, NextIdError> {
     Ok(u64::from_le_bytes(arr))
 }
 
-impl Db {
-    /// The next id of `bucket/key` for `txn`'s service. Taken at once under a lock, not
-    /// validated at commit: an id taken by an invocation that then fails is skipped.
-    pub async fn next_id(
-        &self,
-        txn: &mut Txn,
-        bucket: String,
-        key: String,
-    ) -> Result<u64, NextIdError> {
-        match self.shared() {
-            Some(pg) => pg.next_id(txn, &bucket, &key).await,
-            None => self.next_id_local(txn, bucket, key),
-        }
-    }
-
-    fn next_id_local(
+impl RedbStore {
+    /// [`crate::storage::StateStore::next_id`] here: ids handed out under a lock, ahead of
+    /// what is stored.
+    pub(super) fn next_id_local(
         &self,
         txn: &mut Txn,
         bucket: String,
@@ -176,13 +157,15 @@ pub(super) fn write(table: &mut redb::Table<KvKey, &[u8]>, txn: &Txn) -> Result<
 mod tests {
     use super::*;
     use crate::storage::ready;
+    use crate::storage::StateStore as _;
 
     #[test]
     fn ids_never_repeat_never_conflict_and_skip_only_after_a_failure() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(dir.path()).unwrap();
-        let take =
-            |db: &Db, txn: &mut Txn| ready(db.next_id(txn, "m".into(), "seq".into())).unwrap();
+        let db = RedbStore::open(dir.path()).unwrap();
+        let take = |db: &RedbStore, txn: &mut Txn| {
+            ready(db.next_id(txn, "m".into(), "seq".into())).unwrap()
+        };
         // Two invocations in flight at once get different ids, and both commit.
         let (mut a, mut b) = (Txn::new("user".into()), Txn::new("user".into()));
         assert_eq!((take(&db, &mut a), take(&db, &mut b)), (1, 2));
@@ -203,7 +186,7 @@ mod tests {
         // The committer thread may still hold the file for a moment after storing the skip.
         let started = std::time::Instant::now();
         let db = loop {
-            match Db::open(dir.path()) {
+            match RedbStore::open(dir.path()) {
                 Ok(db) => break db,
                 Err(e) if started.elapsed().as_secs() > 5 => panic!("{e:#}"),
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
@@ -218,7 +201,7 @@ mod tests {
 
     #[test]
     fn made_up_names_of_failed_invocations_are_not_kept_in_memory() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         for i in 0..1000 {
             let mut t = Txn::new("s".into());
             assert_eq!(
@@ -241,7 +224,7 @@ mod tests {
 
     #[test]
     fn a_key_that_is_not_a_sequence_is_an_error() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut t = Txn::new("s".into());
         t.put("m".into(), "seq".into(), Some(b"text".to_vec()))
             .unwrap();

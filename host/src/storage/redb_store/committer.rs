@@ -1,6 +1,7 @@
 //! The committer thread: applies queued invocation commits in batches (group commit).
 
-use super::{outbox, txn, CommitError, Db, Inner, Txn, KV};
+use super::{outbox, scan_keys, sequences, CommitError, Inner, KvKey, RedbStore, Txn, KV};
+use crate::storage::txn::{digest_keys, digest_of};
 use anyhow::Result;
 use redb::Durability;
 use std::sync::atomic::Ordering;
@@ -23,26 +24,9 @@ pub(super) fn spawn(db: Weak<Inner>, queue: mpsc::Receiver<Pending>) {
         .expect("spawning the state committer thread");
 }
 
-impl Db {
-    /// Applies `txn` (visible to later invocations, durable with a later durable commit), or
-    /// reports a conflict.
-    pub async fn apply(&self, txn: Txn) -> Result<(), CommitError> {
-        self.queue(txn, false).await
-    }
-
-    /// Applies `txn` and returns once it is on disk, or reports a conflict.
-    pub async fn commit(&self, txn: Txn) -> Result<(), CommitError> {
-        self.queue(txn, true).await
-    }
-
-    async fn queue(&self, txn: Txn, durable: bool) -> Result<(), CommitError> {
+impl RedbStore {
+    pub(super) async fn queue(&self, txn: Txn, durable: bool) -> Result<(), CommitError> {
         if txn.is_empty() {
-            return Ok(());
-        }
-        if let Some(pg) = self.shared() {
-            // Durable when it returns, whatever `durable` asks.
-            pg.commit(&txn).await?;
-            txn.committed.store(true, Ordering::SeqCst);
             return Ok(());
         }
         let stopped = || CommitError::Storage(anyhow::anyhow!("the state committer stopped"));
@@ -65,7 +49,7 @@ impl Db {
     }
 
     /// Applies an invocation's writes and messages atomically, or reports a conflict. Visible
-    /// to later invocations at once; durable only after [`Db::wait_durable`]. Blocking.
+    /// to later invocations at once; durable only after [`RedbStore::wait_durable`]. Blocking.
     pub fn apply_blocking(&self, txn: &Txn) -> Result<(), CommitError> {
         self.apply_batch(&[txn], false)?
             .pop()
@@ -95,8 +79,8 @@ impl Db {
         {
             let mut table = wtx.open_table(KV)?;
             for txn in txns {
-                results.push(if txn::is_current(&table, txn)? {
-                    txn::write(&mut table, txn)?;
+                results.push(if is_current(&table, txn)? {
+                    write(&mut table, txn)?;
                     Ok(())
                 } else {
                     Err(CommitError::Conflict)
@@ -139,7 +123,7 @@ fn commit_queued(db: Weak<Inner>, queue: mpsc::Receiver<Pending>) {
         let Some(inner) = db.upgrade() else { return };
         let durable = batch.iter().any(|p| p.durable);
         let txns: Vec<&Txn> = batch.iter().map(|p| &p.txn).collect();
-        let results = match Db(inner).apply_batch(&txns, durable) {
+        let results = match RedbStore(inner).apply_batch(&txns, durable) {
             Ok(results) => results,
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), commits = txns.len(), "state commit failed");
@@ -154,10 +138,43 @@ fn commit_queued(db: Weak<Inner>, queue: mpsc::Receiver<Pending>) {
     }
 }
 
+/// Whether nothing `txn` read has changed since.
+pub(super) fn is_current(table: &redb::Table<KvKey, &[u8]>, txn: &Txn) -> Result<bool> {
+    use redb::ReadableTable;
+    for (bucket, key, seen) in &txn.reads {
+        let now = table
+            .get((&*txn.service, bucket.as_str(), key.as_str()))?
+            .map(|v| digest_of(v.value()));
+        if now != *seen {
+            return Ok(false);
+        }
+    }
+    for (range, seen) in &txn.lists {
+        let now = scan_keys(table, &txn.service, range, range.found.saturating_add(1))?;
+        if digest_keys(&now) != *seen {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// `txn`'s writes and the ids it took.
+pub(super) fn write(table: &mut redb::Table<KvKey, &[u8]>, txn: &Txn) -> Result<()> {
+    for ((bucket, key), value) in &txn.writes {
+        let k = (&*txn.service, bucket.as_str(), key.as_str());
+        match value {
+            Some(v) => table.insert(k, v.as_slice())?,
+            None => table.remove(k)?,
+        };
+    }
+    sequences::write(table, txn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::storage::ready;
+    use crate::storage::StateStore as _;
 
     fn set(t: &mut Txn, key: &str, value: &[u8]) {
         t.put("b".into(), key.into(), Some(value.to_vec())).unwrap();
@@ -166,7 +183,7 @@ mod tests {
     #[test]
     fn a_batch_applies_what_does_not_conflict_within_it_with_one_fsync() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(dir.path()).unwrap();
+        let db = RedbStore::open(dir.path()).unwrap();
         let mut seed = Txn::new("user".into());
         set(&mut seed, "k", b"1");
         db.commit_blocking(&seed).unwrap();
@@ -200,7 +217,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn queued_commits_all_land_and_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(dir.path()).unwrap();
+        let db = RedbStore::open(dir.path()).unwrap();
         let commits = (0..64u8).map(|i| {
             let db = db.clone();
             tokio::spawn(async move {
@@ -213,7 +230,7 @@ mod tests {
             c.unwrap().unwrap();
         }
         drop(db);
-        let db = Db::open(dir.path()).unwrap();
+        let db = RedbStore::open(dir.path()).unwrap();
         for i in 0..64u8 {
             assert_eq!(
                 db.read_value_local("user", "q", &format!("k{i}")).unwrap(),
@@ -225,7 +242,7 @@ mod tests {
     #[test]
     fn concurrent_commits_share_fsyncs_and_all_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(dir.path()).unwrap();
+        let db = RedbStore::open(dir.path()).unwrap();
         let writers: Vec<_> = (0..16)
             .map(|i| {
                 let db = db.clone();
@@ -242,7 +259,7 @@ mod tests {
         let syncs = db.0.sync.lock().unwrap().count;
         assert!((1..=16).contains(&syncs), "{syncs} durable commits");
         drop(db);
-        let db = Db::open(dir.path()).unwrap();
+        let db = RedbStore::open(dir.path()).unwrap();
         for i in 0..16u8 {
             let mut txn = Txn::new("user".into());
             assert_eq!(
@@ -254,7 +271,7 @@ mod tests {
 
     #[test]
     fn a_commit_is_visible_before_it_is_durable_and_conflicts_still_refuse() {
-        let db = Db::in_memory().unwrap();
+        let db = RedbStore::in_memory().unwrap();
         let mut reader = Txn::new("user".into());
         assert_eq!(ready(reader.get(&db, "b", "k")).unwrap(), None);
         let mut writer = Txn::new("user".into());

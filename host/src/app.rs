@@ -198,12 +198,9 @@ impl Deployment {
         self.runtime.install(services);
         running.ports.apply(bound, &specs);
         running.consumers.apply(&specs);
-        let mut status = self.runtime.manifest.lock().unwrap();
-        status.sha256 = hex::encode(Sha256::digest(text));
-        status.generation += 1;
-        status.applied_at = std::time::SystemTime::now();
-        status.rejected = None;
-        if status.generation > 1 {
+        let sha256 = hex::encode(Sha256::digest(text));
+        let generation = self.runtime.manifest_applied(sha256.clone());
+        if generation > 1 {
             let name = |s: &ServiceSpec| s.name.to_string();
             let added: Vec<String> = specs
                 .iter()
@@ -221,8 +218,8 @@ impl Deployment {
                 .map(name)
                 .collect();
             tracing::info!(
-                generation = status.generation,
-                sha256 = status.sha256,
+                generation,
+                sha256,
                 ?added,
                 ?removed,
                 ?changed,
@@ -252,7 +249,7 @@ impl Deployment {
             }
         };
         let sha256 = hex::encode(Sha256::digest(&text));
-        (sha256 != self.runtime.manifest.lock().unwrap().sha256).then_some(Ok((text, sha256)))
+        (sha256 != self.runtime.manifest().sha256).then_some(Ok((text, sha256)))
     }
 }
 
@@ -278,7 +275,7 @@ impl watch::ManifestHooks for Deployment {
                 error,
                 "manifest change refused; the running services keep serving"
             );
-            self.runtime.manifest.lock().unwrap().rejected = Some(RejectedFile {
+            self.runtime.manifest_rejected(RejectedFile {
                 sha256,
                 error,
                 at: std::time::SystemTime::now(),

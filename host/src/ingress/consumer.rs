@@ -208,7 +208,7 @@ async fn handle(
     delivery: &Delivery,
     stopping: &mut watch::Receiver<bool>,
 ) -> Result<()> {
-    let policy = &runtime.settings.retry;
+    let policy = &runtime.settings().retry;
     let mut attempt = 1;
     let mut deferred = 0;
     let failure = loop {

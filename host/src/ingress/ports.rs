@@ -194,7 +194,7 @@ async fn serve(
     budget: Arc<Semaphore>,
 ) {
     let open = Arc::new(tokio::sync::Semaphore::new(
-        runtime.settings.max_connections,
+        runtime.settings().max_connections,
     ));
     loop {
         let Ok(slot) = open.clone().acquire_owned().await else {
@@ -212,8 +212,8 @@ async fn serve(
         let _ = stream.set_nodelay(true);
         let (runtime, service, budget) = (runtime.clone(), service.clone(), budget.clone());
         let watcher = connections.watcher();
-        let header_timeout = runtime.settings.header_timeout;
-        let write_timeout = runtime.settings.write_timeout;
+        let header_timeout = runtime.settings().header_timeout;
+        let write_timeout = runtime.settings().write_timeout;
         tokio::spawn(async move {
             let _slot = slot;
             let svc = service_fn(move |req| {

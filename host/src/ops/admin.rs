@@ -1,7 +1,7 @@
 //! The admin listener (loopback by default): health, readiness, components, metrics, rollback.
 
 use crate::metrics;
-use crate::runtime::{RejectedFile, Runtime};
+use crate::runtime::{RejectedFile, Runtime, VersionMoveError};
 use crate::types::http::write_limited;
 use crate::types::{json_error, HttpResponse};
 use bytes::Bytes;
@@ -130,8 +130,8 @@ pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, access: Access)
         let runtime = runtime.clone();
         let access = access.clone();
         tokio::spawn(async move {
-            let header_timeout = runtime.settings.header_timeout;
-            let write_timeout = runtime.settings.write_timeout;
+            let header_timeout = runtime.settings().header_timeout;
+            let write_timeout = runtime.settings().write_timeout;
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let (method, path) = (req.method(), req.uri().path());
                 let resp = access
@@ -231,7 +231,7 @@ fn components(runtime: &Runtime) -> Value {
             })
         })
         .collect();
-    let manifest = runtime.manifest.lock().unwrap();
+    let manifest = runtime.manifest();
     json!({
         "manifest": {
             "path": manifest.path.display().to_string(),
@@ -264,18 +264,13 @@ fn version_move(path: &str) -> Option<(&str, bool)> {
 }
 
 fn move_version(runtime: &Runtime, name: &str, forward: bool) -> HttpResponse {
-    // Not while a manifest change hands the service's history to its successor.
-    let _versions = runtime.versions.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(service) = runtime.service(name) else {
-        return json_error(StatusCode::NOT_FOUND, &format!("no service named {name:?}"));
-    };
-    let (moved, verb) = if forward {
-        (service.rollforward(), "rolled forward")
+    let verb = if forward {
+        "rolled forward"
     } else {
-        (service.rollback(), "rolled back")
+        "rolled back"
     };
-    match moved {
-        Some((generation, loaded)) => {
+    match runtime.move_version(name, forward) {
+        Ok((generation, loaded)) => {
             metrics::get()
                 .swaps
                 .get_or_create(&metrics::labels([("service", name)]))
@@ -286,14 +281,10 @@ fn move_version(runtime: &Runtime, name: &str, forward: bool) -> HttpResponse {
                 json!({ "name": name, "generation": generation, "sha256": loaded.sha256 }),
             )
         }
-        None if forward => json_error(
-            StatusCode::CONFLICT,
-            &format!("{name} has no rolled-back version to roll forward to"),
-        ),
-        None => json_error(
-            StatusCode::CONFLICT,
-            &format!("{name} has no previous version to roll back to"),
-        ),
+        Err(e @ VersionMoveError::NoService(_)) => {
+            json_error(StatusCode::NOT_FOUND, &e.to_string())
+        }
+        Err(e) => json_error(StatusCode::CONFLICT, &e.to_string()),
     }
 }
 

@@ -217,15 +217,7 @@ pub async fn swap_from_file(runtime: &Runtime, service: &Service) {
     if sha256 == service.loaded.load().sha256 {
         return;
     }
-    let prepared = component::prepare(
-        &runtime.engine,
-        &runtime.linker,
-        &service.spec,
-        bytes,
-        sha256.clone(),
-        &runtime.settings.compile_cache,
-    )
-    .await;
+    let prepared = runtime.compile(service, bytes, sha256.clone()).await;
     match prepared {
         Ok(loaded) => {
             let generation = service.install(loaded);

@@ -22,7 +22,7 @@ pub fn engine(max_instances: u32, max_memory: u64) -> Result<Engine> {
         .max_memory_size(usize::try_from(max_memory)?)
         // Reset a returned slot's first pages with memset instead of giving them back to the
         // kernel: unmapping makes every instance page-fault its memory in again and costs TLB
-        // shootdowns across cores (a fifth of all CPU time under load, measured with perf).
+        // shootdowns across cores.
         .linear_memory_keep_resident(512 << 10)
         .table_keep_resident(64 << 10)
         .async_stack_keep_resident(256 << 10)

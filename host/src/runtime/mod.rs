@@ -79,8 +79,8 @@ impl Settings {
 }
 
 pub struct Runtime {
-    pub engine: Engine,
-    pub linker: Linker<InstanceState>,
+    engine: Engine,
+    linker: Linker<InstanceState>,
     state: Arc<dyn StateStore>,
     drainer: Drainer,
     backend: Arc<dyn Backend>,
@@ -89,17 +89,17 @@ pub struct Runtime {
     /// the `Arc<Service>` they started with.
     services: ArcSwap<Vec<Arc<Service>>>,
     /// The manifest the services come from, and what became of its last change.
-    pub manifest: Mutex<ManifestStatus>,
+    manifest: Mutex<ManifestStatus>,
     /// Held while the version history of services changes hands (a manifest change installing
     /// its services) and while a rollback or roll-forward moves it: neither undoes the other.
-    pub versions: Mutex<()>,
+    versions: Mutex<()>,
     /// The largest memory limit an instance can have: the engine reserved slots this large at
     /// start-up.
     max_memory: u64,
     ready: AtomicBool,
     /// Last result of the messaging backend's health check.
     backend_up: Arc<AtomicBool>,
-    pub settings: Settings,
+    settings: Settings,
     /// What the `services` capability of every store calls back into.
     peers: Arc<dyn ServiceCalls>,
 }
@@ -119,6 +119,7 @@ pub struct Health {
 }
 
 /// The manifest as applied, for the admin API.
+#[derive(Clone)]
 pub struct ManifestStatus {
     pub path: PathBuf,
     /// sha256 of the applied text; empty before the first is applied.
@@ -128,6 +129,17 @@ pub struct ManifestStatus {
     pub applied_at: SystemTime,
     /// The last change refused (since the last one applied).
     pub rejected: Option<RejectedFile>,
+}
+
+/// Why a service's version did not move back or forward.
+#[derive(Debug, thiserror::Error)]
+pub enum VersionMoveError {
+    #[error("no service named {0:?}")]
+    NoService(String),
+    #[error("{0} has no previous version to roll back to")]
+    NothingBack(String),
+    #[error("{0} has no rolled-back version to roll forward to")]
+    NothingForward(String),
 }
 
 /// A service whose component could not be loaded.
@@ -295,6 +307,72 @@ impl Runtime {
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The manifest as applied, and what became of its last change.
+    pub fn manifest(&self) -> ManifestStatus {
+        self.manifest.lock().unwrap().clone()
+    }
+
+    /// Records that the manifest whose text has digest `sha256` was applied; its generation.
+    pub fn manifest_applied(&self, sha256: String) -> u64 {
+        let mut status = self.manifest.lock().unwrap();
+        status.sha256 = sha256;
+        status.generation += 1;
+        status.applied_at = SystemTime::now();
+        status.rejected = None;
+        status.generation
+    }
+
+    /// Records why the last change of the manifest was refused.
+    pub fn manifest_rejected(&self, rejected: RejectedFile) {
+        self.manifest.lock().unwrap().rejected = Some(rejected);
+    }
+
+    /// Compiles `bytes` (with digest `sha256`) as a new version of `service`, checked as at
+    /// start-up, through the compile cache; nothing changes until it is installed.
+    pub async fn compile(
+        &self,
+        service: &Service,
+        bytes: Vec<u8>,
+        sha256: String,
+    ) -> Result<component::Loaded> {
+        let cache = &self.settings.compile_cache;
+        component::prepare(
+            &self.engine,
+            &self.linker,
+            &service.spec,
+            bytes,
+            sha256,
+            cache,
+        )
+        .await
+    }
+
+    /// Rolls service `name` back to its previous version, or (`forward`) forward to the one a
+    /// rollback left: its new generation and version. Not while a manifest change hands the
+    /// service's history to its successor.
+    pub fn move_version(
+        &self,
+        name: &str,
+        forward: bool,
+    ) -> Result<(u64, Arc<component::Loaded>), VersionMoveError> {
+        let _versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        let service = self
+            .service(name)
+            .ok_or_else(|| VersionMoveError::NoService(name.into()))?;
+        match forward {
+            true => service
+                .rollforward()
+                .ok_or_else(|| VersionMoveError::NothingForward(name.into())),
+            false => service
+                .rollback()
+                .ok_or_else(|| VersionMoveError::NothingBack(name.into())),
+        }
     }
 
     /// Publishes the outbox, forever (see [`Drainer::drain`]).

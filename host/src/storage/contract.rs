@@ -59,8 +59,8 @@ async fn write_skew_on_absent_keys_is_refused(a: &Store, b: &Store) {
 
 /// Commits that each read a key as absent and insert it, with keys side by side in one bucket
 /// (as new emails are), committed all at once through both handles: none touches another's
-/// keys, so every one lands. (Under SERIALIZABLE, a quarter of such commits failed in
-/// `POST /api/users` benchmarks: its predicate locks cover whole index pages.)
+/// keys, so every one lands (SERIALIZABLE's predicate locks, which cover whole index pages,
+/// would refuse some).
 async fn unrelated_commits_never_conflict(a: &Store, b: &Store) {
     let commits = (0..32).map(|i| {
         let db = if i % 2 == 0 { a.clone() } else { b.clone() };

@@ -253,8 +253,8 @@ impl StateStore for PostgresStore {
     /// re-read (each statement sees every commit that released those locks), write, insert the
     /// outbox rows; then commit if the re-reads match, roll back if not. Two commits wait for
     /// each other only when one writes what the other read or wrote (or lists), so unrelated
-    /// commits never abort each other, which SERIALIZABLE's page-grained predicate locks did
-    /// (a quarter of `POST /api/users` under load, measured: BENCHMARKS.md).
+    /// commits never abort each other (SERIALIZABLE's predicate locks cover whole index pages,
+    /// so keys side by side would).
     async fn commit(&self, txn: Txn) -> Result<(), CommitError> {
         let mut client = self.client().await?;
         // Prepared (once per connection) before the flight, which must go out in order.
@@ -323,8 +323,8 @@ impl StateStore for PostgresStore {
         tx.commit().await.map_err(conflict_or_storage)?;
         if !encoded.is_empty() {
             // Every host's relay is told after the commit, not in it: a NOTIFY in the
-            // transaction takes a cluster-wide lock at commit, which made every commit with
-            // events wait for the one before it, advisory locks held.
+            // transaction takes a cluster-wide lock at commit, so every commit with events
+            // would wait for the one before it, advisory locks held.
             self.rows_committed.notify_one();
         }
         txn.committed

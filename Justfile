@@ -42,13 +42,14 @@ _install name:
     cp ${CARGO_TARGET_DIR:-target}/wasm32-wasip2/component/{{ replace(name, "-", "_") }}.wasm {{out}}/.{{name}}.wasm.tmp
     mv {{out}}/.{{name}}.wasm.tmp {{out}}/{{name}}.wasm
 
-# Test fixtures: tagged builds of user/order (x-build: a|b), components to refuse, a misbehaving
+# Test fixtures: tagged builds of user/order/misbehave (x-build: a|b), components to refuse, a misbehaving
 # one, and the trivial `hello` (sdk, and wasi:http alone) used by benchmarks.
 build-fixtures: _target
     mkdir -p {{fixtures}}
     for tag in a b; do \
-        COMPONENT_BUILD_TAG=$tag cargo build --profile component --target wasm32-wasip2 -p user -p order; \
+        COMPONENT_BUILD_TAG=$tag cargo build --profile component --target wasm32-wasip2 -p user -p order -p fixture-misbehave; \
         for c in user order; do cp target/wasm32-wasip2/component/$c.wasm {{fixtures}}/$c-$tag.wasm; done; \
+        cp target/wasm32-wasip2/component/fixture_misbehave.wasm {{fixtures}}/misbehave-$tag.wasm; \
     done
     cargo build --profile component --target wasm32-wasip2 -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -p fixture-hello-wasi
     cp target/wasm32-wasip2/component/fixture_hello.wasm {{fixtures}}/hello.wasm

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub outbox_parked: Gauge,
     pub outbox_bytes: Gauge,
     pub log_trimmed: Counter,
+    /// Components loaded from the compile cache, and compiled (not in it, or not usable).
+    pub compile_cache_hits: Counter,
+    pub compile_cache_misses: Counter,
     pub log_bytes: Gauge,
     pub log_stale_groups: Gauge,
     pub consumer_lag: Family<Labels, Gauge>,
@@ -58,6 +61,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         outbox_parked: Gauge::default(),
         outbox_bytes: Gauge::default(),
         log_trimmed: Counter::default(),
+        compile_cache_hits: Counter::default(),
+        compile_cache_misses: Counter::default(),
         log_bytes: Gauge::default(),
         log_stale_groups: Gauge::default(),
         consumer_lag: Family::default(),
@@ -102,6 +107,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "outbox_bytes",
         "Bytes of events waiting in the outbox (refused past OUTBOX_MAX)",
         m.outbox_bytes.clone(),
+    );
+    registry.register(
+        "compile_cache_hits",
+        "Components loaded from the compile cache instead of compiled",
+        m.compile_cache_hits.clone(),
+    );
+    registry.register(
+        "compile_cache_misses",
+        "Components compiled (not in the compile cache, or it is not usable)",
+        m.compile_cache_misses.clone(),
     );
     registry.register(
         "log_records_trimmed",

@@ -159,34 +159,88 @@ impl AsyncWrite for GuestStderr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    /// The host's log, as text.
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Log {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Log {
+        type Writer = Log;
+        fn make_writer(&'a self) -> Log {
+            self.clone()
+        }
+    }
+
+    /// What `run` puts in the log: the guest's lines (their text), and the warnings.
+    fn logged(run: impl FnOnce()) -> (Vec<String>, Vec<String>) {
+        let log = Log::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(log.clone())
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        tracing::subscriber::with_default(subscriber, run);
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let (mut lines, mut warnings) = (Vec::new(), Vec::new());
+        for line in text.lines() {
+            if line.contains("WARN") {
+                warnings.push(line.to_string());
+            } else if let Some((_, rest)) = line.split_once("guest: ") {
+                let (text, fields) = rest.rsplit_once(" service=").expect("tagged");
+                assert!(fields.starts_with("svc request_id="), "{line}");
+                lines.push(text.to_string());
+            }
+        }
+        (lines, warnings)
+    }
 
     #[test]
     fn lines_are_split_and_an_invocation_past_the_cap_is_cut() {
-        let err = GuestStderr::new("svc".into());
-        err.begin("r1");
-        err.write(b"one\ntw");
-        err.write(b"o\n");
-        err.write(&vec![b'x'; 3 * MAX_LINE]);
-        {
-            let lines = err.0.lock().unwrap();
-            assert!(
-                lines.line.len() < MAX_LINE,
-                "long lines are emitted in pieces"
-            );
-            assert_eq!(lines.written, 8 + 3 * MAX_LINE);
-        }
-        err.write(&vec![b'y'; 10 * PER_INVOCATION]);
-        {
-            let lines = err.0.lock().unwrap();
-            assert!(lines
-                .line
-                .iter()
-                .all(|&b| b != b'y' || lines.line.len() < MAX_LINE));
-            assert_eq!(lines.written, 8 + 3 * MAX_LINE + 10 * PER_INVOCATION);
-        }
-        err.begin("r2");
-        let lines = err.0.lock().unwrap();
-        assert_eq!((lines.written, lines.line.len()), (0, 0));
-        assert_eq!(lines.request_id, "r2");
+        let (lines, warnings) = logged(|| {
+            let err = GuestStderr::new("svc".into());
+            err.begin("r1");
+            err.write(b"one\ntw");
+            err.write(b"o\n");
+            err.write(&vec![b'x'; 3 * MAX_LINE]);
+            err.write(&vec![b'y'; 10 * PER_INVOCATION]);
+            err.begin("r2");
+            err.write(b"next\n");
+            err.end();
+        });
+        assert_eq!(lines[..2], ["one", "two"]);
+        assert_eq!(
+            lines[2..5],
+            vec!["x".repeat(MAX_LINE); 3],
+            "long lines come in pieces"
+        );
+        assert!(lines.iter().all(|l| l.len() <= MAX_LINE));
+        let ys: usize = lines.iter().map(|l| l.matches('y').count()).sum();
+        assert_eq!(
+            ys,
+            PER_INVOCATION - 8 - 3 * MAX_LINE,
+            "the cap holds the rest back"
+        );
+        assert_eq!(
+            lines.last().unwrap(),
+            "next",
+            "the next invocation has its own cap"
+        );
+        let dropped = 8 + 3 * MAX_LINE + 10 * PER_INVOCATION - PER_INVOCATION;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains(&format!("dropped={dropped}")),
+            "{warnings:?}"
+        );
     }
 }

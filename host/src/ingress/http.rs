@@ -35,6 +35,20 @@ pub(super) async fn handle(
     resp
 }
 
+/// Largest request head (request line and headers) a service port takes.
+pub(super) const MAX_HEAD: usize = 64 << 10;
+
+/// Bytes of the request head as it was sent (about: the request line and `name: value` lines).
+fn head_bytes(parts: &hyper::http::request::Parts) -> usize {
+    let line = parts.method.as_str().len() + parts.uri.to_string().len() + 12;
+    let headers: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    line + headers
+}
+
 /// Distinct route labels counted per service; routes first seen after that are `other`.
 const MAX_ROUTES: usize = 32;
 
@@ -122,6 +136,17 @@ async fn handle_with_id(
     rid: String,
 ) -> HttpResponse {
     let (mut parts, body) = req.into_parts();
+    if head_bytes(&parts) > MAX_HEAD {
+        // The parser refuses a longer head only when it arrives in pieces; this holds the line
+        // however it arrives.
+        let mut resp = json_error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head is larger than 64 KiB",
+        );
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return with_request_id(resp, &rid);
+    }
     let declared = parts
         .headers
         .get(CONTENT_LENGTH)

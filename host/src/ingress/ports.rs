@@ -233,7 +233,7 @@ async fn serve(
                 // Also bounds how long an idle keep-alive connection waits for its next request.
                 .header_read_timeout(header_timeout)
                 .max_headers(100)
-                .max_buf_size(64 * 1024)
+                .max_buf_size(super::http::MAX_HEAD)
                 .serve_connection(TokioIo::new(write_limited(stream, write_timeout)), svc);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, "connection ended with an error");

@@ -41,12 +41,16 @@ impl CompileCache {
         };
         if usable && file.exists() {
             match load(engine, &file) {
-                Ok(c) => return Ok(c),
+                Ok(c) => {
+                    crate::metrics::get().compile_cache_hits.inc();
+                    return Ok(c);
+                }
                 Err(e) => {
                     tracing::warn!(file = %file.display(), error = %format!("{e:#}"), "ignoring a compile cache entry; compiling again")
                 }
             }
         }
+        crate::metrics::get().compile_cache_misses.inc();
         let cwasm = engine
             .precompile_component(bytes)
             .map_err(anyhow::Error::from)?;

@@ -160,7 +160,9 @@ async fn an_admin_listener_off_loopback_needs_a_token_and_then_every_call_carrie
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("ADMIN_TOKEN"), "{stderr}");
 
-    let host = Host::start_with(None, &["--admin-token", "s3cret"]).await;
+    // With one, it listens on every interface, and only the probes are open.
+    let addr = format!("0.0.0.0:{}", crate::broker::free_port());
+    let host = Host::start_with(None, &["--admin-addr", &addr, "--admin-token", "s3cret"]).await;
     let anyone = reqwest::Client::new();
     let url = |path: &str| format!("http://{}{path}", host.admin);
     let r = anyone.get(url("/readyz")).send().await.unwrap();

@@ -15,10 +15,15 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         )
         .await;
     assert_eq!(ok.status, 201);
-    host.eventually("/api/orders/101", Duration::from_secs(5), |r| {
-        !r.json["user"].is_null()
-    })
-    .await;
+    let cached = host
+        .eventually("/api/orders/101", Duration::from_secs(10), |r| {
+            !r.json["user"].is_null()
+        })
+        .await;
+    assert_eq!(
+        cached.json["user"]["id"], 1,
+        "user 1 never reached the cache"
+    );
     let users_before = host.get("/api/users").await.json;
     let products_before = host.get("/api/products").await.json;
     let orders_before = host.get("/api/orders").await.json;
@@ -123,6 +128,8 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         )
         .await;
     assert_error(&r, 422);
+    let error = r.json["error"].as_str().unwrap();
+    assert!(error.contains("product 999"), "{error}");
 
     // Over 1 MiB: refused before being read, on the gateway and on a service port.
     let big = format!(r#"{{"name":"{}","email":"big@x.io"}}"#, "a".repeat(1 << 20));

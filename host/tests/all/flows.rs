@@ -2,7 +2,7 @@
 
 use crate::harness::Host;
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[tokio::test]
 async fn seed_readme_flow() {
@@ -21,15 +21,15 @@ async fn seed_readme_flow() {
     assert_eq!(r.headers["content-type"], "application/json");
 
     // The order's user comes from order-service's cache, filled by the user-created event.
-    let start = Instant::now();
     let order = host
-        .eventually("/api/v1/orders/101", Duration::from_secs(1), |r| {
+        .eventually("/api/v1/orders/101", Duration::from_secs(10), |r| {
             !r.json["user"].is_null()
         })
         .await;
     assert!(
-        start.elapsed() < Duration::from_secs(1),
-        "cache not filled within a second"
+        !order.json["user"].is_null(),
+        "cache never filled: {:?}",
+        order.json
     );
     assert_eq!(
         order.json,
@@ -154,7 +154,10 @@ async fn everything_survives_a_crash_and_restart() {
 
 #[tokio::test]
 async fn users_created_right_before_a_crash_still_reach_the_order_cache() {
-    let host = Host::start().await;
+    // order-service does not consume yet: every event is still pending for its group when the
+    // host is killed, whatever the timing.
+    let pending = [("order", "subscribe = []")];
+    let host = Host::edited(&pending, &[]).await;
     let mut ids = Vec::new();
     for i in 0..20 {
         let r = host
@@ -165,18 +168,24 @@ async fn users_created_right_before_a_crash_still_reach_the_order_cache() {
             .await;
         ids.push(r.json["id"].as_u64().unwrap());
     }
+    assert_eq!(ids, (1..=20).collect::<Vec<_>>());
+    let unknown = host
+        .post(
+            "/api/orders",
+            &json!({"userId": 20, "productId": 1, "quantity": 1}),
+        )
+        .await;
+    assert_eq!(
+        unknown.status, 422,
+        "user 20 reached the cache before the kill"
+    );
     let data = host.data.clone();
     let keep = host.kill();
     let host = Host::start_with(Some(&data), &[]).await;
-    // Every stored user's event is delivered eventually: check the last one and count all.
-    let r = host
-        .eventually("/api/orders", Duration::from_secs(10), |_| true)
-        .await;
-    assert_eq!(r.status, 200);
-    for id in [1, 10, 20] {
-        let o = host.order_when_cached(id, 1, Duration::from_secs(10)).await;
+    // Every stored user's event is delivered after the restart.
+    for id in ids {
+        let o = host.order_when_cached(id, 1, Duration::from_secs(20)).await;
         assert_eq!(o.status, 201, "user {id}: {:?}", o.json);
     }
-    assert_eq!(ids, (1..=20).collect::<Vec<_>>());
     drop(keep);
 }

@@ -65,7 +65,8 @@ pub async fn with_fixture_as(
 }
 
 /// The repository's `services.toml` with every port 0 (any free port) and `edits` applied:
-/// `(service, "key = value")` sets that key of `[service.NAME]`, replacing it if present.
+/// `(service, "key = value")` sets that key of `[service.NAME]`, replacing it if present; a
+/// service the file does not have gets a section of its own.
 pub fn manifest(edits: &[(&str, &str)]) -> String {
     let seed =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../services.toml")).unwrap();
@@ -78,10 +79,14 @@ pub fn manifest(edits: &[(&str, &str)]) -> String {
         .collect();
     for (service, setting) in edits {
         let key = setting.split('=').next().unwrap().trim();
-        let header = lines
-            .iter()
-            .position(|l| l.trim() == format!("[service.{service}]"))
-            .unwrap_or_else(|| panic!("no [service.{service}] in services.toml"));
+        let section = format!("[service.{service}]");
+        let header = match lines.iter().position(|l| l.trim() == section) {
+            Some(header) => header,
+            None => {
+                lines.extend([String::new(), section]);
+                lines.len() - 1
+            }
+        };
         let end = lines[header + 1..]
             .iter()
             .position(|l| l.starts_with('['))
@@ -94,6 +99,25 @@ pub fn manifest(edits: &[(&str, &str)]) -> String {
         }
     }
     lines.join("\n")
+}
+
+/// Edits that add `counter`: the misbehave fixture on a free port, handling `user-created` in
+/// its own consumer group and counting each event it handled by `event-id`
+/// ([`Host::deliveries`]). Its component comes from [`components_with_counter`].
+pub const COUNTER: [(&str, &str); 3] = [
+    ("counter", "component = \"counter.wasm\""),
+    ("counter", "port = 0"),
+    (
+        "counter",
+        "subscribe = [{ topic = \"user-created\", group = \"counter\" }]",
+    ),
+];
+
+/// A copy of the built components with the misbehave fixture as `counter.wasm`.
+pub fn components_with_counter() -> tempfile::TempDir {
+    let comps = components_copy();
+    std::fs::copy(fixture("misbehave.wasm"), comps.path().join("counter.wasm")).unwrap();
+    comps
 }
 
 /// A raw connection to `port` that has sent `bytes` and then sends nothing more: a client
@@ -161,7 +185,15 @@ impl Host {
         };
         let manifest_file = data.join("services.toml");
         std::fs::write(&manifest_file, manifest(edits)).unwrap();
-        let admin = format!("127.0.0.1:{}", free_port());
+        // The admin address `extra` gives (`0.0.0.0:PORT` is reached on 127.0.0.1), or ours.
+        let given = extra
+            .iter()
+            .position(|a| *a == "--admin-addr")
+            .and_then(|i| extra.get(i + 1));
+        let admin = match given {
+            Some(addr) => addr.replace("0.0.0.0", "127.0.0.1"),
+            None => format!("127.0.0.1:{}", free_port()),
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -173,9 +205,19 @@ impl Host {
             .arg(components)
             .arg("--data-dir")
             .arg(&data)
-            .arg("--compile-cache")
-            .arg(cache)
-            .args(["--admin-addr", &admin])
+            .args(
+                (!extra.contains(&"--compile-cache"))
+                    .then_some(["--compile-cache".as_ref(), cache.as_os_str()])
+                    .into_iter()
+                    .flatten(),
+            )
+            .args(
+                given
+                    .is_none()
+                    .then_some(["--admin-addr", &admin])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(
                 (!extra.contains(&"--max-instances"))
                     .then_some(["--max-instances", "128"])
@@ -323,6 +365,41 @@ impl Host {
         reply(req.send().await.unwrap()).await
     }
 
+    /// How many deliveries of `event_id` the `counter` service ([`COUNTER`]) handled, each
+    /// committed: more than one is a redelivery.
+    pub async fn deliveries(&self, event_id: &str) -> u64 {
+        self.deliveries_at("counter", event_id).await
+    }
+
+    /// [`Host::deliveries`] of `service`, another service running the misbehave fixture.
+    pub async fn deliveries_at(&self, service: &str, event_id: &str) -> u64 {
+        let path = format!("/deliveries/{event_id}");
+        let r = self.send("GET", service, &path, None).await;
+        assert_eq!(r.status, 200, "{:?}", r.json);
+        r.json["count"].as_u64().unwrap()
+    }
+
+    /// Waits until `counter` handled `event_id` (at most `within`); how many times by then.
+    pub async fn counted(&self, event_id: &str, within: Duration) -> u64 {
+        self.counted_at("counter", event_id, within).await
+    }
+
+    /// [`Host::counted`] of `service`, another service running the misbehave fixture.
+    pub async fn counted_at(&self, service: &str, event_id: &str, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let n = self.deliveries_at(service, event_id).await;
+            if n > 0 {
+                return n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{service} never handled {event_id}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn get(&self, path: &str) -> Reply {
         self.send("GET", "gateway", path, None).await
     }
@@ -399,6 +476,33 @@ impl Host {
                 return (status, self._tmp.take());
             }
             assert!(Instant::now() < deadline, "host did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, and after `after` (the host still running: it is draining) another; how long
+    /// the host took to exit after the second (at most 30 s).
+    pub fn terminate_twice(mut self, after: Duration) -> (std::process::ExitStatus, Duration) {
+        let term = |child: &std::process::Child| {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        };
+        term(&self.child);
+        std::thread::sleep(after);
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "the host exited before the second signal: nothing was draining"
+        );
+        term(&self.child);
+        let second = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, second.elapsed());
+            }
+            assert!(
+                second.elapsed() < Duration::from_secs(30),
+                "host did not exit"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -12,6 +12,19 @@ async fn host_with_misbehaving_product(limits: &str) -> (Arc<Host>, tempfile::Te
     (Arc::new(host), comps)
 }
 
+/// Waits until `service` created an instance: the request sent to it is being run.
+async fn instance_created(host: &Host, service: &str) {
+    let series = format!(r#"host_instances_created_total{{service="{service}"}}"#);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.metric(&series).await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "{service} never started the request"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Every service port still answers below 500.
 async fn every_port_answers(host: &Host) {
     for service in ["gateway", "user", "product", "order"] {
@@ -27,7 +40,7 @@ async fn every_port_answers(host: &Host) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_runaway_loop_gets_504_while_everything_else_answers() {
-    let (host, _comps) = host_with_misbehaving_product(r#"{ cpu = "3s" }"#).await;
+    let (host, _comps) = host_with_misbehaving_product(r#"{ cpu = "8s" }"#).await;
     let looping = {
         let host = host.clone();
         tokio::spawn(async move {
@@ -38,15 +51,16 @@ async fn a_runaway_loop_gets_504_while_everything_else_answers() {
             )
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Its instance exists: the loop runs (or is about to).
+    instance_created(&host, "product").await;
     // While it spins: other services, and the same service, still answer at once.
     for _ in 0..5 {
         let began = Instant::now();
         assert_eq!(host.send("GET", "user", "/users", None).await.status, 200);
         assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);
-        // Well under the 3 s the loop runs: a stalled worker would wait for all of it.
+        // Well under the 8 s the loop runs: a stalled worker would wait for all of it.
         assert!(
-            began.elapsed() < Duration::from_millis(2000),
+            began.elapsed() < Duration::from_secs(4),
             "stalled for {:?}",
             began.elapsed()
         );
@@ -54,7 +68,7 @@ async fn a_runaway_loop_gets_504_while_everything_else_answers() {
     let (r, took) = looping.await.unwrap();
     assert_error(&r, 504);
     assert!(
-        took >= Duration::from_secs(3),
+        took >= Duration::from_secs(8),
         "stopped before its deadline: {took:?}"
     );
     assert!(host.log().contains("CPU deadline"));
@@ -122,7 +136,8 @@ async fn beyond_the_concurrency_limit_requests_get_503_with_retry_after() {
         let host = host.clone();
         tokio::spawn(async move { host.send("GET", "product", "/loop", None).await.status })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Its instance exists: it holds the one permit.
+    instance_created(&host, "product").await;
     let r = host.send("GET", "product", "/ok", None).await;
     assert_error(&r, 503);
     assert_eq!(r.headers["retry-after"], "1");
@@ -161,21 +176,27 @@ async fn slow_header_senders_and_idle_connections_are_cut_off() {
     let read = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "idle keep-alive connection was never closed");
 
-    // Too many headers: refused, and the host keeps serving.
+    // Too many headers, or a 64 KiB one: refused with 431, and the host keeps serving.
     let mut many = String::from("GET /api/users HTTP/1.1\r\nHost: x\r\n");
     for i in 0..200 {
         many.push_str(&format!("x-h{i}: v\r\n"));
     }
     many.push_str("\r\n");
-    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    conn.write_all(many.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(
-        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
-        "{answer}"
+    let huge = format!(
+        "GET /api/users HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n",
+        "v".repeat(64 << 10)
     );
+    for head in [many, huge] {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
+            .await
+            .expect("the connection was never closed")
+            .expect("the connection was reset instead of answered");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    }
     assert_eq!(host.get("/api/users").await.status, 200);
 }
 
@@ -299,13 +320,23 @@ async fn request_bodies_held_by_the_host_stay_within_the_body_buffer() {
     let mut upload = b"POST /users HTTP/1.1\r\nhost: x\r\ncontent-length: 900010\r\n\r\n".to_vec();
     upload.extend(std::iter::repeat_n(b' ', 900_000));
     let slow = stalled(host.ports["user"], &upload).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // On another port too: the budget is the host's, not a port's.
+    // On another port too: the budget is the host's, not a port's. (Once the host has read
+    // the stalled upload: until then it may take the body.)
     let big = format!(r#"{{"name":"{}","price":1}}"#, "x".repeat(200_000));
-    assert_error(
-        &host.send("POST", "product", "/products", Some(&big)).await,
-        503,
-    );
+    let status = |want: u16| {
+        let (host, big) = (&host, &big);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let r = host.send("POST", "product", "/products", Some(big)).await;
+                if r.status == want || Instant::now() > deadline {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_error(&status(503).await, 503);
     // Small bodies still fit.
     let small = r#"{"name":"A","email":"a@ex.com"}"#;
     let r = host.send("POST", "user", "/users", Some(small)).await;
@@ -313,11 +344,7 @@ async fn request_bodies_held_by_the_host_stay_within_the_body_buffer() {
     // Once the slow client is gone its reservation is released: the same body is read and
     // judged by the service (its name is too long: 400) instead of refused by the host.
     drop(slow);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_error(
-        &host.send("POST", "product", "/products", Some(&big)).await,
-        400,
-    );
+    assert_error(&status(400).await, 400);
 }
 
 #[tokio::test(flavor = "multi_thread")]

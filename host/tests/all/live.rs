@@ -265,6 +265,45 @@ async fn a_port_change_binds_the_new_port_before_the_old_one_closes() {
     );
     assert!(text.contains(&format!("port = {new}")), "{text}");
     let load = Load::start(&host, &[("gateway", "/api/products"), ("user", "/users")]);
+    // A client of the moving service itself, a new connection per request: the old port, or
+    // the new one when the old refuses. Both refusing at once would be a gap.
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_new = Arc::new(AtomicU64::new(0));
+    let mover = {
+        let (stop, on_new) = (stop.clone(), on_new.clone());
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        tokio::spawn(async move {
+            let (mut on_old, mut gaps) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let get = |port: u16| http.get(format!("http://127.0.0.1:{port}/products")).send();
+                match get(old).await {
+                    Ok(r) if r.status() == 200 => on_old += 1,
+                    Ok(r) => gaps.push(format!("old port: {}", r.status())),
+                    Err(_) => match get(new).await {
+                        Ok(r) if r.status() == 200 => {
+                            on_new.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => gaps.push(format!("new port: {}", r.status())),
+                        Err(e) => gaps.push(format!("both ports refused: {e}")),
+                    },
+                }
+            }
+            (on_old, gaps)
+        })
+    };
+    // It is served on the old port before the change.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host
+        .metric(r#"host_http_requests_total{service="product""#)
+        .await
+        < 5.0
+    {
+        assert!(Instant::now() < deadline, "no request reached the old port");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     write_manifest(&host, &text);
     manifest_when(&host, |m| m["generation"] == 2).await;
     host.refresh_ports().await;
@@ -278,6 +317,18 @@ async fn a_port_change_binds_the_new_port_before_the_old_one_closes() {
         assert!(Instant::now() < deadline, "old port {old} still accepts");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // And on the new one after it; never on neither.
+    while on_new.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the client never reached the new port"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (on_old, gaps) = mover.await.unwrap();
+    assert!(gaps.is_empty(), "{gaps:?}");
+    assert!(on_old > 0, "the client never reached the old port");
     // A port another process holds: refused, the service stays where it is.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap().port();

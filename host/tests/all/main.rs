@@ -6,7 +6,9 @@ mod api;
 #[path = "../support/broker.rs"]
 mod broker;
 mod compose;
+mod delivery;
 mod docs;
+mod flags;
 mod flows;
 mod fuzz;
 mod harness;

@@ -14,6 +14,7 @@ struct Pair {
     b: Host,
     _broker: Broker,
     _pg: Postgres,
+    url: String,
 }
 
 impl Pair {
@@ -37,6 +38,36 @@ impl Pair {
             b,
             _broker: broker,
             _pg: pg,
+            url,
+        }
+    }
+
+    /// Waits until both hosts' outbox relays hold partitions (their session advisory locks).
+    async fn wait_partitions_shared(&self) {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_stat_activity a \
+                     USING (pid) WHERE l.locktype = 'advisory' \
+                     AND a.application_name = 'microsvc-outbox-relay' \
+                     AND a.datname = current_database()",
+                    &[],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, i64>(0) == 2 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the two hosts never shared the outbox partitions"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -271,6 +302,7 @@ async fn events_of_one_key_keep_their_order_though_both_hosts_drain_the_outbox()
     )
     .unwrap();
     let pair = Pair::start_in(comps.path(), "order").await;
+    pair.wait_partitions_shared().await;
     let users = [pair.a().url("user", ""), pair.b.url("user", "")];
     // Five keys at once; each key's 40 events one after the other, alternating hosts.
     let keys = (1..=5).map(|key| {
@@ -296,6 +328,11 @@ async fn events_of_one_key_keep_their_order_though_both_hosts_drain_the_outbox()
         // No host stopped: every event once, in the order it was committed.
         assert_eq!(*ns, (1..=40).collect::<Vec<_>>(), "key {key}");
     }
+    // Each host published some of them: the partitions of the outbox were shared.
+    let series = r#"host_messages_produced_total{topic="user-created"}"#;
+    let published = [pair.a().metric(series).await, pair.b.metric(series).await];
+    assert!(published.iter().all(|&n| n > 0.0), "{published:?}");
+    assert_eq!(published.iter().sum::<f64>(), 200.0, "{published:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -396,6 +433,30 @@ async fn a_lock_nobody_releases_costs_a_503_within_the_deadline_not_the_host() {
             break;
         }
         assert!(Instant::now() < deadline, "{} {:?}", r.status, r.json);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Both hosts run order-service in the consumer group `order-service`: the broker splits the
+/// topic's partitions between them, and each host handles some of the events.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_group_splits_its_partitions_across_the_two_hosts() {
+    let pair = Pair::start("split").await;
+    let series = r#"host_messages_consumed_total{service="order",topic="user-created"}"#;
+    let gateway = pair.a().url("gateway", "");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for i in 0.. {
+        let email = format!("split{i}@ex.com");
+        let (status, _) = create(&pair.b.http, &gateway, "S", &email).await;
+        assert_eq!(status, 201);
+        let handled = [pair.a().metric(series).await, pair.b.metric(series).await];
+        if handled.iter().all(|&n| n > 0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {i} users one host handled them all: {handled:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

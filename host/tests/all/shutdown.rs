@@ -11,7 +11,13 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
     let url = host.url("gateway", "/api/users");
     let mut clients = Vec::new();
     for t in 0..4 {
-        let (http, url) = (host.http.clone(), url.clone());
+        // A new connection per request: after SIGTERM a request is either refused at connect
+        // or answered in full; anything else (a reset, a cut-off answer) fails the test.
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let url = url.clone();
         clients.push(tokio::spawn(async move {
             let mut created = 0;
             for i in 0.. {
@@ -28,7 +34,8 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
                         created += 1;
                     }
                     // After SIGTERM the host stops accepting: refused connections are expected.
-                    Err(_) => break,
+                    Err(e) if e.is_connect() => break,
+                    Err(e) => panic!("a request was cut off: {e:?}"),
                 }
             }
             created
@@ -71,4 +78,29 @@ async fn a_copy_of_the_signal_right_after_it_still_drains() {
         .expect("the in-flight request was cut off");
     assert_eq!(answer.status(), 200);
     assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_stops_at_once_instead_of_waiting_out_the_grace() {
+    let host = Host::edited(
+        &[("user", r#"latency = "60s""#)],
+        &["--shutdown-grace", "120s"],
+    )
+    .await;
+    let (http, url) = (host.http.clone(), host.url("gateway", "/api/users"));
+    let in_flight = tokio::spawn(async move { http.get(url).send().await });
+    // Past the window in which a signal counts as a copy of the first.
+    let (status, took) = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        host.terminate_twice(Duration::from_millis(1500))
+    })
+    .await
+    .unwrap();
+    // Not the minute the request still had, nor the grace period.
+    assert!(
+        took < Duration::from_secs(10),
+        "exited {took:?} after the second signal"
+    );
+    assert!(status.success(), "{status}");
+    in_flight.abort();
 }

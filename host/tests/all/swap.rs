@@ -1,6 +1,8 @@
 //! Hot swap: replacing a component file while the host serves.
 
-use crate::harness::{assert_error, components_copy, fixture, Host};
+use crate::harness::{
+    assert_error, components_copy, components_with_counter, fixture, Host, COUNTER,
+};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -294,10 +296,13 @@ async fn rollback_returns_to_the_previous_version() {
 
 #[tokio::test]
 async fn swapping_order_service_while_events_flow_loses_and_repeats_nothing() {
-    let comps = components_copy();
+    // order-service and `counter` (which counts each delivery) are both swapped back and forth.
+    let comps = components_with_counter();
     let order_file = comps.path().join("order.wasm");
+    let counter_file = comps.path().join("counter.wasm");
     std::fs::copy(fixture("order-a.wasm"), &order_file).unwrap();
-    let host = Arc::new(Host::start_in(comps.path(), None, &[]).await);
+    std::fs::copy(fixture("misbehave-a.wasm"), &counter_file).unwrap();
+    let host = Arc::new(Host::start_edited(comps.path(), None, &COUNTER, &[]).await);
 
     let producer = {
         let host = host.clone();
@@ -317,9 +322,20 @@ async fn swapping_order_service_while_events_flow_loses_and_repeats_nothing() {
     for _ in 0..6 {
         tag = if tag == "a" { "b" } else { "a" };
         std::fs::copy(fixture(&format!("order-{tag}.wasm")), &order_file).unwrap();
+        std::fs::copy(fixture(&format!("misbehave-{tag}.wasm")), &counter_file).unwrap();
         wait_for_tag(&host, "order", "/orders/101", tag).await;
+        wait_for_tag(&host, "counter", "/", tag).await;
     }
     producer.await.unwrap();
+    // Each event was handled once: a swap neither skips nor repeats a delivery.
+    for id in 1..=60u64 {
+        let event = format!("user-created-{id}");
+        assert_eq!(
+            host.counted(&event, Duration::from_secs(20)).await,
+            1,
+            "{event}"
+        );
+    }
 
     // Every user reaches the cache exactly once in effect: an order can be placed for each,
     // and order ids stay dense (no request was applied twice).

@@ -53,7 +53,10 @@ pub async fn build(args: &Args, specs: &[ServiceSpec]) -> Result<Arc<Runtime>> {
                 bytes: args.log_retention_bytes,
             };
             let log = Arc::new(Embedded::with_retention(db.clone(), retention));
-            tokio::spawn(log.clone().retain(Duration::from_secs(30)));
+            // Often enough that a record outlives LOG_RETENTION by at most half of it.
+            let every =
+                (args.log_retention / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+            tokio::spawn(log.clone().retain(every));
             log
         }
     };

@@ -89,6 +89,11 @@ pub fn valid_topic(topic: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+/// The dead-letter topic of `topic`: where a handler's records go after their last attempt.
+pub fn dlq_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
+}
+
 /// Service names become host names (`<name>-service`), metric labels and state scopes.
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -169,6 +174,17 @@ impl Context<'_> {
                         topic.span(),
                         format!(
                             "service.{name}: topic {:?} is not a valid topic name (1-249 of a-z A-Z 0-9 . _ -)",
+                            topic.get_ref()
+                        ),
+                    ));
+                }
+            }
+            for topic in entry.subscribe.iter().map(|s| &s.topic) {
+                if !valid_topic(&dlq_topic(topic.get_ref())) {
+                    return Err(err(
+                        topic.span(),
+                        format!(
+                            "service.{name}: subscribed topic {:?} leaves no room for its dead-letter topic (at most 245 characters)",
                             topic.get_ref()
                         ),
                     ));
@@ -395,6 +411,12 @@ limits = { memory = "32MiB", cpu = "1s", concurrency = 4 }
             );
             assert!(
                 e.starts_with("services.toml:10:13: ") && e.contains("not a valid topic"),
+                "{e}"
+            );
+            let long = "t".repeat(246);
+            let e = with("topic = \"user-created\"", &format!("topic = \"{long}\""));
+            assert!(
+                e.contains("leaves no room for its dead-letter topic"),
                 "{e}"
             );
             let e = with("component = \"order.wasm\"", "component = \"nope.wasm\"");

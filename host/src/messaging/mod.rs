@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::config::manifest::dlq_topic;
 pub use drain::Drainer;
 
 /// A message the backend will never take, whatever the retries (too large for the broker, a
@@ -116,10 +117,6 @@ impl RetryPolicy {
         let factor = 1u32 << attempt.saturating_sub(1).min(16);
         self.base.saturating_mul(factor).min(self.max)
     }
-}
-
-pub fn dlq_topic(topic: &str) -> String {
-    format!("{topic}.dlq")
 }
 
 /// Every topic the services use, with the dead-letter topics of subscribed ones.

@@ -1,82 +1,35 @@
 //! The runtime: one engine, the loaded services, and invocations of their components.
 
 pub mod cache;
+mod commit;
 pub mod component;
 pub mod engine;
+mod http_exports;
 pub mod invoke;
 mod pool;
 pub mod service;
+mod settings;
 mod store;
+mod versions;
 
 use crate::capabilities::services::ServiceCalls;
 use crate::config::{Args, ServiceSpec};
-use crate::messaging::{Backend, Drainer, RetryPolicy};
-use crate::storage::{CommitError, StateStore, Txn};
-use crate::types::{HttpRequest, HttpResponse, Message};
+use crate::messaging::{Backend, Drainer};
+use crate::storage::StateStore;
+use crate::types::{HttpRequest, HttpResponse};
 use anyhow::Result;
 use arc_swap::ArcSwap;
-use cache::CompileCache;
 use futures_util::future::BoxFuture;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 use wasmtime::component::Linker;
 use wasmtime::Engine;
 
 pub use service::{RejectedFile, Service};
+pub use settings::Settings;
 pub use store::InstanceState;
-
-/// Host-wide settings of invocations, from the flags.
-pub struct Settings {
-    pub outbound_timeout: Duration,
-    pub header_timeout: Duration,
-    /// Longest one response write may wait for the client to read.
-    pub write_timeout: Duration,
-    pub body_timeout: Duration,
-    /// Open connections per service port.
-    pub max_connections: usize,
-    /// Wall-clock limit of one invocation (a request or a message).
-    pub request_timeout: Duration,
-    /// Bytes of waiting events beyond which sending invocations are refused (`OUTBOX_MAX`).
-    pub outbox_max: u64,
-    /// Host bytes one invocation may make the host hold (`INVOCATION_HOST_BYTES`).
-    pub invocation_host_bytes: usize,
-    pub compile_cache: CompileCache,
-    pub retry: RetryPolicy,
-    /// Requests per instance (1 = a fresh instance per request).
-    pub instance_reuse: u32,
-    /// Idle instances kept per service when instances are reused.
-    pub idle_max: usize,
-}
-
-impl Settings {
-    pub fn new(args: &Args, services: usize) -> Settings {
-        Settings {
-            outbound_timeout: args.outbound_timeout,
-            header_timeout: args.header_timeout,
-            write_timeout: args.write_timeout,
-            body_timeout: args.body_timeout,
-            max_connections: args.max_connections.max(1),
-            request_timeout: args.request_timeout,
-            outbox_max: args.outbox_max,
-            invocation_host_bytes: usize::try_from(args.invocation_host_bytes)
-                .unwrap_or(usize::MAX),
-            compile_cache: CompileCache {
-                dir: args.compile_cache.clone(),
-                max_bytes: args.compile_cache_max,
-            },
-            retry: RetryPolicy {
-                max_attempts: args.retry_max_attempts.max(1),
-                base: args.retry_backoff,
-                max: args.retry_backoff_max,
-            },
-            instance_reuse: args.instance_reuse,
-            // Idle instances hold pool slots: leave at least half the slots for fresh ones.
-            idle_max: (args.max_instances as usize / (2 * services.max(1))).min(64),
-        }
-    }
-}
+pub use versions::{ManifestStatus, VersionMoveError};
 
 pub struct Runtime {
     engine: Engine,
@@ -116,30 +69,6 @@ pub struct Health {
     pub outbox_bytes: u64,
     /// Bytes of the embedded message log (`None` with a broker).
     pub log_bytes: Option<u64>,
-}
-
-/// The manifest as applied, for the admin API.
-#[derive(Clone)]
-pub struct ManifestStatus {
-    pub path: PathBuf,
-    /// sha256 of the applied text; empty before the first is applied.
-    pub sha256: String,
-    /// 1 for the manifest read at start-up, +1 per change applied.
-    pub generation: u64,
-    pub applied_at: SystemTime,
-    /// The last change refused (since the last one applied).
-    pub rejected: Option<RejectedFile>,
-}
-
-/// Why a service's version did not move back or forward.
-#[derive(Debug, thiserror::Error)]
-pub enum VersionMoveError {
-    #[error("no service named {0:?}")]
-    NoService(String),
-    #[error("{0} has no previous version to roll back to")]
-    NothingBack(String),
-    #[error("{0} has no rolled-back version to roll forward to")]
-    NothingForward(String),
 }
 
 /// A service whose component could not be loaded.
@@ -313,26 +242,6 @@ impl Runtime {
         &self.settings
     }
 
-    /// The manifest as applied, and what became of its last change.
-    pub fn manifest(&self) -> ManifestStatus {
-        self.manifest.lock().unwrap().clone()
-    }
-
-    /// Records that the manifest whose text has digest `sha256` was applied; its generation.
-    pub fn manifest_applied(&self, sha256: String) -> u64 {
-        let mut status = self.manifest.lock().unwrap();
-        status.sha256 = sha256;
-        status.generation += 1;
-        status.applied_at = SystemTime::now();
-        status.rejected = None;
-        status.generation
-    }
-
-    /// Records why the last change of the manifest was refused.
-    pub fn manifest_rejected(&self, rejected: RejectedFile) {
-        self.manifest.lock().unwrap().rejected = Some(rejected);
-    }
-
     /// Compiles `bytes` (with digest `sha256`) as a new version of `service`, checked as at
     /// start-up, through the compile cache; nothing changes until it is installed.
     pub async fn compile(
@@ -351,28 +260,6 @@ impl Runtime {
             cache,
         )
         .await
-    }
-
-    /// Rolls service `name` back to its previous version, or (`forward`) forward to the one a
-    /// rollback left: its new generation and version. Not while a manifest change hands the
-    /// service's history to its successor.
-    pub fn move_version(
-        &self,
-        name: &str,
-        forward: bool,
-    ) -> Result<(u64, Arc<component::Loaded>), VersionMoveError> {
-        let _versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
-        let service = self
-            .service(name)
-            .ok_or_else(|| VersionMoveError::NoService(name.into()))?;
-        match forward {
-            true => service
-                .rollforward()
-                .ok_or_else(|| VersionMoveError::NothingForward(name.into())),
-            false => service
-                .rollback()
-                .ok_or_else(|| VersionMoveError::NothingBack(name.into())),
-        }
     }
 
     /// Publishes the outbox, forever (see [`Drainer::drain`]).
@@ -397,70 +284,6 @@ impl Runtime {
             return Ok(());
         }
         self.state.durable().await
-    }
-
-    /// Commits an invocation (on disk when this returns) and wakes the outbox drainer if it sent
-    /// messages. `serialized` is held by re-runs after a conflict until their commit is done.
-    async fn commit(
-        &self,
-        txn: Txn,
-        serialized: Option<tokio::sync::OwnedMutexGuard<()>>,
-    ) -> Result<(), CommitError> {
-        let sent = txn.sends();
-        if sent {
-            self.outbox_has_room()?;
-        }
-        self.state.commit(txn).await?;
-        drop(serialized);
-        if sent {
-            self.drainer.poke();
-        }
-        Ok(())
-    }
-
-    /// Refuses new messages while the outbox holds `OUTBOX_MAX` bytes: an unreachable broker
-    /// must not fill the disk.
-    fn outbox_has_room(&self) -> Result<(), CommitError> {
-        let held = self.state.outbox().bytes();
-        if held >= self.settings.outbox_max {
-            return Err(CommitError::Full(format!(
-                "the outbox holds {held} bytes of events the messaging backend has not taken \
-                 (OUTBOX_MAX is {}); retry later",
-                self.settings.outbox_max
-            )));
-        }
-        Ok(())
-    }
-
-    /// Puts `message` in the outbox on its own (durably), for the drainer to publish: a
-    /// dead-lettered record waits there while the broker is away, and is set aside like any
-    /// other if the broker refuses it for good.
-    pub async fn send_later(&self, service: &str, message: Message) -> Result<()> {
-        let mut txn = Txn::new(service.into());
-        txn.send(message)?;
-        self.commit(txn, None)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
-    }
-
-    /// Applies a message handler's writes (visible at once, durable with a later durable
-    /// commit): the consumer waits for the disk once per batch of records, before it commits
-    /// their offsets (see `ingress::consumer`).
-    async fn commit_handled(
-        &self,
-        txn: Txn,
-        serialized: Option<tokio::sync::OwnedMutexGuard<()>>,
-    ) -> Result<(), CommitError> {
-        let sent = txn.sends();
-        if sent {
-            self.outbox_has_room()?;
-        }
-        self.state.apply(txn).await?;
-        drop(serialized);
-        if sent {
-            self.drainer.poke();
-        }
-        Ok(())
     }
 }
 
@@ -495,6 +318,7 @@ impl ServiceCalls for RuntimeServices {
 mod tests {
     use super::*;
     use clap::Parser as _;
+    use std::path::PathBuf;
 
     fn fixture(name: &str) -> PathBuf {
         let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -117,3 +117,42 @@ async fn a_handler_stopped_by_a_limit_is_retried_and_then_handles_its_event() {
         3.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_log_trims_what_every_group_handled_once_it_is_older_than_the_retention() {
+    let host = Host::start_with(None, &["--log-retention", "1s"]).await;
+    let r = host
+        .post(
+            "/api/users",
+            &serde_json::json!({"name": "T", "email": "t@ex.com"}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let cached = host
+        .eventually("/api/orders/101", Duration::from_secs(20), |r| {
+            !r.json["user"].is_null()
+        })
+        .await;
+    assert!(!cached.json["user"].is_null(), "never handled");
+    // Handled by order-service's group, and older than a second: trimmed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while host.metric("host_log_records_trimmed_total").await < 1.0
+        || host.metric("host_log_bytes").await > 0.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record was never trimmed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // New records are still delivered after the topic was emptied.
+    let r = host
+        .post(
+            "/api/users",
+            &serde_json::json!({"name": "U", "email": "u@ex.com"}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let o = host.order_when_cached(2, 1, Duration::from_secs(20)).await;
+    assert_eq!(o.status, 201, "{:?}", o.json);
+}

@@ -316,6 +316,13 @@ impl Host {
         kb * 1024
     }
 
+    /// The last `lines` lines of the host's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data.join("host.log")).unwrap_or_default()
     }
@@ -394,7 +401,8 @@ impl Host {
             }
             assert!(
                 Instant::now() < deadline,
-                "{service} never handled {event_id}"
+                "{service} never handled {event_id}; the host's log ends:\n{}",
+                self.log_tail(40)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -444,7 +452,8 @@ impl Host {
             }
             assert!(
                 Instant::now() < deadline,
-                "user {user_id} never reached order-service's cache"
+                "user {user_id} never reached order-service's cache; the host's log ends:\n{}",
+                self.log_tail(40)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -132,14 +132,12 @@ pub async fn run(args: Args) -> Result<()> {
         consumers.await;
         // Give the outbox a chance to reach the broker; what stays waits on disk.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while runtime.health().outbox_depth.unwrap_or(0) > 0
-            && tokio::time::Instant::now() < deadline
-        {
+        while runtime.outbox_depth() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     tokio::select! {
-        _ = drained => tracing::info!(outbox = runtime.health().outbox_depth.unwrap_or(0), "stopped cleanly"),
+        _ = drained => tracing::info!(outbox = runtime.outbox_depth(), "stopped cleanly"),
         _ = tokio::time::sleep(args.shutdown_grace) => tracing::warn!("grace period over; stopping with work in flight (committed data is safe)"),
         _ = signals.next_after(first + SAME_REQUEST) => tracing::warn!("second signal: stopping now (committed data is safe)"),
     }

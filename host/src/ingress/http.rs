@@ -40,7 +40,9 @@ pub(super) const MAX_HEAD: usize = 64 << 10;
 
 /// Bytes of the request head as it was sent (about: the request line and `name: value` lines).
 fn head_bytes(parts: &hyper::http::request::Parts) -> usize {
-    let line = parts.method.as_str().len() + parts.uri.to_string().len() + 12;
+    let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + parts.uri.authority().map_or(0, |a| a.as_str().len() + 7);
+    let line = parts.method.as_str().len() + target + 12;
     let headers: usize = parts
         .headers
         .iter()

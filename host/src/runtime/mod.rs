@@ -220,6 +220,11 @@ impl Runtime {
         Runtime::new(args, &[], Arc::new(db), Arc::new(log)).unwrap()
     }
 
+    /// Messages waiting in the outbox (0 if the store cannot say).
+    pub fn outbox_depth(&self) -> u64 {
+        self.state.outbox().depth().unwrap_or(0)
+    }
+
     /// What readiness and metrics report, as of now.
     pub fn health(&self) -> Health {
         let outbox = self.state.outbox();

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub parked: Family<Labels, Counter>,
     pub outbox_parked: Gauge,
     pub outbox_bytes: Gauge,
+    /// Request body bytes the listeners hold now, against `--body-buffer`.
+    pub body_bytes: Gauge,
+    /// Client connections open on the service ports.
+    pub connections: Gauge,
     pub log_trimmed: Counter,
     /// Components loaded from the compile cache, and compiled (not in it, or not usable).
     pub compile_cache_hits: Counter,
@@ -60,6 +64,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         parked: Family::default(),
         outbox_parked: Gauge::default(),
         outbox_bytes: Gauge::default(),
+        body_bytes: Gauge::default(),
+        connections: Gauge::default(),
         log_trimmed: Counter::default(),
         compile_cache_hits: Counter::default(),
         compile_cache_misses: Counter::default(),
@@ -97,6 +103,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "messages_parked",
         "Messages the backend refused for good, set aside from the outbox",
         m.parked.clone(),
+    );
+    registry.register(
+        "open_connections",
+        "Client connections open on the service ports (each port holds at most --max-connections)",
+        m.connections.clone(),
+    );
+    registry.register(
+        "request_body_bytes",
+        "Request body bytes held by the listeners (bounded by --body-buffer)",
+        m.body_bytes.clone(),
     );
     registry.register(
         "outbox_parked",

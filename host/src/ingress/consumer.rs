@@ -306,3 +306,110 @@ async fn dead_letter(
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Args;
+    use crate::messaging::embedded::Embedded;
+    use crate::messaging::Backend;
+    use crate::storage::RedbStore;
+    use clap::Parser as _;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// The embedded log, except that the first subscription panics when asked for a record,
+    /// as a host bug in the consumer loop would.
+    struct PanicsOnce {
+        log: Embedded,
+        subscribed: AtomicUsize,
+        committed: Arc<Mutex<Vec<u64>>>,
+    }
+
+    struct Watched {
+        inner: Box<dyn Subscription>,
+        panics: bool,
+        committed: Arc<Mutex<Vec<u64>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Subscription for Watched {
+        async fn next(&mut self) -> Result<Delivery> {
+            if self.panics {
+                panic!("a bug in the consumer loop");
+            }
+            self.inner.next().await
+        }
+        async fn commit(&mut self, delivery: &Delivery) -> Result<()> {
+            self.committed.lock().unwrap().push(delivery.offset);
+            self.inner.commit(delivery).await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Backend for PanicsOnce {
+        fn describe(&self) -> String {
+            "panics once".into()
+        }
+        async fn publish(&self, messages: &[Message]) -> Result<()> {
+            self.log.publish(messages).await
+        }
+        async fn subscribe(
+            &self,
+            group: &str,
+            topic: &str,
+            start: Start,
+        ) -> Result<Box<dyn Subscription>> {
+            let first = self.subscribed.fetch_add(1, Ordering::SeqCst) == 0;
+            Ok(Box::new(Watched {
+                inner: self.log.subscribe(group, topic, start).await?,
+                panics: first,
+                committed: self.committed.clone(),
+            }))
+        }
+    }
+
+    /// A panic inside the consumer loop ends that subscription, not consumption: the consumer
+    /// subscribes again and the record waiting is handled and committed.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_consumer_that_panics_subscribes_again() {
+        let fixture =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/fixtures/misbehave.wasm");
+        assert!(
+            fixture.exists(),
+            "no {}: run `just build-fixtures`",
+            fixture.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let args = Args::parse_from(["host", "--compile-cache", cache.to_str().unwrap()]);
+        let mut spec = ServiceSpec::named("misbehave");
+        spec.file = fixture;
+        spec.serves_http = false;
+        spec.subscribes = vec!["events".into()];
+        let db = RedbStore::in_memory().unwrap();
+        let backend = Arc::new(PanicsOnce {
+            log: Embedded::new(db.clone()),
+            subscribed: AtomicUsize::new(0),
+            committed: Arc::default(),
+        });
+        let message = crate::messaging::tests::msg("events", "k", "{}");
+        backend.publish(&[message]).await.unwrap();
+        let runtime = Runtime::new(&args, &[spec.clone()], Arc::new(db), backend.clone()).unwrap();
+        runtime.install(runtime.prepare(vec![spec.clone()]).await.unwrap());
+        let mut consumers = Consumers::new(runtime);
+        consumers.apply(&[spec]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while backend.committed.lock().unwrap().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the record was never committed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(backend.subscribed.load(Ordering::SeqCst), 2);
+        assert_eq!(*backend.committed.lock().unwrap(), vec![0]);
+        consumers.stop().await;
+    }
+}

@@ -236,7 +236,7 @@ async fn read_body(
     mut body: Incoming,
     declared: Option<u64>,
     budget: &Semaphore,
-) -> (Body, Option<SemaphorePermit<'_>>) {
+) -> (Body, Option<Reserved<'_>>) {
     if declared.is_some_and(|n| n > DRAIN_MAX) {
         return (Body::TooLarge, None);
     }
@@ -283,18 +283,26 @@ async fn read_body(
     (Body::Read(body), reserved)
 }
 
+/// Body bytes held against the budget, counted in `host_request_body_bytes` until dropped.
+struct Reserved<'a>(SemaphorePermit<'a>);
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        metrics::get()
+            .body_bytes
+            .dec_by(self.0.num_permits() as i64);
+    }
+}
+
 /// Adds `bytes` to `reserved` from `budget`; false if the budget does not have them.
-fn reserve<'a>(
-    budget: &'a Semaphore,
-    reserved: &mut Option<SemaphorePermit<'a>>,
-    bytes: u64,
-) -> bool {
+fn reserve<'a>(budget: &'a Semaphore, reserved: &mut Option<Reserved<'a>>, bytes: u64) -> bool {
     let Ok(more) = budget.try_acquire_many(u32::try_from(bytes).unwrap_or(u32::MAX)) else {
         return false;
     };
+    metrics::get().body_bytes.inc_by(more.num_permits() as i64);
     match reserved {
-        None => *reserved = Some(more),
-        Some(held) => held.merge(more),
+        None => *reserved = Some(Reserved(more)),
+        Some(held) => held.0.merge(more),
     }
     true
 }

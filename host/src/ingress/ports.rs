@@ -3,6 +3,7 @@
 
 use super::http::handle;
 use crate::config::ServiceSpec;
+use crate::metrics;
 use crate::runtime::Runtime;
 use crate::types::http::write_limited;
 use crate::types::{json_error, HttpResponse};
@@ -214,8 +215,9 @@ async fn serve(
         let watcher = connections.watcher();
         let header_timeout = runtime.settings().header_timeout;
         let write_timeout = runtime.settings().write_timeout;
+        metrics::get().connections.inc();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _open = OpenConnection { _slot: slot };
             let svc = service_fn(move |req| {
                 let (runtime, service, budget) = (runtime.clone(), service.clone(), budget.clone());
                 async move {
@@ -239,6 +241,18 @@ async fn serve(
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// A connection's place among the port's `MAX_CONNECTIONS`, counted in
+/// `host_open_connections` until dropped.
+struct OpenConnection {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::get().connections.dec();
     }
 }
 

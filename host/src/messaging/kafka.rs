@@ -7,6 +7,7 @@ use super::{Backend, Subscription};
 use crate::config::Start;
 use crate::types::{Delivery, Message};
 use anyhow::{anyhow, bail, Context as _, Result};
+use arc_swap::ArcSwap;
 use platform_contract::MAX_BODY;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -53,6 +54,28 @@ fn produce_error(index: usize, topic: &str, e: KafkaError) -> anyhow::Error {
     }
 }
 
+/// An idempotent producer with `acks=all` for `config`'s brokers.
+fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        // Some Kafka-protocol brokers (tansu 0.6) cannot resume a consumer from an offset
+        // inside a multi-record batch; one record per batch keeps every offset resumable.
+        .set("batch.num.messages", config.batch_messages.to_string())
+        .set("socket.nagle.disable", "true")
+        // A batch that cannot be delivered fails after this; the outbox keeps it and the
+        // drainer tries again, so an outage delays events but never drops them.
+        .set("message.timeout.ms", "5000")
+        // librdkafka refuses records over 1,000,000 bytes by default, below what the host
+        // lets a service send (1 MiB of key, payload and headers): room for both plus the
+        // record's framing.
+        .set("message.max.bytes", MAX_RECORD.to_string())
+        .create()
+        .context("creating the Kafka producer")
+}
+
 #[derive(Clone, Debug)]
 pub struct KafkaConfig {
     pub brokers: String,
@@ -67,33 +90,32 @@ pub struct KafkaConfig {
 
 pub struct Kafka {
     config: KafkaConfig,
-    producer: Arc<FutureProducer>,
+    producer: ArcSwap<FutureProducer>,
 }
 
 impl Kafka {
     pub fn new(config: KafkaConfig) -> Result<Kafka> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            // Some Kafka-protocol brokers (tansu 0.6) cannot resume a consumer from an offset
-            // inside a multi-record batch; one record per batch keeps every offset resumable.
-            .set("batch.num.messages", config.batch_messages.to_string())
-            .set("socket.nagle.disable", "true")
-            // A batch that cannot be delivered fails after this; the outbox keeps it and the
-            // drainer tries again, so an outage delays events but never drops them.
-            .set("message.timeout.ms", "5000")
-            // librdkafka refuses records over 1,000,000 bytes by default, below what the host
-            // lets a service send (1 MiB of key, payload and headers): room for both plus the
-            // record's framing.
-            .set("message.max.bytes", MAX_RECORD.to_string())
-            .create()
-            .context("creating the Kafka producer")?;
+        let producer = producer(&config)?;
         Ok(Kafka {
             config,
-            producer: Arc::new(producer),
+            producer: ArcSwap::from_pointee(producer),
         })
+    }
+
+    /// After a fatal producer error (librdkafka's idempotent producer fenced or out of
+    /// sequence, as after a long broker stall) the producer refuses everything for good: a
+    /// new one takes its place, and the outbox sends the batch again.
+    fn replace_if_fatal(&self, failed: &FutureProducer) {
+        let Some((code, reason)) = failed.client().fatal_error() else {
+            return;
+        };
+        tracing::error!(%code, reason, "the Kafka producer failed for good; creating a new one");
+        match producer(&self.config) {
+            Ok(fresh) => self.producer.store(Arc::new(fresh)),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "creating a new Kafka producer failed")
+            }
+        }
     }
 
     pub fn config(&self) -> &KafkaConfig {
@@ -145,40 +167,12 @@ impl Backend for Kafka {
     }
 
     async fn publish(&self, messages: &[Message]) -> Result<()> {
-        // Enqueue everything first so the batch goes out together, then wait for each ack.
-        let mut acks = Vec::with_capacity(messages.len());
-        let mut refused = None;
-        for (i, m) in messages.iter().enumerate() {
-            let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
-            for (key, value) in &m.headers {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value.as_bytes()),
-                });
-            }
-            let mut record = FutureRecord::to(&m.topic)
-                .payload(m.payload.as_slice())
-                .headers(headers);
-            if let Some(key) = &m.key {
-                record = record.key(key.as_str());
-            }
-            match self.producer.send_result(record) {
-                Ok(ack) => acks.push(ack),
-                Err((e, _)) => {
-                    // The ones enqueued before it still go out; their acks decide the result.
-                    refused = Some(produce_error(i, &m.topic, e));
-                    break;
-                }
-            }
+        let producer = self.producer.load_full();
+        let published = publish(&producer, messages).await;
+        if published.is_err() {
+            self.replace_if_fatal(&producer);
         }
-        for (i, ack) in acks.into_iter().enumerate() {
-            match ack.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(produce_error(i, &messages[i].topic, e)),
-                Err(_) => bail!("the Kafka producer went away"),
-            }
-        }
-        refused.map_or(Ok(()), Err)
+        published
     }
 
     async fn subscribe(
@@ -212,7 +206,7 @@ impl Backend for Kafka {
     }
 
     async fn health(&self) -> Result<()> {
-        let producer = self.producer.clone();
+        let producer = self.producer.load_full();
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
@@ -307,22 +301,64 @@ impl Subscription for KafkaSubscription {
     }
 }
 
+/// Sends `messages` in order on `producer` and waits until the broker acknowledged each.
+async fn publish(producer: &FutureProducer, messages: &[Message]) -> Result<()> {
+    // Enqueue everything first so the batch goes out together, then wait for each ack.
+    let mut acks = Vec::with_capacity(messages.len());
+    let mut refused = None;
+    for (i, m) in messages.iter().enumerate() {
+        let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
+        for (key, value) in &m.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(&m.topic)
+            .payload(m.payload.as_slice())
+            .headers(headers);
+        if let Some(key) = &m.key {
+            record = record.key(key.as_str());
+        }
+        match producer.send_result(record) {
+            Ok(ack) => acks.push(ack),
+            Err((e, _)) => {
+                // The ones enqueued before it still go out; their acks decide the result.
+                refused = Some(produce_error(i, &m.topic, e));
+                break;
+            }
+        }
+    }
+    for (i, ack) in acks.into_iter().enumerate() {
+        match ack.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(produce_error(i, &messages[i].topic, e)),
+            Err(_) => bail!("the Kafka producer went away"),
+        }
+    }
+    refused.map_or(Ok(()), Err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::broker::Broker;
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn contract_on_a_real_broker() {
-        let broker = Broker::start().expect("a Kafka-protocol broker is required for this test");
-        let kafka = Kafka::new(KafkaConfig {
+    fn on(broker: &Broker, partitions: i32) -> Kafka {
+        Kafka::new(KafkaConfig {
             brokers: broker.addr.clone(),
-            partitions: 3,
+            partitions,
             replication: 1,
             fetch_wait: Duration::from_millis(10),
             batch_messages: 1,
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn contract_on_a_real_broker() {
+        let broker = Broker::start().expect("a Kafka-protocol broker is required for this test");
+        let kafka = on(&broker, 3);
         kafka
             .ensure_topics(&["contract".to_string()])
             .await
@@ -333,5 +369,42 @@ mod tests {
             .await
             .unwrap();
         crate::messaging::tests::contract(Arc::new(kafka), "contract").await;
+    }
+
+    /// A producer that failed for good (fenced, as librdkafka's idempotent producer can be
+    /// after a broker stall) is replaced: the batch it refused goes out on the next try.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_producer_that_failed_for_good_is_replaced() {
+        let broker = Broker::start().expect("a Kafka-protocol broker is required for this test");
+        let kafka = on(&broker, 1);
+        kafka.ensure_topics(&["fenced".to_string()]).await.unwrap();
+        let first = [crate::messaging::tests::msg("fenced", "k", "first")];
+        kafka.publish(&first).await.unwrap();
+        let reason = std::ffi::CString::new("fenced by the test").unwrap();
+        let producer = kafka.producer.load_full();
+        // SAFETY: librdkafka's own hook for raising a fatal error on a live client handle.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                producer.client().native_ptr(),
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_PRODUCER_FENCED,
+                reason.as_ptr(),
+            );
+        }
+        let second = [crate::messaging::tests::msg("fenced", "k", "second")];
+        assert!(kafka.publish(&second).await.is_err());
+        kafka.publish(&second).await.unwrap();
+        let mut sub = kafka
+            .subscribe("g", "fenced", Start::Earliest)
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                .await
+                .expect("the records within 30 s")
+                .unwrap();
+            got.push(String::from_utf8(d.message.payload).unwrap());
+        }
+        assert_eq!(got, ["first", "second"]);
     }
 }

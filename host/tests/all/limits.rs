@@ -238,7 +238,8 @@ async fn slow_bodies_are_cut_off_and_do_not_starve_their_service() {
             .await,
         );
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The host holds the first 8 bytes of each body.
+    wait_body_bytes(&host, |held| held == 32.0).await;
     // They hold no permit while they stall: the service still answers.
     assert_eq!(host.send("GET", "user", "/users", None).await.status, 200);
     let body = r#"{"name":"A","email":"a@ex.com"}"#;
@@ -286,11 +287,12 @@ async fn a_guest_waiting_past_the_request_timeout_gets_504_and_frees_its_permit(
 async fn a_port_holds_at_most_max_connections_and_takes_the_next_when_one_closes() {
     let host = Host::start_with(None, &["--max-connections", "3"]).await;
     let addr = format!("127.0.0.1:{}", host.ports["user"]);
+    let before = host.metric("host_open_connections ").await;
     let mut idle = Vec::new();
     for _ in 0..3 {
         idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_open_connections(&host, before + 3.0).await;
     // A fourth client waits: the port does not take it while three are open.
     let fourth = tokio::spawn({
         let (http, url) = (host.http.clone(), host.url("user", "/users"));
@@ -312,6 +314,38 @@ async fn a_port_holds_at_most_max_connections_and_takes_the_next_when_one_closes
     assert_eq!(status, 200);
 }
 
+/// Waits (at most 10 s) until the host has accepted `n` connections on its service ports.
+async fn wait_open_connections(host: &Host, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = host.metric("host_open_connections ").await;
+        if open >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host accepted {open} connections of {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (at most 10 s) until the request body bytes the host holds satisfy `done`.
+async fn wait_body_bytes(host: &Host, done: impl Fn(f64) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = host.metric("host_request_body_bytes ").await;
+        if done(held) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host holds {held} body bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn request_bodies_held_by_the_host_stay_within_the_body_buffer() {
     let host = Host::start_with(None, &["--body-buffer", "1MiB"]).await;
@@ -320,7 +354,7 @@ async fn request_bodies_held_by_the_host_stay_within_the_body_buffer() {
     let mut upload = b"POST /users HTTP/1.1\r\nhost: x\r\ncontent-length: 900010\r\n\r\n".to_vec();
     upload.extend(std::iter::repeat_n(b' ', 900_000));
     let slow = stalled(host.ports["user"], &upload).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_body_bytes(&host, |held| held == 900_000.0).await;
     // On another port too: the budget is the host's, not a port's.
     let big = format!(r#"{{"name":"{}","price":1}}"#, "x".repeat(200_000));
     assert_error(
@@ -334,7 +368,7 @@ async fn request_bodies_held_by_the_host_stay_within_the_body_buffer() {
     // Once the slow client is gone its reservation is released: the same body is read and
     // judged by the service (its name is too long: 400) instead of refused by the host.
     drop(slow);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_body_bytes(&host, |held| held == 0.0).await;
     assert_error(
         &host.send("POST", "product", "/products", Some(&big)).await,
         400,
@@ -442,6 +476,7 @@ async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_write_tim
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_that_declare_bodies_and_send_nothing_hold_no_buffer() {
     let host = Host::start().await;
+    let before = host.metric("host_open_connections ").await;
     let mut idle = Vec::new();
     for i in 0..2000 {
         let service = ["user", "product", "order", "gateway"][i % 4];
@@ -454,7 +489,7 @@ async fn connections_that_declare_bodies_and_send_nothing_hold_no_buffer() {
             .await,
         );
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_open_connections(&host, before + 2000.0).await;
     for i in 0..5 {
         let body = format!(r#"{{"name":"A{i}","email":"a{i}@ex.com"}}"#);
         let r = host.send("POST", "user", "/users", Some(&body)).await;

@@ -327,7 +327,8 @@ async fn a_port_change_binds_the_new_port_before_the_old_one_closes() {
     }
     stop.store(true, Ordering::Relaxed);
     let (on_old, gaps) = mover.await.unwrap();
-    assert!(gaps.is_empty(), "{gaps:?}");
+    let first: Vec<_> = gaps.iter().take(3).collect();
+    assert!(gaps.is_empty(), "{} gaps, the first: {first:?}", gaps.len());
     assert!(on_old > 0, "the client never reached the old port");
     // A port another process holds: refused, the service stays where it is.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -445,18 +445,107 @@ async fn a_consumer_group_splits_its_partitions_across_the_two_hosts() {
     let series = r#"host_messages_consumed_total{service="order",topic="user-created"}"#;
     let gateway = pair.a().url("gateway", "");
     let deadline = Instant::now() + Duration::from_secs(90);
-    for i in 0.. {
-        let email = format!("split{i}@ex.com");
+    let mut created = 0.0;
+    loop {
+        let email = format!("split{created}@ex.com");
         let (status, _) = create(&pair.b.http, &gateway, "S", &email).await;
         assert_eq!(status, 201);
+        created += 1.0;
         let handled = [pair.a().metric(series).await, pair.b.metric(series).await];
         if handled.iter().all(|&n| n > 0.0) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "after {i} users one host handled them all: {handled:?}"
+            "after {created} users one host handled them all: {handled:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Split, not copied: each record went to one host of the group. Once all are handled,
+    // the count stays there (a host that also consumed them all would go on to twice as many).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut settled = None;
+    loop {
+        let handled = [pair.a().metric(series).await, pair.b.metric(series).await];
+        let total: f64 = handled.iter().sum();
+        assert!(total <= created, "{handled:?} for {created} users");
+        if total == created {
+            let since = *settled.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "{handled:?} of {created}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An outbox row that no host can decode (as another version might write) is set aside in
+/// `outbox_parked`, counted, and shown by `/readyz`; the events behind it, on every partition,
+/// still reach Kafka and their consumers.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_undecodable_outbox_row_is_parked_and_the_events_behind_it_flow() {
+    let pg = Postgres::start().expect("this test needs PostgreSQL (pg_config on PATH)");
+    let url = pg.create_database("parking").unwrap();
+    let broker = Broker::start()
+        .expect("this test needs tansu: cargo install tansu --locked --features dynostore");
+    let host = Host::start_with(
+        None,
+        &["--state-url", &url, "--kafka-brokers", &broker.addr],
+    )
+    .await;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // One undecodable row at the head of each of the outbox's 16 partitions.
+    client
+        .execute(
+            "INSERT INTO outbox (part, message) \
+             SELECT p, '\\xdeadbeef'::bytea FROM generate_series(0, 15) p",
+            &[],
+        )
+        .await
+        .unwrap();
+    let created = host
+        .post(
+            "/api/users",
+            &json!({"name": "Behind", "email": "behind@x.io"}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.json);
+    let id = created.json["id"].as_u64().unwrap();
+    let order = host.order_when_cached(id, 1, Duration::from_secs(30)).await;
+    assert_eq!(order.status, 201, "{:?}", order.json);
+    let records = crate::kafka::read_topic(&broker, "user-created", 1).await;
+    assert!(
+        records
+            .iter()
+            .any(|(_, payload, _)| payload.contains("behind@x.io")),
+        "{records:?}"
+    );
+    let parked: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox_parked WHERE reason LIKE '%decode%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(parked, 16);
+    // Readiness counts the parked table about once a second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = host.admin_get("/readyz").await;
+        if ready.json["outbox_parked"] == 16 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", ready.json);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        host.metric(r#"host_messages_parked_total{topic=""}"#).await,
+        16.0
+    );
+    assert_eq!(host.metric("host_outbox_parked ").await, 16.0);
 }

@@ -1,4 +1,5 @@
-//! `wasi:http/outgoing-handler`: requests to `http://<name>-service/` run that service in process.
+//! `wasi:http/outgoing-handler@0.2` and `wasi:http/client@0.3`: requests to
+//! `http://<name>-service/` run that service in process.
 //!
 //! Nothing else is reachable, and only the services the caller may call. (`services` is the
 //! cheaper way to the same place.)
@@ -15,11 +16,19 @@ use wasmtime_wasi_http::{
     Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks, WasiHttpView,
 };
 
-/// Links `wasi:http` (types and outgoing-handler), whose hooks the store data provides.
+/// Links `wasi:http` 0.2 (types and outgoing-handler), whose hooks the store data provides.
 pub fn add_to_linker<T: WasiView + WasiHttpView + 'static>(
     linker: &mut Linker<T>,
 ) -> wasmtime::Result<()> {
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(linker)
+}
+
+/// Links `wasi:http` 0.3 (types and client), for an engine with the concurrent component
+/// model.
+pub fn add_wasi3_to_linker<T: WasiHttpView + 'static>(
+    linker: &mut Linker<T>,
+) -> wasmtime::Result<()> {
+    wasmtime_wasi_http::p3::add_to_linker(linker)
 }
 
 type Sent = Box<dyn Future<Output = Result<(), HttpError>> + Send>;

@@ -145,7 +145,8 @@ async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stopping.changed() => {}
+            // The sender gone (the host is exiting) is a stop too.
+            changed = stopping.changed() => if changed.is_err() { return },
         }
     }
 }

@@ -222,6 +222,7 @@ fn components(runtime: &Runtime) -> Value {
                 "port": s.spec.serves_http.then_some(s.spec.port),
                 "path": loaded.path.display().to_string(),
                 "sha256": loaded.sha256,
+                "http": loaded.http.interface(),
                 "loaded_at": time(loaded.loaded_at),
                 "calls": s.spec.calls,
                 "subscribes": s.spec.subscribes,

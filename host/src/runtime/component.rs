@@ -1,24 +1,104 @@
-//! Component files: reading, compiling (through the compile cache) and pre-instantiating them.
+//! Component files: reading, compiling (through the compile cache, for the engine that can
+//! run them) and pre-instantiating them.
 
 use super::cache::CompileCache;
-use super::store::{Instance, InstanceState};
+use super::engine::engine;
+use super::store::{linker, Instance, InstanceState};
 use crate::capabilities::exports::{handler, http_handler};
 use crate::config::ServiceSpec;
 use anyhow::{Context as _, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
-use wasmtime::component::Linker;
+use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::Engine;
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::ProxyIndices;
+use wasmtime_wasi_http::p3::bindings::ServiceIndices;
+
+/// An engine and everything a store of it may import.
+pub struct Flavor {
+    pub engine: Engine,
+    pub linker: Linker<InstanceState>,
+}
+
+/// WASI 0.2 components (and ours) run on an engine without wasmtime's concurrent component
+/// model, whose task bookkeeping costs every store and host call (about a third of a trivial
+/// request's throughput); components that use WASI 0.3 (async exports, streams, futures) run
+/// on one with it.
+pub struct Engines {
+    pub wasi2: Flavor,
+    pub wasi3: Flavor,
+}
+
+impl Engines {
+    pub fn new(max_instances: u32, max_memory: u64) -> Result<Engines> {
+        let flavor = |concurrent: bool| -> Result<Flavor> {
+            let engine = engine(max_instances, max_memory, concurrent)?;
+            let linker = linker(&engine, concurrent)?;
+            Ok(Flavor { engine, linker })
+        };
+        Ok(Engines {
+            wasi2: flavor(false)?,
+            wasi3: flavor(true)?,
+        })
+    }
+
+    /// `bytes` compiled (through `cache`) for the engine that can run it: the WASI 0.2 one
+    /// unless the component uses the component model's async features, which only the WASI 0.3
+    /// engine validates.
+    pub fn compile(
+        &self,
+        cache: &CompileCache,
+        bytes: &[u8],
+        sha256: &str,
+    ) -> Result<(Component, &Flavor)> {
+        match cache.compile(&self.wasi2.engine, bytes, sha256) {
+            Ok(component) => Ok((component, &self.wasi2)),
+            Err(wasi2) => match cache.compile(&self.wasi3.engine, bytes, sha256) {
+                Ok(component) => Ok((component, &self.wasi3)),
+                // Invalid for both: what the plainer engine says is the clearer error.
+                Err(_) => Err(wasi2),
+            },
+        }
+    }
+}
+
+/// The HTTP export a component is served through, chosen at load time: ours when it has it
+/// (same request, far fewer host calls), else `wasi:http` 0.3, else 0.2.
+#[derive(Clone)]
+pub enum HttpExport {
+    Handler(http_handler::GuestIndices),
+    WasiHttp3(ServiceIndices),
+    WasiHttp(ProxyIndices),
+}
+
+impl HttpExport {
+    /// What `pre`'s component exports to answer HTTP with, if anything.
+    fn of(pre: &InstancePre<InstanceState>) -> Option<HttpExport> {
+        if let Ok(indices) = http_handler::GuestIndices::new(pre) {
+            return Some(HttpExport::Handler(indices));
+        }
+        if let Ok(indices) = ServiceIndices::new(pre) {
+            return Some(HttpExport::WasiHttp3(indices));
+        }
+        ProxyIndices::new(pre).ok().map(HttpExport::WasiHttp)
+    }
+
+    /// The interface's name, for `/components` and logs.
+    pub fn interface(&self) -> &'static str {
+        match self {
+            HttpExport::Handler(_) => "microsvc:platform/http-handler",
+            HttpExport::WasiHttp3(_) => "wasi:http/handler@0.3",
+            HttpExport::WasiHttp(_) => "wasi:http/incoming-handler@0.2",
+        }
+    }
+}
 
 /// A component ready to be instantiated per request.
 pub struct Loaded {
-    pub proxy: ProxyPre<InstanceState>,
-    /// `microsvc:platform/http-handler#handle`, if the component exports it: HTTP requests then
-    /// go through it instead of `wasi:http` (same request, far fewer host calls).
-    pub http_handler: Option<http_handler::GuestIndices>,
+    pub pre: InstancePre<InstanceState>,
+    pub http: HttpExport,
     /// `microsvc:platform/handler`, for services that subscribe to topics.
     pub handler: Option<handler::GuestIndices>,
     pub path: PathBuf,
@@ -34,8 +114,8 @@ impl Loaded {
     /// settings (limits, calls).
     pub fn fresh(&self) -> Loaded {
         Loaded {
-            proxy: self.proxy.clone(),
-            http_handler: self.http_handler.clone(),
+            pre: self.pre.clone(),
+            http: self.http.clone(),
             handler: self.handler.clone(),
             path: self.path.clone(),
             sha256: self.sha256.clone(),
@@ -48,13 +128,12 @@ impl Loaded {
 /// Reads, compiles (off the async workers) and pre-instantiates `spec`'s component, checking
 /// that it exports what the service needs.
 pub async fn load(
-    engine: &Engine,
-    linker: &Linker<InstanceState>,
+    engines: &Arc<Engines>,
     spec: &ServiceSpec,
     cache: &CompileCache,
 ) -> Result<Loaded> {
     let (bytes, sha256) = read(&spec.file).await?;
-    prepare(engine, linker, spec, bytes, sha256, cache).await
+    prepare(engines, spec, bytes, sha256, cache).await
 }
 
 /// The file's bytes and their sha256 (hex).
@@ -67,18 +146,24 @@ pub async fn read(path: &Path) -> Result<(Vec<u8>, String)> {
 }
 
 pub async fn prepare(
-    engine: &Engine,
-    linker: &Linker<InstanceState>,
+    engines: &Arc<Engines>,
     spec: &ServiceSpec,
     bytes: Vec<u8>,
     sha256: String,
     cache: &CompileCache,
 ) -> Result<Loaded> {
     let path = spec.file.clone();
-    let (engine2, sha, cache) = (engine.clone(), sha256.clone(), cache.clone());
-    let component = tokio::task::spawn_blocking(move || cache.compile(&engine2, &bytes, &sha))
-        .await?
-        .with_context(|| format!("{} is not a valid component", path.display()))?;
+    let (compiling, sha, cache) = (engines.clone(), sha256.clone(), cache.clone());
+    let (component, wasi3) = tokio::task::spawn_blocking(move || {
+        let (component, flavor) = compiling.compile(&cache, &bytes, &sha)?;
+        anyhow::Ok((component, std::ptr::eq(flavor, &compiling.wasi3)))
+    })
+    .await?
+    .with_context(|| format!("{} is not a valid component", path.display()))?;
+    let linker = match wasi3 {
+        true => &engines.wasi3.linker,
+        false => &engines.wasi2.linker,
+    };
     let pre = linker
         .instantiate_pre(&component)
         .map_err(anyhow::Error::from)
@@ -88,14 +173,13 @@ pub async fn prepare(
                 path.display()
             )
         })?;
-    let proxy = ProxyPre::new(pre.clone())
-        .map_err(anyhow::Error::from)
-        .with_context(|| {
-            format!(
-                "{} does not export wasi:http/incoming-handler",
-                path.display()
-            )
-        })?;
+    let http = HttpExport::of(&pre).with_context(|| {
+        format!(
+            "{} exports no HTTP handler: neither wasi:http/handler@0.3, \
+             wasi:http/incoming-handler@0.2 nor microsvc:platform/http-handler",
+            path.display()
+        )
+    })?;
     let handler = if spec.subscribes.is_empty() {
         None
     } else {
@@ -109,11 +193,9 @@ pub async fn prepare(
             )
         })?)
     };
-    // A component without it is served through wasi:http.
-    let http_handler = http_handler::GuestIndices::new(&pre).ok();
     Ok(Loaded {
-        proxy,
-        http_handler,
+        pre,
+        http,
         handler,
         path,
         sha256,

@@ -1,4 +1,4 @@
-//! The one wasmtime engine: pooling allocator, epoch ticker.
+//! The wasmtime engines, one per WASI generation: pooling allocator, epoch ticker.
 
 use anyhow::Result;
 use std::time::Duration;
@@ -7,18 +7,19 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// How often the epoch advances: the granularity at which running guests yield.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// One engine for all services, with instance slots reserved up front (pooling allocator) so
-/// that a fresh instance per request costs a few microseconds.
+/// An engine for all services of one flavor, with instance slots reserved up front (pooling
+/// allocator) so that a fresh instance per request costs a few microseconds.
 /// `max_memory` is the largest memory limit of any service: the per-store limiter enforces each
 /// service's own.
-pub fn engine(max_instances: u32, max_memory: u64) -> Result<Engine> {
+pub(super) fn engine(max_instances: u32, max_memory: u64, concurrent: bool) -> Result<Engine> {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(max_instances)
         // A Rust component is a handful of core modules; only the main one has a memory.
         .total_core_instances(max_instances * 8)
         .total_memories(max_instances)
         .total_tables(max_instances * 8)
-        .total_stacks(max_instances)
+        // A WASI 0.3 instance may hold a second fiber stack while one of its tasks is blocked.
+        .total_stacks(max_instances * if concurrent { 2 } else { 1 })
         .max_memory_size(usize::try_from(max_memory)?)
         // Reset a returned slot's first pages with memset instead of giving them back to the
         // kernel: unmapping makes every instance page-fault its memory in again and costs TLB
@@ -38,9 +39,8 @@ pub fn engine(max_instances: u32, max_memory: u64) -> Result<Engine> {
     config
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
         .epoch_interruption(true)
-        // Nothing here uses the component model's async ABI (wasip3); without it every store
-        // and every host call skips wasmtime's task bookkeeping for concurrent guests.
-        .concurrency_support(false);
+        .concurrency_support(concurrent)
+        .wasm_component_model_async(concurrent);
     let engine = Engine::new(&config)?;
     // One ticker per engine, never per request.
     let weak = engine.weak();

@@ -1,5 +1,6 @@
-//! Calling a component's HTTP export, `microsvc:platform/http-handler` or
-//! `wasi:http/incoming-handler`, with a request the host holds whole, and buffering its answer.
+//! Calling a component's HTTP export, `microsvc:platform/http-handler`,
+//! `wasi:http/handler@0.3` or `wasi:http/incoming-handler@0.2`, with a request the host holds
+//! whole, and buffering its answer.
 
 use super::store::InstanceState;
 use crate::capabilities::exports::{http_handler, Request};
@@ -12,7 +13,7 @@ use wasmtime::Store;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::{p3, WasiHttpView};
 
 type ResponseSender =
     tokio::sync::oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>;
@@ -27,6 +28,15 @@ async fn collect_response(rx: ResponseReceiver, limit: usize) -> Result<HttpResp
         Ok(Err(code)) => return Err(anyhow!("component answered with error {code:?}")),
         Err(_) => return Err(anyhow!("component did not send a response")),
     };
+    buffer(resp, limit).await
+}
+
+/// `resp` with its body read whole, if it is at most `limit` bytes.
+async fn buffer<B>(resp: hyper::Response<B>, limit: usize) -> Result<HttpResponse>
+where
+    B: hyper::body::Body<Data = bytes::Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (parts, body) = resp.into_parts();
     let body = http_body_util::Limited::new(body, limit)
         .collect()
@@ -74,6 +84,52 @@ pub(super) async fn call_wasi_http(
         (Ok(()), None) => collect.await,
     };
     (clean, outcome)
+}
+
+/// Runs the guest's `wasi:http/handler@0.3` on `req`: whether the instance may serve again, and
+/// the response. The guest's tasks run until its body is read and every one of them ended, so
+/// nothing of this request is left running in the instance.
+pub(super) async fn call_wasi_http3(
+    store: &mut Store<InstanceState>,
+    service: &p3::bindings::Service,
+    req: &HttpRequest,
+    limit: usize,
+) -> (bool, Result<HttpResponse>) {
+    let mut builder = hyper::Request::builder()
+        .method(req.method.clone())
+        .uri(req.uri.clone());
+    *builder.headers_mut().unwrap() = req.headers.clone();
+    let body = Full::new(req.body.clone())
+        .map_err(|never| -> wasmtime_wasi_http::Error { match never {} });
+    let request = match builder.body(body) {
+        Ok(request) => request,
+        Err(e) => return (true, Err(e.into())),
+    };
+    let (request, _body_sent) = p3::Request::from_http(store.data_mut().http().hooks, request);
+    store.set_epoch_deadline(1);
+    let called = store
+        .run_concurrent(async |tasks| {
+            let response = match service.handle(tasks, request).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(code)) => return Err(anyhow!("component answered with error {code:?}")),
+                Err(trap) => return Err(anyhow::Error::from(trap)),
+            };
+            let response = tasks
+                .with(|store| response.into_http(store, async { Ok(()) }))
+                .map_err(anyhow::Error::from)?;
+            let buffered = buffer(response, limit).await?;
+            std::future::poll_fn(|cx| tasks.poll_no_interesting_tasks(cx)).await;
+            Ok(buffered)
+        })
+        .await;
+    match called {
+        Ok(Ok(resp)) => (store.data().table.is_empty(), Ok(resp)),
+        Ok(Err(e)) => {
+            store.data_mut().table = ResourceTable::new();
+            (false, Err(e))
+        }
+        Err(trap) => (false, Err(anyhow::Error::from(trap))),
+    }
 }
 
 /// Runs the guest's `http-handler` on `req`: whether the instance may serve again, and the

@@ -5,7 +5,7 @@
 //! instance is pooled again only when the call ended cleanly.
 
 use super::component::Loaded;
-use super::http_exports::{call_handler, call_wasi_http};
+use super::http_exports::{call_handler, call_wasi_http, call_wasi_http3};
 use super::service::Service;
 use super::store::{HttpEntry, Instance};
 use super::Runtime;
@@ -99,6 +99,9 @@ async fn run_once(
             Call::Request(req) => {
                 let (clean, resp) = match entry {
                     HttpEntry::Handler(handler) => call_handler(store, handler, req).await,
+                    HttpEntry::WasiHttp3(service) => {
+                        call_wasi_http3(store, service, req, host_bytes).await
+                    }
                     HttpEntry::WasiHttp(proxy) => {
                         call_wasi_http(store, proxy, req, host_bytes).await
                     }

@@ -23,8 +23,6 @@ use futures_util::future::BoxFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
-use wasmtime::component::Linker;
-use wasmtime::Engine;
 
 pub use service::{RejectedFile, Service};
 pub use settings::Settings;
@@ -32,8 +30,7 @@ pub use store::InstanceState;
 pub use versions::{ManifestStatus, VersionMoveError};
 
 pub struct Runtime {
-    engine: Engine,
-    linker: Linker<InstanceState>,
+    engines: Arc<component::Engines>,
     state: Arc<dyn StateStore>,
     drainer: Drainer,
     backend: Arc<dyn Backend>,
@@ -92,11 +89,9 @@ impl Runtime {
             .map(|s| s.limits.memory)
             .max()
             .unwrap_or(64 << 20);
-        let engine = engine::engine(args.max_instances, max_memory)?;
-        let linker = store::linker(&engine)?;
+        let engines = Arc::new(component::Engines::new(args.max_instances, max_memory)?);
         Ok(Arc::new_cyclic(|me| Runtime {
-            engine,
-            linker,
+            engines,
             drainer: Drainer::new(state.clone()),
             state,
             backend,
@@ -147,17 +142,13 @@ impl Runtime {
             let service = match (old, reusable) {
                 (Some(old), Some(loaded)) => old.reconfigured(spec, loaded.fresh(), false),
                 (old, _) => {
-                    let loaded = match component::load(
-                        &self.engine,
-                        &self.linker,
-                        &spec,
-                        &self.settings.compile_cache,
-                    )
-                    .await
-                    {
-                        Ok(loaded) => loaded,
-                        Err(error) => return Err(LoadError { spec, error }),
-                    };
+                    let loaded =
+                        match component::load(&self.engines, &spec, &self.settings.compile_cache)
+                            .await
+                        {
+                            Ok(loaded) => loaded,
+                            Err(error) => return Err(LoadError { spec, error }),
+                        };
                     tracing::info!(
                         service = %spec.name,
                         port = spec.port,
@@ -256,15 +247,7 @@ impl Runtime {
         sha256: String,
     ) -> Result<component::Loaded> {
         let cache = &self.settings.compile_cache;
-        component::prepare(
-            &self.engine,
-            &self.linker,
-            &service.spec,
-            bytes,
-            sha256,
-            cache,
-        )
-        .await
+        component::prepare(&self.engines, &service.spec, bytes, sha256, cache).await
     }
 
     /// Publishes the outbox, forever (see [`Drainer::drain`]).
@@ -314,7 +297,15 @@ impl ServiceCalls for RuntimeServices {
             if let Some(delay) = target.spec.latency {
                 tokio::time::sleep(delay).await;
             }
-            Some(invoke::http(&runtime, &target, req, request_id).await)
+            // The callee runs as a task of its own: the caller's call is polled inside its
+            // store's event loop, where no other store may run. Dropping the call (the
+            // caller's timeout) still stops the callee.
+            let request_id = request_id.to_string();
+            let callee =
+                tokio::spawn(
+                    async move { invoke::http(&runtime, &target, req, &request_id).await },
+                );
+            tokio_util::task::AbortOnDropHandle::new(callee).await.ok()
         })
     }
 }
@@ -365,14 +356,9 @@ mod tests {
             .clone();
         // Swapped to b, as the watcher does when the file changes.
         std::fs::copy(fixture("user-b.wasm"), &file).unwrap();
-        let b = component::load(
-            &runtime.engine,
-            &runtime.linker,
-            &spec,
-            &runtime.settings.compile_cache,
-        )
-        .await
-        .unwrap();
+        let b = component::load(&runtime.engines, &spec, &runtime.settings.compile_cache)
+            .await
+            .unwrap();
         runtime.service("user").unwrap().install(b);
         // A manifest change of its limits is prepared (while b runs), then the operator rolls
         // back to a before it is installed.

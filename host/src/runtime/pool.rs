@@ -1,13 +1,12 @@
 //! Instances ready for an invocation: a fresh one, or one reused from its version's idle list.
 
-use super::component::Loaded;
+use super::component::{HttpExport, Loaded};
 use super::service::Service;
 use super::store::{new_store, HttpEntry, Instance};
 use super::Runtime;
 use crate::storage::Txn;
 use anyhow::Result;
 use std::sync::Arc;
-use wasmtime_wasi_http::p2::bindings::Proxy;
 
 impl Instance {
     /// An idle instance of `loaded` if instances are reused and one is free, else a new one.
@@ -21,21 +20,20 @@ impl Instance {
                 return Ok(idle);
             }
         }
-        let mut store = new_store(runtime, &service.spec, &service.name);
+        let engine = loaded.pre.component().engine();
+        let mut store = new_store(runtime, engine, &service.spec, &service.name);
         service.instances.inc();
-        let instance = loaded
-            .proxy
-            .instance_pre()
-            .instantiate_async(&mut store)
-            .await?;
-        // An export of another shape than ours is simply not used: wasi:http still works.
-        let handle = loaded
-            .http_handler
-            .as_ref()
-            .and_then(|i| i.load(&mut store, &instance).ok());
-        let entry = match handle {
-            Some(handle) => HttpEntry::Handler(handle),
-            None => HttpEntry::WasiHttp(Proxy::new(&mut store, &instance)?),
+        let instance = loaded.pre.instantiate_async(&mut store).await?;
+        let entry = match &loaded.http {
+            HttpExport::Handler(indices) => {
+                HttpEntry::Handler(indices.load(&mut store, &instance)?)
+            }
+            HttpExport::WasiHttp3(indices) => {
+                HttpEntry::WasiHttp3(indices.load(&mut store, &instance)?)
+            }
+            HttpExport::WasiHttp(indices) => {
+                HttpEntry::WasiHttp(indices.load(&mut store, &instance)?)
+            }
         };
         let handler = match &loaded.handler {
             // Loading checked that the component exports the handler.

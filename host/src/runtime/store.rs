@@ -94,9 +94,11 @@ impl InstanceState {
     }
 }
 
-/// How a component answers HTTP: `http-handler` when it exports it, else `wasi:http`.
+/// How a component answers HTTP: `http-handler` when it exports it, else `wasi:http` 0.3, else
+/// 0.2.
 pub(super) enum HttpEntry {
     Handler(http_handler::Guest),
+    WasiHttp3(wasmtime_wasi_http::p3::bindings::Service),
     WasiHttp(Proxy),
 }
 
@@ -110,11 +112,17 @@ pub struct Instance {
     pub(super) served: u32,
 }
 
-/// Everything a service's store needs from the host, linked once.
-pub fn linker(engine: &Engine) -> Result<Linker<InstanceState>> {
+/// Everything a service's store needs from the host, linked once per engine; with `wasi3`,
+/// WASI 0.3 beside 0.2 (a component built for wasm32-wasip2 that exports
+/// `wasi:http/handler@0.3.0` still imports std's 0.2 `wasi:cli` and `wasi:io`).
+pub fn linker(engine: &Engine, wasi3: bool) -> Result<Linker<InstanceState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     outgoing_http::add_to_linker(&mut linker)?;
+    if wasi3 {
+        wasmtime_wasi::p3::add_to_linker(&mut linker)?;
+        outgoing_http::add_wasi3_to_linker(&mut linker)?;
+    }
     state::add_to_linker(&mut linker, InstanceState::state)?;
     producer::add_to_linker(&mut linker, InstanceState::producer)?;
     services::add_to_linker(&mut linker, InstanceState::services)?;
@@ -124,6 +132,7 @@ pub fn linker(engine: &Engine) -> Result<Linker<InstanceState>> {
 /// A store for a new instance of the service `spec` describes.
 pub(super) fn new_store(
     runtime: &Runtime,
+    engine: &Engine,
     spec: &Arc<ServiceSpec>,
     name: &Arc<str>,
 ) -> Store<InstanceState> {
@@ -158,7 +167,7 @@ pub(super) fn new_store(
         host_bytes: runtime.settings.invocation_host_bytes,
         txn: Txn::new(name.clone()),
     };
-    let mut store = Store::new(&runtime.engine, ctx);
+    let mut store = Store::new(engine, ctx);
     store.limiter(|ctx| &mut ctx.limits);
     // The callback runs once per epoch tick the guest spends computing (waiting in host calls
     // does not tick it), so counting calls measures guest compute time. Each tick also yields

@@ -24,3 +24,4 @@ mod scale;
 mod services;
 mod shutdown;
 mod swap;
+mod wasi_http3;

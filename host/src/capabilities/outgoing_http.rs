@@ -1,5 +1,6 @@
-//! `wasi:http/outgoing-handler@0.2` and `wasi:http/client@0.3`: requests to
-//! `http://<name>-service/` run that service in process.
+//! `wasi:http/outgoing-handler@0.2`, `wasi:http/client@0.3` and an imported
+//! `wasi:http/handler@0.3` (a middleware's next hop): requests to `http://<name>-service/` run
+//! that service in process.
 //!
 //! Nothing else is reachable, and only the services the caller may call. (`services` is the
 //! cheaper way to the same place.)
@@ -8,12 +9,14 @@ use super::services::{CallRefused, Outbound};
 use crate::types::HttpRequest;
 use anyhow::Result;
 use http_body_util::{BodyExt, Limited};
-use platform_contract::MAX_BODY;
+use hyper::http::uri::Scheme;
+use platform_contract::{MAX_BODY, SERVICE_SUFFIX};
 use std::future::Future;
-use wasmtime::component::Linker;
+use wasmtime::component::{Accessor, Linker, Resource};
 use wasmtime_wasi::WasiView;
+use wasmtime_wasi_http::p3::bindings::http::{client, types::Host as _};
 use wasmtime_wasi_http::{
-    Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks, WasiHttpView,
+    p3, Error as HttpError, RequestOptions, WasiBody, WasiHttp, WasiHttpHooks, WasiHttpView,
 };
 
 /// Links `wasi:http` 0.2 (types and outgoing-handler), whose hooks the store data provides.
@@ -29,6 +32,46 @@ pub fn add_wasi3_to_linker<T: WasiHttpView + 'static>(
     linker: &mut Linker<T>,
 ) -> wasmtime::Result<()> {
     wasmtime_wasi_http::p3::add_to_linker(linker)
+}
+
+/// Where a middleware's imported `wasi:http/handler@0.3` hands its requests.
+pub trait NextHop {
+    /// The service name (without `-service`), or `None` to go where a request's authority says.
+    fn next_hop(&self) -> Option<&str>;
+}
+
+/// Links `wasi:http/handler@0.3` as an import: `handle` sends its request, as
+/// `wasi:http/client.send` does, to the store's [`NextHop`] when it has one.
+pub fn add_wasi3_handler_to_linker<T: WasiHttpView + NextHop + Send + 'static>(
+    linker: &mut Linker<T>,
+) -> wasmtime::Result<()> {
+    linker
+        .instance("wasi:http/handler@0.3.0")?
+        .func_wrap_concurrent(
+            "handle",
+            |accessor: &Accessor<T>, (request,): (Resource<p3::Request>,)| {
+                Box::pin(async move {
+                    accessor.with(|mut store| -> wasmtime::Result<()> {
+                        let state = store.get();
+                        let Some(next) = state.next_hop().map(|n| format!("{n}{SERVICE_SUFFIX}"))
+                        else {
+                            return Ok(());
+                        };
+                        let request = state.http().table.get_mut(&request)?;
+                        request.authority = Some(next.parse()?);
+                        request.scheme.get_or_insert(Scheme::HTTP);
+                        Ok(())
+                    })?;
+                    let http = accessor.with_getter::<WasiHttp>(T::http);
+                    let sent = <WasiHttp as client::HostWithStore<T>>::send(&http, request).await;
+                    let answer = match sent {
+                        Ok(response) => Ok(response),
+                        Err(e) => Err(accessor.with(|mut s| s.get().http().convert_error_code(e))?),
+                    };
+                    Ok((answer,))
+                })
+            },
+        )
 }
 
 type Sent = Box<dyn Future<Output = Result<(), HttpError>> + Send>;

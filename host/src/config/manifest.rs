@@ -5,7 +5,7 @@
 //! with one message instead of starting half of it.
 
 use super::units::parse_size;
-use super::{Limits, ServiceSpec, Start};
+use super::{Instances, Limits, ServiceSpec, Start};
 use indexmap::IndexMap;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -29,12 +29,16 @@ struct ServiceTable {
     port: Option<Spanned<u16>>,
     #[serde(default)]
     calls: Vec<Spanned<String>>,
+    /// The service a middleware's `wasi:http/handler@0.3` import hands requests to.
+    next: Option<Spanned<String>>,
     #[serde(default)]
     produces: Vec<Spanned<String>>,
     #[serde(default)]
     subscribe: Vec<Subscribe>,
     #[serde(default)]
     limits: LimitsTable,
+    #[serde(default)]
+    instances: InstancesTable,
     /// Testing aid: a delay before each in-process call into the service.
     latency: Option<Spanned<String>>,
 }
@@ -56,12 +60,24 @@ struct LimitsTable {
     concurrency: Option<Spanned<u64>>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct InstancesTable {
+    reuse: Option<Spanned<u64>>,
+    concurrent: Option<Spanned<u64>>,
+    idle: Option<Spanned<String>>,
+}
+
 /// Bounds of the manifest's numbers: past them a value is a mistake, and some would make the
 /// host fail at run time (a semaphore's permits, an instant's overflow).
 pub const CONCURRENCY: std::ops::RangeInclusive<u64> = 1..=100_000;
 /// A 32-bit linear memory is at most 4 GiB; one page is the least a memory has.
 pub const MEMORY: std::ops::RangeInclusive<u64> = (64 << 10)..=(4 << 30);
 pub const CPU: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_millis(1)..=std::time::Duration::from_secs(3600);
+pub const REUSE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+pub const CONCURRENT: std::ops::RangeInclusive<u64> = 1..=1024;
+pub const IDLE: std::ops::RangeInclusive<std::time::Duration> =
     std::time::Duration::from_millis(1)..=std::time::Duration::from_secs(3600);
 pub const LATENCY: std::ops::RangeInclusive<std::time::Duration> =
     std::time::Duration::ZERO..=std::time::Duration::from_secs(60);
@@ -153,12 +169,13 @@ impl Context<'_> {
                     format!("service.{name}.component: no file {}", file.display()),
                 ));
             }
-            for callee in &entry.calls {
+            let callees = entry.calls.iter().map(|c| ("calls", c));
+            for (key, callee) in callees.chain(entry.next.iter().map(|n| ("next", n))) {
                 if !declared(callee.get_ref()) {
                     return Err(err(
                         callee.span(),
                         format!(
-                            "service.{name}.calls: {:?} is not a declared service",
+                            "service.{name}.{key}: {:?} is not a declared service",
                             callee.get_ref()
                         ),
                     ));
@@ -242,6 +259,24 @@ impl Context<'_> {
                 )?;
                 limits.concurrency = n as usize;
             }
+            let mut instances = Instances::default();
+            let count = |n: &Spanned<u64>, key: &str, range: &std::ops::RangeInclusive<u64>| {
+                let text = format!("{}..={}", range.start(), range.end());
+                bounded(n.span(), key, range.contains(n.get_ref()), text)
+                    .map(|()| *n.get_ref() as u32)
+            };
+            if let Some(reuse) = &entry.instances.reuse {
+                instances.reuse = Some(count(reuse, "instances.reuse", &REUSE)?);
+            }
+            if let Some(concurrent) = &entry.instances.concurrent {
+                instances.concurrent = count(concurrent, "instances.concurrent", &CONCURRENT)?;
+            }
+            if let Some(idle) = &entry.instances.idle {
+                instances.idle = humantime::parse_duration(idle.get_ref())
+                    .map_err(|e| err(idle.span(), format!("service.{name}.instances.idle: {e}")))?;
+                let ok = IDLE.contains(&instances.idle);
+                bounded(idle.span(), "instances.idle", ok, "1ms..=1h".into())?;
+            }
             let latency = match &entry.latency {
                 None => None,
                 Some(l) => {
@@ -276,7 +311,11 @@ impl Context<'_> {
                 port,
                 serves_http: entry.port.is_some() || self.ports.contains_key(name),
                 file,
-                calls: entry.calls.iter().map(|c| c.get_ref().clone()).collect(),
+                // Its next hop is a service it may call.
+                calls: (entry.calls.iter().chain(&entry.next))
+                    .map(|c| c.get_ref().clone())
+                    .collect(),
+                next: entry.next.as_ref().map(|n| n.get_ref().clone()),
                 subscribes: entry
                     .subscribe
                     .iter()
@@ -289,6 +328,7 @@ impl Context<'_> {
                 produces: entry.produces.iter().map(|p| p.get_ref().clone()).collect(),
                 latency,
                 limits,
+                instances,
             });
         }
         Ok(specs)
@@ -327,6 +367,7 @@ produces = ["user-created"]
 component = "order.wasm"
 subscribe = [{ topic = "user-created", group = "order-service" }]
 limits = { memory = "32MiB", cpu = "1s", concurrency = 4 }
+instances = { reuse = 50, concurrent = 4, idle = "250ms" }
 "#;
 
     fn context(dir: &Path, ports: &BTreeMap<String, u16>, f: impl FnOnce(&Context<'_>)) {
@@ -357,6 +398,16 @@ limits = { memory = "32MiB", cpu = "1s", concurrency = 4 }
             assert_eq!((specs[0].port, specs[1].port, specs[2].port), (0, 3001, 0));
             assert!(specs[0].serves_http && !specs[2].serves_http);
             assert_eq!(specs[0].calls, ["user"]);
+            let next = SEED.replacen(
+                "calls = [\"user\"]",
+                "calls = [\"user\"]\nnext = \"order\"",
+                1,
+            );
+            let gateway = c.parse(&next).unwrap().remove(0);
+            assert_eq!(
+                (gateway.calls, gateway.next),
+                (vec!["user".into(), "order".into()], Some("order".into()))
+            );
             assert_eq!(specs[1].produces, ["user-created"]);
             assert_eq!(
                 (specs[2].subscribes.clone(), specs[2].group.as_str()),
@@ -371,6 +422,15 @@ limits = { memory = "32MiB", cpu = "1s", concurrency = 4 }
                 }
             );
             assert_eq!(specs[1].limits.memory, 64 << 20);
+            assert_eq!(
+                specs[2].instances,
+                Instances {
+                    reuse: Some(50),
+                    concurrent: 4,
+                    idle: Duration::from_millis(250)
+                }
+            );
+            assert_eq!(specs[1].instances, Instances::default());
             assert_eq!(specs[1].group, "user-service");
             assert_eq!(specs[2].start, Start::Earliest);
             let latest = SEED.replace(
@@ -391,6 +451,16 @@ limits = { memory = "32MiB", cpu = "1s", concurrency = 4 }
             let e = with("port = 3001", "port = 3001\ncolour = \"red\"");
             assert!(
                 e.starts_with("services.toml:10:1: ") && e.contains("colour"),
+                "{e}"
+            );
+            let e = with(
+                "calls = [\"user\"]",
+                "calls = [\"user\"]\nnext = \"billing\"",
+            );
+            assert!(
+                e.starts_with("services.toml:6:8: ")
+                    && e.contains("service.gateway.next")
+                    && e.contains("billing"),
                 "{e}"
             );
             let e = with("calls = [\"user\"]", "calls = [\"user\", \"billing\"]");
@@ -446,6 +516,14 @@ limits = { memory = "32MiB", cpu = "1s", concurrency = 4 }
                 ("cpu = \"1s\"", "cpu = \"0s\"", "limits.cpu"),
                 ("memory = \"32MiB\"", "memory = \"5GiB\"", "limits.memory"),
                 ("memory = \"32MiB\"", "memory = \"1KiB\"", "limits.memory"),
+                ("reuse = 50", "reuse = 0", "instances.reuse"),
+                ("concurrent = 4", "concurrent = 0", "instances.concurrent"),
+                (
+                    "concurrent = 4",
+                    "concurrent = 5000",
+                    "instances.concurrent",
+                ),
+                ("idle = \"250ms\"", "idle = \"2h\"", "instances.idle"),
             ] {
                 let e = with(from, to);
                 assert!(

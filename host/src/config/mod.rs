@@ -281,8 +281,11 @@ pub struct ServiceSpec {
     /// Whether it has a port at all; without one only other services reach it.
     pub serves_http: bool,
     pub file: PathBuf,
-    /// Services it may call over `http://<name>-service/`.
+    /// Services it may call over `http://<name>-service/` (its `next` among them).
     pub calls: Vec<String>,
+    /// Where a middleware's `wasi:http/handler@0.3.0` import hands requests (a service name);
+    /// `None`: where each request's authority says, as `wasi:http/client` does.
+    pub next: Option<String>,
     /// Topics its `handler` export receives, and its consumer group.
     pub subscribes: Vec<String>,
     pub group: String,
@@ -293,7 +296,36 @@ pub struct ServiceSpec {
     /// Injected delay before each in-process call into it (testing aid).
     pub latency: Option<Duration>,
     pub limits: Limits,
+    pub instances: Instances,
 }
+
+/// How a service's instances are reused (the manifest's `instances` table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Instances {
+    /// Requests one instance serves before it is dropped; `None`: the host's
+    /// `--instance-reuse`.
+    pub reuse: Option<u32>,
+    /// Requests one instance of a WASI 0.3 component serves at once (an async `handle` that
+    /// waits lets another run); 1 serves them one at a time.
+    pub concurrent: u32,
+    /// How long an instance that serves requests at once waits for one before it ends.
+    pub idle: Duration,
+}
+
+impl Default for Instances {
+    fn default() -> Instances {
+        Instances {
+            reuse: None,
+            concurrent: DEFAULT_CONCURRENT,
+            idle: DEFAULT_IDLE,
+        }
+    }
+}
+
+/// Default of `instances.concurrent` (see docs/instance-reuse.md for the measurement).
+pub const DEFAULT_CONCURRENT: u32 = 16;
+/// Default of `instances.idle`.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(1);
 
 /// Where a new consumer group starts reading a topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -326,6 +358,7 @@ impl ServiceSpec {
             serves_http: true,
             file: PathBuf::new(),
             calls: vec![],
+            next: None,
             subscribes: vec![],
             group: format!("{name}-service"),
             start: Start::Earliest,
@@ -336,6 +369,7 @@ impl ServiceSpec {
                 cpu: Duration::from_secs(5),
                 concurrency: 64,
             },
+            instances: Instances::default(),
         }
     }
 }

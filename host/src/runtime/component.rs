@@ -3,6 +3,7 @@
 
 use super::cache::CompileCache;
 use super::engine::engine;
+use super::shared::SharedInstances;
 use super::store::{linker, Instance, InstanceState};
 use crate::capabilities::exports::{handler, http_handler};
 use crate::config::ServiceSpec;
@@ -107,6 +108,8 @@ pub struct Loaded {
     /// Instances that served a request and may serve another (INSTANCE_REUSE > 1); they belong
     /// to this version, so a swap never hands a request to an old instance.
     pub idle: Mutex<Vec<Instance>>,
+    /// Instances of a WASI 0.3 component that serve several requests at once.
+    pub shared: Arc<SharedInstances>,
 }
 
 impl Loaded {
@@ -121,7 +124,15 @@ impl Loaded {
             sha256: self.sha256.clone(),
             loaded_at: self.loaded_at,
             idle: Mutex::default(),
+            shared: Arc::default(),
         }
+    }
+
+    /// Drops its idle instances and hands no more requests to its shared ones: it is no longer
+    /// the version that serves.
+    pub fn retire(&self) {
+        self.idle.lock().unwrap().clear();
+        self.shared.retire();
     }
 }
 
@@ -201,5 +212,6 @@ pub async fn prepare(
         sha256,
         loaded_at: SystemTime::now(),
         idle: Mutex::default(),
+        shared: Arc::default(),
     })
 }

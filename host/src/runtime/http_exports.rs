@@ -32,7 +32,7 @@ async fn collect_response(rx: ResponseReceiver, limit: usize) -> Result<HttpResp
 }
 
 /// `resp` with its body read whole, if it is at most `limit` bytes.
-async fn buffer<B>(resp: hyper::Response<B>, limit: usize) -> Result<HttpResponse>
+pub(super) async fn buffer<B>(resp: hyper::Response<B>, limit: usize) -> Result<HttpResponse>
 where
     B: hyper::body::Body<Data = bytes::Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -95,17 +95,10 @@ pub(super) async fn call_wasi_http3(
     req: &HttpRequest,
     limit: usize,
 ) -> (bool, Result<HttpResponse>) {
-    let mut builder = hyper::Request::builder()
-        .method(req.method.clone())
-        .uri(req.uri.clone());
-    *builder.headers_mut().unwrap() = req.headers.clone();
-    let body = Full::new(req.body.clone())
-        .map_err(|never| -> wasmtime_wasi_http::Error { match never {} });
-    let request = match builder.body(body) {
+    let request = match p3_request(store.data_mut(), req) {
         Ok(request) => request,
-        Err(e) => return (true, Err(e.into())),
+        Err(e) => return (true, Err(e)),
     };
-    let (request, _body_sent) = p3::Request::from_http(store.data_mut().http().hooks, request);
     store.set_epoch_deadline(1);
     let called = store
         .run_concurrent(async |tasks| {
@@ -130,6 +123,18 @@ pub(super) async fn call_wasi_http3(
         }
         Err(trap) => (false, Err(anyhow::Error::from(trap))),
     }
+}
+
+/// `req` as a `wasi:http@0.3` request of the store `state` belongs to.
+pub(super) fn p3_request(state: &mut InstanceState, req: &HttpRequest) -> Result<p3::Request> {
+    let mut builder = hyper::Request::builder()
+        .method(req.method.clone())
+        .uri(req.uri.clone());
+    *builder.headers_mut().unwrap() = req.headers.clone();
+    let body = Full::new(req.body.clone())
+        .map_err(|never| -> wasmtime_wasi_http::Error { match never {} });
+    let (request, _body_sent) = p3::Request::from_http(state.http().hooks, builder.body(body)?);
+    Ok(request)
 }
 
 /// Runs the guest's `http-handler` on `req`: whether the instance may serve again, and the

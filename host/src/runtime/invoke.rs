@@ -4,9 +4,11 @@
 //! delivered messages. Each invocation has its own transaction, request id and CPU budget; an
 //! instance is pooled again only when the call ended cleanly.
 
-use super::component::Loaded;
+use super::component::{HttpExport, Loaded};
 use super::http_exports::{call_handler, call_wasi_http, call_wasi_http3};
+use super::pool::reuse;
 use super::service::Service;
+use super::shared::{Policy, Reply};
 use super::store::{HttpEntry, Instance};
 use super::Runtime;
 use crate::capabilities::exports::{handler, Message};
@@ -81,6 +83,28 @@ async fn run_once(
     request_id: &str,
     call: Call<'_>,
 ) -> (Result<Answer, Failure>, Txn) {
+    if let (Call::Request(req), Some(policy)) = (&call, shared_policy(runtime, service, loaded)) {
+        let new_instance = Instance::new(runtime, service, loaded);
+        let reply = (loaded.shared)
+            .call(policy, req, request_id, new_instance)
+            .await;
+        let (answer, txn) = match reply {
+            Err(e) => return (Err(Failure::of(e)), Txn::default()),
+            Ok(Reply::Ran(ran)) => {
+                let (answer, txn) = *ran;
+                (answer.map_err(Failure::of), txn)
+            }
+            Ok(Reply::TimedOut) => (Err(Failure::WallClock(policy.timeout)), Txn::default()),
+            Ok(Reply::Trapped { deadline: true, .. }) => (Err(Failure::Deadline), Txn::default()),
+            Ok(Reply::Trapped { error, .. }) => {
+                (Err(Failure::Guest(anyhow::anyhow!(error))), Txn::default())
+            }
+        };
+        return match txn.budget.overrun() {
+            Some(overrun) => (Err(Failure::Overrun(overrun)), txn),
+            None => (answer.map(Answer::Response), txn),
+        };
+    }
     let mut instance = match Instance::get(runtime, service, loaded).await {
         Ok(instance) => instance,
         Err(e) => return (Err(Failure::of(e)), Txn::default()),
@@ -128,6 +152,22 @@ async fn run_once(
         Some(overrun) => (Err(Failure::Overrun(overrun)), txn),
         None => (answer, txn),
     }
+}
+
+/// How `service`'s requests share instances, if they do: only a WASI 0.3 component can serve
+/// several at once, and only when its instances are reused and `instances.concurrent` is above 1.
+fn shared_policy(runtime: &Runtime, service: &Service, loaded: &Loaded) -> Option<Policy> {
+    let instances = &service.spec.instances;
+    let reuse = reuse(runtime, service);
+    let shares =
+        matches!(loaded.http, HttpExport::WasiHttp3(_)) && reuse > 1 && instances.concurrent > 1;
+    shares.then_some(Policy {
+        concurrent: instances.concurrent as usize,
+        reuse: reuse as usize,
+        idle: instances.idle,
+        timeout: runtime.settings.request_timeout,
+        host_bytes: runtime.settings.invocation_host_bytes,
+    })
 }
 
 /// Serves one HTTP request with `service`'s current component. Never fails: errors become

@@ -9,6 +9,7 @@ pub mod invoke;
 mod pool;
 pub mod service;
 mod settings;
+mod shared;
 mod store;
 mod versions;
 

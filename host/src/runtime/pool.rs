@@ -15,11 +15,20 @@ impl Instance {
         service: &Service,
         loaded: &Loaded,
     ) -> Result<Instance> {
-        if runtime.settings.instance_reuse > 1 {
+        if reuse(runtime, service) > 1 {
             if let Some(idle) = loaded.idle.lock().unwrap().pop() {
                 return Ok(idle);
             }
         }
+        Instance::new(runtime, service, loaded).await
+    }
+
+    /// A new instance of `loaded`.
+    pub(super) async fn new(
+        runtime: &Runtime,
+        service: &Service,
+        loaded: &Loaded,
+    ) -> Result<Instance> {
         let engine = loaded.pre.component().engine();
         let mut store = new_store(runtime, engine, &service.spec, &service.name);
         service.instances.inc();
@@ -65,7 +74,7 @@ impl Instance {
         self.served += 1;
         if !clean
             || !self.store.data().table.is_empty()
-            || self.served >= runtime.settings.instance_reuse
+            || self.served >= reuse(runtime, service)
             || !Arc::ptr_eq(&service.loaded.load(), loaded)
         {
             return txn;
@@ -76,4 +85,10 @@ impl Instance {
         }
         txn
     }
+}
+
+/// Requests one instance of `service` serves: its manifest's `instances.reuse`, else the host's
+/// `--instance-reuse`.
+pub(super) fn reuse(runtime: &Runtime, service: &Service) -> u32 {
+    (service.spec.instances.reuse).unwrap_or(runtime.settings.instance_reuse)
 }

@@ -53,7 +53,7 @@ impl Swaps {
     /// Keeps `old`, just replaced by a new version, for rollback; the new generation.
     fn push(&mut self, old: Arc<Loaded>) -> u64 {
         // Kept for rollback, but its idle instances would only hold pool slots.
-        old.idle.lock().unwrap().clear();
+        old.retire();
         self.previous.push(old);
         if self.previous.len() > HISTORY {
             self.previous.remove(0);
@@ -167,9 +167,9 @@ impl Service {
         };
         let target = from.pop()?;
         // Instances an older `Service` (before a manifest change) may have left there.
-        target.idle.lock().unwrap().clear();
+        target.retire();
         let left = self.loaded.swap(target.clone());
-        left.idle.lock().unwrap().clear();
+        left.retire();
         to.push(left);
         swaps.generation += 1;
         Some((swaps.generation, target))

@@ -3,6 +3,7 @@
 use super::engine::EPOCH_TICK;
 use super::Runtime;
 use crate::capabilities::exports::{handler, http_handler};
+use crate::capabilities::outgoing_http::NextHop;
 use crate::capabilities::producer::ProducerView;
 use crate::capabilities::services::{Outbound, ServicesView};
 use crate::capabilities::state::StateView;
@@ -11,9 +12,12 @@ use crate::capabilities::{outgoing_http, producer, services, state};
 use crate::config::ServiceSpec;
 use crate::storage::{StateStore, Txn};
 use anyhow::Result;
+use std::collections::HashMap;
 use std::sync::Arc;
-use wasmtime::component::{Linker, ResourceTable};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::component::{GuestTaskId, Linker, ResourceTable};
+use wasmtime::{
+    CallHook, Engine, Store, StoreContextMut, StoreLimits, StoreLimitsBuilder, UpdateDeadline,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
@@ -36,6 +40,28 @@ pub struct InstanceState {
     /// Host bytes each invocation may make the host hold.
     host_bytes: usize,
     pub(super) txn: Txn,
+    /// In an instance that serves several requests at once: the invocations of the tasks not
+    /// running now. The fields above always hold the invocation of the task that runs.
+    tasks: Option<Box<Tasks>>,
+}
+
+/// The invocations of a shared instance, by the guest task that serves each.
+#[derive(Default)]
+struct Tasks {
+    /// Whose invocation the store's fields hold, and whether it is open.
+    current: Option<GuestTaskId>,
+    current_open: bool,
+    parked: HashMap<GuestTaskId, Invocation>,
+}
+
+/// What belongs to one invocation in a shared instance.
+struct Invocation {
+    txn: Txn,
+    request_id: String,
+    ticks: u128,
+    /// Still open: a task that runs on after its invocation ended (or that no invocation
+    /// started) gets a transaction that refuses every write, and is not parked.
+    open: bool,
 }
 
 impl WasiView for InstanceState {
@@ -54,6 +80,12 @@ impl WasiHttpView for InstanceState {
             table: &mut self.table,
             hooks: &mut self.outbound,
         }
+    }
+}
+
+impl NextHop for InstanceState {
+    fn next_hop(&self) -> Option<&str> {
+        self.outbound.caller.next.as_deref()
     }
 }
 
@@ -83,6 +115,77 @@ impl InstanceState {
     /// Ends the current invocation's side effects on the log.
     pub(super) fn end(&mut self) {
         self.stderr.end();
+    }
+
+    /// Makes this store serve several invocations at once, one per guest task: host calls
+    /// work on the invocation of the task that made them (see `switch_to`).
+    pub(super) fn share(&mut self) {
+        self.tasks = Some(Box::default());
+        self.txn = Txn::limited(self.name.clone(), 0);
+    }
+
+    /// Starts an invocation for the guest task `task` of a shared store. (A task id is reused
+    /// once its task ended: it may be the one whose ended invocation the fields still hold.)
+    pub(super) fn open_task(&mut self, task: GuestTaskId, request_id: &str) {
+        let Some(tasks) = &mut self.tasks else { return };
+        let invocation = Invocation {
+            txn: Txn::limited(self.name.clone(), self.host_bytes),
+            request_id: request_id.to_string(),
+            ticks: 0,
+            open: true,
+        };
+        if tasks.current == Some(task) {
+            tasks.current_open = true;
+            self.txn = invocation.txn;
+            self.outbound.request_id = invocation.request_id;
+            self.ticks = 0;
+            self.stderr.begin(request_id);
+        } else {
+            tasks.parked.insert(task, invocation);
+        }
+    }
+
+    /// Ends `task`'s invocation: its transaction. What the task does after this is refused.
+    pub(super) fn close_task(&mut self, task: GuestTaskId) -> Option<Txn> {
+        let tasks = self.tasks.as_mut()?;
+        if tasks.current == Some(task) {
+            tasks.current_open = false;
+            self.stderr.end();
+            let closed = Txn::limited(self.name.clone(), 0);
+            Some(std::mem::replace(&mut self.txn, closed))
+        } else {
+            tasks.parked.remove(&task).map(|i| i.txn)
+        }
+    }
+
+    /// Puts the invocation of `task` (the root of the guest's current call stack) into the
+    /// store's fields, parking the one there. Called on every host call and epoch tick of a
+    /// shared store, so that state, events, peer calls, logs and CPU time go to the invocation
+    /// whose task made them.
+    fn switch_to(&mut self, task: GuestTaskId) {
+        let Some(tasks) = &mut self.tasks else { return };
+        if tasks.current == Some(task) {
+            return;
+        }
+        let incoming = tasks.parked.remove(&task).unwrap_or_else(|| Invocation {
+            txn: Txn::limited(self.name.clone(), 0),
+            request_id: String::new(),
+            ticks: 0,
+            open: false,
+        });
+        let open = std::mem::replace(&mut tasks.current_open, incoming.open);
+        let outgoing = Invocation {
+            txn: std::mem::replace(&mut self.txn, incoming.txn),
+            request_id: std::mem::replace(&mut self.outbound.request_id, incoming.request_id),
+            ticks: std::mem::replace(&mut self.ticks, incoming.ticks),
+            open,
+        };
+        if let Some(current) = tasks.current.replace(task) {
+            if outgoing.open {
+                tasks.parked.insert(current, outgoing);
+            }
+        }
+        self.stderr.begin(&self.outbound.request_id);
     }
 
     /// Starts a new invocation in this store: a new transaction, request id and CPU budget.
@@ -122,6 +225,7 @@ pub fn linker(engine: &Engine, wasi3: bool) -> Result<Linker<InstanceState>> {
     if wasi3 {
         wasmtime_wasi::p3::add_to_linker(&mut linker)?;
         outgoing_http::add_wasi3_to_linker(&mut linker)?;
+        outgoing_http::add_wasi3_handler_to_linker(&mut linker)?;
     }
     state::add_to_linker(&mut linker, InstanceState::state)?;
     producer::add_to_linker(&mut linker, InstanceState::producer)?;
@@ -166,6 +270,7 @@ pub(super) fn new_store(
         stderr,
         host_bytes: runtime.settings.invocation_host_bytes,
         txn: Txn::new(name.clone()),
+        tasks: None,
     };
     let mut store = Store::new(engine, ctx);
     store.limiter(|ctx| &mut ctx.limits);
@@ -173,6 +278,7 @@ pub(super) fn new_store(
     // does not tick it), so counting calls measures guest compute time. Each tick also yields
     // to the executor, so a busy guest cannot hog a worker thread.
     store.epoch_deadline_callback(|mut ctx| {
+        switch_task(&mut ctx);
         let ctx = ctx.data_mut();
         ctx.ticks += 1;
         if ctx.ticks > ctx.budget {
@@ -182,4 +288,26 @@ pub(super) fn new_store(
         }
     });
     store
+}
+
+/// In a shared store, makes the invocation of the guest task now running the store's own.
+fn switch_task(ctx: &mut StoreContextMut<'_, InstanceState>) {
+    if ctx.data().tasks.is_none() {
+        return;
+    }
+    let root = ctx.async_call_stack().ok().and_then(|stack| stack.last());
+    if let Some(task) = root {
+        ctx.data_mut().switch_to(task);
+    }
+}
+
+/// Makes `store` serve several invocations at once (see [`InstanceState::share`]).
+pub(super) fn share(store: &mut Store<InstanceState>) {
+    store.data_mut().share();
+    store.call_hook(|mut ctx, hook| {
+        if matches!(hook, CallHook::CallingHost) {
+            switch_task(&mut ctx);
+        }
+        Ok(())
+    });
 }

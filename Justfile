@@ -92,6 +92,7 @@ bench: build build-fixtures _tansu _wasmtime _postgres
     cargo bench -p host --bench hot_paths -- --noplot >&2
     micro=$(python3 host/benches/criterion_table.py target/criterion)
     compare=$(host/benches/compare.sh)
+    trivial=$(host/benches/trivial.sh)
     scale=$(host/benches/scale.sh)
     {
         echo "# Benchmarks"
@@ -105,6 +106,12 @@ bench: build build-fixtures _tansu _wasmtime _postgres
         echo "Same machine, same ports, one after the other, each against a fresh tansu broker."
         echo
         echo "$compare"
+        echo
+        echo "## Instances: fresh, reused one at a time, and shared by WASI 0.3 requests (\`host/benches/trivial.sh\`)"
+        echo
+        echo "This host alone, wrk -t1 -c32 -d8s; cells are req/s (p50 / p99)."
+        echo
+        echo "$trivial"
         echo
         echo "## State on PostgreSQL, one and two hosts (\`host/benches/scale.sh\`)"
         echo

@@ -46,6 +46,15 @@ struct Job {
     reply: oneshot::Sender<Reply>,
 }
 
+/// Where [`SharedInstances::hand`] put a request.
+enum Handed {
+    ToRunning,
+    /// To a new instance, listed but still to be made and started.
+    ToNew(Arc<Counts>, mpsc::UnboundedReceiver<Box<Job>>),
+    /// Nowhere: no instance had room, and making one was not allowed.
+    Not,
+}
+
 /// How a request handed to a shared instance ended.
 pub(super) enum Reply {
     /// Its invocation ran: what it answered, and its transaction.
@@ -91,20 +100,19 @@ impl SharedInstances {
                 request_id: request_id.to_string(),
                 reply,
             });
-            if let Err(job) = self.hand(job, &policy) {
-                // Listed before it exists, so that the requests arriving meanwhile queue for
-                // it instead of each starting an instance of its own.
-                let Some(new_instance) = new_instance.take() else {
-                    break;
-                };
-                let (counts, queue) = self.open(job);
-                match new_instance.await {
-                    Ok(instance) => self.start(instance, counts, queue, policy)?,
-                    Err(e) => {
-                        self.remove(&counts);
-                        return Err(e);
+            match self.hand(job, &policy, new_instance.is_some()) {
+                Handed::ToRunning => {}
+                Handed::ToNew(counts, queue) => {
+                    let new_instance = new_instance.take().expect("may open one");
+                    match new_instance.await {
+                        Ok(instance) => self.start(instance, counts, queue, policy)?,
+                        Err(e) => {
+                            self.remove(&counts);
+                            return Err(e);
+                        }
                     }
                 }
+                Handed::Not => break,
             }
             // The instance answers within the wall-clock limit unless one of its tasks holds
             // the store in a host call; this bounds that too.
@@ -122,9 +130,12 @@ impl SharedInstances {
         })
     }
 
-    /// Hands `job` to a running instance with room for it, or gives it back.
-    fn hand(&self, mut job: Box<Job>, policy: &Policy) -> Result<(), Box<Job>> {
-        let handles = self.0.lock().unwrap();
+    /// Hands `job` to a running instance with room for it; if none has and `may_open`, lists a
+    /// new one with `job` queued for it (to be started by the caller). One lock for both: the
+    /// requests arriving while the new one is made queue for it instead of each making their
+    /// own.
+    fn hand(&self, mut job: Box<Job>, policy: &Policy, may_open: bool) -> Handed {
+        let mut handles = self.0.lock().unwrap();
         for handle in handles.iter() {
             let counts = &handle.counts;
             if counts.load.load(Ordering::Relaxed) >= policy.concurrent
@@ -135,29 +146,28 @@ impl SharedInstances {
             counts.load.fetch_add(1, Ordering::Relaxed);
             counts.accepted.fetch_add(1, Ordering::Relaxed);
             match handle.jobs.send(job) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Handed::ToRunning,
                 Err(mpsc::error::SendError(back)) => {
                     counts.load.fetch_sub(1, Ordering::Relaxed);
+                    counts.accepted.fetch_sub(1, Ordering::Relaxed);
                     job = back;
                 }
             }
         }
-        Err(job)
-    }
-
-    /// Lists a new instance with `job` queued for it: what counts it, and its queue.
-    fn open(&self, job: Box<Job>) -> (Arc<Counts>, mpsc::UnboundedReceiver<Box<Job>>) {
+        if !may_open {
+            return Handed::Not;
+        }
         let counts = Arc::new(Counts {
             load: AtomicUsize::new(1),
             accepted: AtomicUsize::new(1),
         });
         let (jobs, queue) = mpsc::unbounded_channel();
         let _ = jobs.send(job); // `queue` is here
-        self.0.lock().unwrap().push(Handle {
+        handles.push(Handle {
             counts: counts.clone(),
             jobs,
         });
-        (counts, queue)
+        Handed::ToNew(counts, queue)
     }
 
     /// Takes the instance counted by `counts` off the list: it gets no more requests.

@@ -289,13 +289,7 @@ async fn a_middleware_hands_requests_to_the_next_hop_the_manifest_names() {
     let edits = [auth[0], auth[1], ("auth", "next = \"product\"")];
     let host = Host::start_edited(comps.path(), None, &edits, &[]).await;
     assert_error(&host.send("GET", "auth", "/products", None).await, 401);
-    let through = host
-        .http
-        .get(host.url("auth", "/products"))
-        .header("authorization", "Bearer letmein")
-        .send()
-        .await
-        .unwrap();
+    let through = with_token(&host, "/products").await;
     assert_eq!(through.status(), 200);
     assert_eq!(through.headers()["x-checked-by"], "auth");
     let through: serde_json::Value = through.json().await.unwrap();
@@ -306,12 +300,36 @@ async fn a_middleware_hands_requests_to_the_next_hop_the_manifest_names() {
     // With no `next`, a request goes where its authority says: this one names the
     // middleware's own address, which is no service it may call.
     let host = Host::start_edited(comps.path(), None, &auth, &[]).await;
-    let r = host
-        .http
-        .get(host.url("auth", "/products"))
-        .header("authorization", "Bearer letmein")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 500);
+    assert_eq!(with_token(&host, "/products").await.status(), 500);
+}
+
+/// `GET path` on the auth middleware with the token it lets through.
+async fn with_token(host: &Host, path: &str) -> reqwest::Response {
+    let req = host.http.get(host.url("auth", path));
+    let req = req.header("authorization", "Bearer letmein");
+    req.send().await.unwrap()
+}
+
+/// A WASI 0.3 component handles messages through `microsvc:platform/handler`: each delivery's
+/// writes commit with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn it_handles_messages_through_the_platform_handler() {
+    let edits = [(
+        "product",
+        "subscribe = [{ topic = \"user-created\", group = \"p3\" }]",
+    )];
+    let (host, _comps) = with_product("hello-p3.wasm", &edits, &[]).await;
+    for n in 0..3 {
+        let user = json!({"name": format!("P{n}"), "email": format!("p{n}@p3.io")});
+        assert_eq!(host.post("/api/users", &user).await.status, 201);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = host.send("GET", "product", "/events", None).await;
+        if r.json["events"] == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", r.json);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -96,12 +96,13 @@ done
 # --- trivial components: this host (as product-service) and wasmtime serve ---
 # `hello` is built with the sdk, so it also exports microsvc:platform/http-handler, which this
 # host calls; `wasmtime serve` runs its wasi:http export. `hello-wasi` has wasi:http alone, so
-# both servers run the same guest code path. `hello-p3` exports wasi:http/handler@0.3.0 alone
-# (wit-bindgen async exports); `wasmtime serve` reuses such instances by default (128 requests,
-# 16 at once), so its fresh column asks for one request per instance.
+# both servers run the same guest code path. `spin-hello` (spin-sdk 7) exports
+# wasi:http/handler@0.3.0 and imports WASI alone (`hello-p3` also imports our state interface,
+# which `wasmtime serve` lacks); both servers reuse such instances up to 16 at once by default,
+# so the fresh column asks for one request per instance.
 wt=${WASMTIME:-$(command -v wasmtime || true)}
 [ -n "$wt" ] && wt_version=$("$wt" --version) || wt_version="wasmtime not installed"
-for fixture in hello hello-wasi hello-p3; do
+for fixture in hello hello-wasi spin-hello; do
     trivial=$work/$fixture; mkdir -p "$trivial"; cp build/components/*.wasm "$trivial"/
     cp "build/fixtures/$fixture.wasm" "$trivial/product.wasm"
     start_host "$fixture-fresh" --components-dir "$trivial" --instance-reuse 1; res[$fixture:hf]=$(measure ":3002/"); stop_host
@@ -140,14 +141,14 @@ row "\`POST :3000/api/users\` (Kafka mode, tansu)" node:post fresh:post reuse:po
 echo
 echo "RSS after the GET load: Node seed, four processes: ${rss[node]} MB; host (fresh): ${rss[fresh]} MB; host (reuse): ${rss[reuse]} MB."
 echo
-echo "### Per-request overhead: trivial components (\`components/fixtures/hello\`, \`hello-wasi\`, \`hello-p3\`)"
+echo "### Per-request overhead: trivial components (\`components/fixtures/hello\`, \`hello-wasi\`, \`spin-hello\`)"
 echo
 echo "| server | component | fresh instance per request | instance reuse ($reuse) |"
 echo "|---|---|---|---|"
 cell() { read -r r a b _ <<<"${res[$1]}"; echo "$r ($a / $b)"; }
 echo "| this host (as product-service, :3002) | \`hello\` (sdk: http-handler export) | $(cell hello:hf) | $(cell hello:hr) |"
 echo "| this host (as product-service, :3002) | \`hello-wasi\` (wasi:http 0.2 only) | $(cell hello-wasi:hf) | $(cell hello-wasi:hr) |"
-echo "| this host (as product-service, :3002) | \`hello-p3\` (wasi:http 0.3 only) | $(cell hello-p3:hf) | $(cell hello-p3:hr) |"
+echo "| this host (as product-service, :3002) | \`spin-hello\` (spin-sdk 7, wasi:http 0.3; reuse: up to 16 at once) | $(cell spin-hello:hf) | $(cell spin-hello:hr) |"
 echo "| \`wasmtime serve -O pooling-allocator -S cli\` ($wt_version) | \`hello\` (its wasi:http export) | $(cell hello:wf) | $(cell hello:wr) |"
 echo "| \`wasmtime serve -O pooling-allocator -S cli\` ($wt_version) | \`hello-wasi\` | $(cell hello-wasi:wf) | $(cell hello-wasi:wr) |"
-echo "| \`wasmtime serve -O pooling-allocator -S cli\` ($wt_version) | \`hello-p3\` (reuse: up to 16 at once, its default) | $(cell hello-p3:wf) | $(cell hello-p3:wr) |"
+echo "| \`wasmtime serve -O pooling-allocator -S cli\` ($wt_version) | \`spin-hello\` (reuse: up to 16 at once, its default) | $(cell spin-hello:wf) | $(cell spin-hello:wr) |"

@@ -180,7 +180,15 @@ impl Runtime {
                 new.take_history_from(old);
             }
         }
-        self.services.store(Arc::new(services));
+        let services = Arc::new(services);
+        self.services.store(services.clone());
+        // Instances of a replaced or removed service were made for its old settings: they
+        // finish what they serve and take nothing more.
+        for old in running.iter() {
+            if !services.iter().any(|new| Arc::ptr_eq(new, old)) {
+                old.loaded.load().retire();
+            }
+        }
     }
 
     pub fn services(&self) -> Arc<Vec<Arc<Service>>> {

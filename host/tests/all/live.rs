@@ -17,7 +17,7 @@ fn with_notification(start: &str) -> String {
 }
 
 /// Replaces the manifest as editors do: a new file renamed over the old one.
-fn write_manifest(host: &Host, text: &str) {
+pub(crate) fn write_manifest(host: &Host, text: &str) {
     let file = host.data.join("services.toml");
     let tmp = host.data.join(".services.toml.new");
     std::fs::write(&tmp, text).unwrap();
@@ -25,7 +25,7 @@ fn write_manifest(host: &Host, text: &str) {
 }
 
 /// `GET /components`'s `manifest` once `done` holds; panics after 20 s.
-async fn manifest_when(host: &Host, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn manifest_when(host: &Host, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let status = host.admin_get("/components").await.json["manifest"].clone();

@@ -1,7 +1,8 @@
 //! WASI 0.3: a component that exports `wasi:http/handler@0.3.0` (the `hello-p3` fixture, built
 //! with wit-bindgen alone, standing in for product-service) is served like any other service.
 
-use crate::harness::{assert_error, components_copy, fixture, with_product, Host};
+use crate::harness::{assert_error, components_copy, fixture, manifest, with_product, Host};
+use crate::live::{manifest_when, write_manifest};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -332,4 +333,24 @@ async fn it_handles_messages_through_the_platform_handler() {
         assert!(Instant::now() < deadline, "{:?}", r.json);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A manifest change of `instances` applies to the next requests, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_change_of_its_instances_applies_to_new_requests() {
+    let shared = [("product", "instances = { idle = \"1h\" }")];
+    let (host, _comps) = with_product("hello-p3.wasm", &shared, &[]).await;
+    for _ in 0..3 {
+        product_body(&host, "/").await;
+    }
+    assert_eq!(product_instances(&host).await, 1.0);
+    write_manifest(
+        &host,
+        &manifest(&[("product", "instances = { reuse = 1 }")]),
+    );
+    manifest_when(&host, |m| m["generation"] == 2).await;
+    for _ in 0..3 {
+        product_body(&host, "/").await;
+    }
+    assert_eq!(product_instances(&host).await, 4.0, "a fresh instance each");
 }

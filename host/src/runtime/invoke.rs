@@ -83,28 +83,52 @@ async fn run_once(
     request_id: &str,
     call: Call<'_>,
 ) -> (Result<Answer, Failure>, Txn) {
-    if let (Call::Request(req), Some(policy)) = (&call, shared_policy(runtime, service, loaded)) {
-        let new_instance = Instance::new(runtime, service, loaded);
-        let reply = (loaded.shared)
-            .call(policy, req, request_id, new_instance)
-            .await;
-        let (answer, txn) = match reply {
-            Err(e) => return (Err(Failure::of(e)), Txn::default()),
-            Ok(Reply::Ran(ran)) => {
-                let (answer, txn) = *ran;
-                (answer.map_err(Failure::of), txn)
-            }
-            Ok(Reply::TimedOut) => (Err(Failure::WallClock(policy.timeout)), Txn::default()),
-            Ok(Reply::Trapped { deadline: true, .. }) => (Err(Failure::Deadline), Txn::default()),
-            Ok(Reply::Trapped { error, .. }) => {
-                (Err(Failure::Guest(anyhow::anyhow!(error))), Txn::default())
-            }
-        };
-        return match txn.budget.overrun() {
-            Some(overrun) => (Err(Failure::Overrun(overrun)), txn),
-            None => (answer.map(Answer::Response), txn),
-        };
+    let (answer, txn) = match (&call, shared_policy(runtime, service, loaded)) {
+        (Call::Request(req), Some(policy)) => {
+            run_shared(runtime, service, loaded, request_id, req, policy).await
+        }
+        _ => run_alone(runtime, service, loaded, request_id, call).await,
+    };
+    match txn.budget.overrun() {
+        Some(overrun) => (Err(Failure::Overrun(overrun)), txn),
+        None => (answer, txn),
     }
+}
+
+/// Runs `req` on an instance that may serve other requests at the same time.
+async fn run_shared(
+    runtime: &Runtime,
+    service: &Arc<Service>,
+    loaded: &Arc<Loaded>,
+    request_id: &str,
+    req: &HttpRequest,
+    policy: Policy,
+) -> (Result<Answer, Failure>, Txn) {
+    let new_instance = Instance::new(runtime, service, loaded);
+    let reply = (loaded.shared)
+        .call(policy, req, request_id, new_instance)
+        .await;
+    let failed = |failure| (Err(failure), Txn::default());
+    match reply {
+        Err(e) => failed(Failure::of(e)),
+        Ok(Reply::Ran(ran)) => {
+            let (answer, txn) = *ran;
+            (answer.map(Answer::Response).map_err(Failure::of), txn)
+        }
+        Ok(Reply::TimedOut) => failed(Failure::WallClock(policy.timeout)),
+        Ok(Reply::Trapped { deadline: true, .. }) => failed(Failure::Deadline),
+        Ok(Reply::Trapped { error, .. }) => failed(Failure::Guest(anyhow::anyhow!(error))),
+    }
+}
+
+/// Runs `call` on an instance of its own (fresh, or reused from the idle list).
+async fn run_alone(
+    runtime: &Runtime,
+    service: &Arc<Service>,
+    loaded: &Arc<Loaded>,
+    request_id: &str,
+    call: Call<'_>,
+) -> (Result<Answer, Failure>, Txn) {
     let mut instance = match Instance::get(runtime, service, loaded).await {
         Ok(instance) => instance,
         Err(e) => return (Err(Failure::of(e)), Txn::default()),
@@ -147,11 +171,7 @@ async fn run_once(
         Ok((clean, answer)) => (clean, answer.map_err(Failure::of)),
         Err(_) => (false, Err(Failure::WallClock(limit))),
     };
-    let txn = instance.finish(clean, runtime, service, loaded);
-    match txn.budget.overrun() {
-        Some(overrun) => (Err(Failure::Overrun(overrun)), txn),
-        None => (answer, txn),
-    }
+    (answer, instance.finish(clean, runtime, service, loaded))
 }
 
 /// How `service`'s requests share instances, if they do: only a WASI 0.3 component can serve

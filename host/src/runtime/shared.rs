@@ -213,11 +213,6 @@ impl SharedInstances {
         self.0.lock().unwrap().clear();
     }
 
-    /// Instances that may still take requests.
-    pub fn running(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-
     /// The instance's task: takes requests from `queue` and runs each in a guest task of its
     /// own until the instance is used up, idle or retired, or traps.
     async fn serve(

@@ -109,7 +109,11 @@ impl WasiHttpHooks for Outbound {
                 .call(&target, req)
                 .await
                 .ok_or(HttpError::ConnectionReadTimeout)?;
-            let resp = resp.map(|b| b.map_err(HttpError::from).boxed_unsync());
+            // A streamed body that ends early was cut off by the callee's host side.
+            let resp = resp.map(|b| {
+                b.map_err(|e| HttpError::InternalError(Some(e.to_string())))
+                    .boxed_unsync()
+            });
             Ok((resp, Box::new(async { Ok(()) }) as Sent))
         })
     }

@@ -6,10 +6,10 @@
 
 use super::bindings::microsvc::platform::services::{self as wit, CallError};
 use crate::config::ServiceSpec;
-use crate::types::http::{header_list, header_map};
+use crate::types::http::{header_list, header_map, ResponseBody};
 use crate::types::{Budget, HttpRequest, HttpResponse, REQUEST_ID};
 use anyhow::Result;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use http_body_util::BodyExt;
 use hyper::header::{HeaderValue, HOST};
@@ -39,6 +39,8 @@ pub trait ServiceCalls: Send + Sync + 'static {
 pub struct Outbound {
     pub caller: Arc<ServiceSpec>,
     pub timeout: Duration,
+    /// Bytes of one callee's response collected at most (a streamed one may be longer).
+    pub response_bytes: usize,
     pub peers: Arc<dyn ServiceCalls>,
     /// The request being served, passed on to every callee.
     pub request_id: String,
@@ -107,18 +109,38 @@ impl Outbound {
             )));
         };
         let (parts, body) = resp.into_parts();
-        // A `Full` body yields its one frame at once and cannot fail.
-        let body = body
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let collect = collect(body, self.response_bytes);
+        let body = match tokio::time::timeout(self.timeout, collect).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) => return Err(CallError::Invalid(format!("{host} {e}"))),
+            Err(_) => {
+                return Err(CallError::Timeout(format!(
+                    "{host} did not finish its answer within {:?}",
+                    self.timeout
+                )))
+            }
+        };
         Ok(wit::Response {
             status: parts.status.as_u16(),
             headers: header_list(&parts.headers),
             body: body.into(),
         })
     }
+}
+
+/// `body` whole, if it is at most `limit` bytes and does not break off.
+async fn collect(mut body: ResponseBody, limit: usize) -> Result<Bytes, String> {
+    let mut whole = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("broke off its answer: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            if whole.len() + data.len() > limit {
+                return Err(format!("answered more than {limit} bytes"));
+            }
+            whole.extend_from_slice(&data);
+        }
+    }
+    Ok(whole.freeze())
 }
 
 fn to_request(host: &str, r: wit::Request) -> Result<HttpRequest, String> {
@@ -276,6 +298,9 @@ mod tests {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
                 let rid = req.headers[REQUEST_ID].to_str().unwrap().to_string();
+                if req.uri.path() == "/big" {
+                    return Some(json_error(hyper::StatusCode::OK, &"x".repeat(600)));
+                }
                 Some(json_error(hyper::StatusCode::OK, &format!("{name} {rid}")))
             })
         }
@@ -291,6 +316,7 @@ mod tests {
         let outbound = Outbound {
             caller,
             timeout: Duration::from_millis(50),
+            response_bytes: 512,
             peers: Arc::new(Echo),
             request_id: "rid-7".into(),
         };
@@ -306,6 +332,7 @@ mod tests {
                 ("billing-service".into(), request("GET", "/", &[], 0)),
                 ("user".into(), request("GET", "/", &[], 0)),
                 ("user-service".into(), request("GET", "nope", &[], 0)),
+                ("user-service".into(), request("GET", "/big", &[], 0)),
             ])
             .await;
         let ok = results[0].as_ref().ok().unwrap();
@@ -315,6 +342,9 @@ mod tests {
         assert!(matches!(results[2], Err(CallError::NotFound(_))));
         assert!(matches!(results[3], Err(CallError::NotFound(_))));
         assert!(matches!(results[4], Err(CallError::Invalid(_))));
+        assert!(
+            matches!(&results[5], Err(CallError::Invalid(m)) if m.contains("more than 512 bytes"))
+        );
 
         // A batch over the cap: the first calls run, the rest are refused.
         let big = (0..MAX_BATCH_CALLS + 2)

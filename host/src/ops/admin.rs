@@ -2,10 +2,8 @@
 
 use crate::metrics;
 use crate::runtime::{RejectedFile, Runtime, VersionMoveError};
-use crate::types::http::write_limited;
+use crate::types::http::{full, write_limited};
 use crate::types::{json_error, HttpResponse};
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -150,7 +148,7 @@ pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, access: Access)
 }
 
 fn json(status: StatusCode, value: Value) -> HttpResponse {
-    let mut resp = hyper::Response::new(Full::new(Bytes::from(value.to_string())));
+    let mut resp = hyper::Response::new(full(value.to_string()));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -187,7 +185,7 @@ fn route(runtime: &Runtime, method: &Method, path: &str) -> HttpResponse {
                 .set(health.outbox_parked.unwrap_or(0) as i64);
             m.outbox_bytes.set(health.outbox_bytes as i64);
             m.log_bytes.set(health.log_bytes.unwrap_or(0) as i64);
-            let mut resp = hyper::Response::new(Full::new(Bytes::from(metrics::render())));
+            let mut resp = hyper::Response::new(full(metrics::render()));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(

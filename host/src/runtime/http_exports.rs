@@ -1,13 +1,19 @@
 //! Calling a component's HTTP export, `microsvc:platform/http-handler`,
 //! `wasi:http/handler@0.3` or `wasi:http/incoming-handler@0.2`, with a request the host holds
-//! whole, and buffering its answer.
+//! whole, and taking its answer: buffered, or (WASI 0.3) streamed once it is longer than
+//! [`READ_AHEAD`].
 
 use super::store::InstanceState;
 use crate::capabilities::exports::{http_handler, Request};
-use crate::types::http::{header_list, response};
+use crate::types::http::{full, header_list, response, BodyError};
 use crate::types::{HttpRequest, HttpResponse, Overrun};
 use anyhow::{anyhow, Result};
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Frame;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::sync::oneshot;
 use wasmtime::component::ResourceTable;
 use wasmtime::Store;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
@@ -15,10 +21,8 @@ use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{p3, WasiHttpView};
 
-type ResponseSender =
-    tokio::sync::oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>;
-type ResponseReceiver =
-    tokio::sync::oneshot::Receiver<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>;
+type ResponseSender = oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>;
+type ResponseReceiver = oneshot::Receiver<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>;
 
 /// The guest's response, buffered (at most `limit` bytes): it is released only after the
 /// caller decided to commit.
@@ -46,7 +50,73 @@ where
             Err(e) => anyhow!("component's response body failed: {e:?}"),
         })?
         .to_bytes();
-    Ok(hyper::Response::from_parts(parts, Full::new(body)))
+    Ok(hyper::Response::from_parts(parts, full(body)))
+}
+
+/// Bytes of a streamed response read before its invocation commits: a body that ends within
+/// them is sent whole (with its length), one that fails within them is a failed invocation.
+pub(super) const READ_AHEAD: usize = 64 << 10;
+
+/// A WASI 0.3 guest's response, to be passed on as the guest writes its body, and what tells
+/// when the body was sent or dropped (`None`: the body was read whole).
+pub(super) async fn pass_on<B>(
+    resp: hyper::Response<B>,
+) -> Result<(HttpResponse, Option<oneshot::Receiver<()>>)>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BodyError>,
+{
+    let (parts, mut body) = resp.into_parts();
+    let mut ahead = BytesMut::new();
+    while ahead.len() < READ_AHEAD {
+        match body.frame().await {
+            None => return Ok((hyper::Response::from_parts(parts, full(ahead)), None)),
+            Some(Err(e)) => {
+                let e: BodyError = e.into();
+                return Err(anyhow!("component's response body failed: {e}"));
+            }
+            // Trailers end the body; the host passes on no trailers.
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => ahead.extend_from_slice(&data),
+                Err(_) => return Ok((hyper::Response::from_parts(parts, full(ahead)), None)),
+            },
+        }
+    }
+    let (sent, done) = oneshot::channel();
+    let body = Streamed {
+        ahead: Some(ahead.freeze()),
+        rest: body,
+        _sent: sent,
+    };
+    let body = body.map_err(Into::into).boxed_unsync();
+    Ok((hyper::Response::from_parts(parts, body), Some(done)))
+}
+
+/// A body passed on as it comes: the bytes read ahead, then the rest. Dropped (sent whole or
+/// abandoned by the client), it closes `_sent`.
+struct Streamed<B> {
+    ahead: Option<Bytes>,
+    rest: B,
+    _sent: oneshot::Sender<()>,
+}
+
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Streamed<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.ahead.take() {
+            Some(ahead) => Poll::Ready(Some(Ok(Frame::data(ahead)))),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ahead.is_none() && self.rest.is_end_stream()
+    }
 }
 
 /// Runs the guest's `wasi:http` handler on `req`: whether the instance may serve again, and the
@@ -57,7 +127,7 @@ pub(super) async fn call_wasi_http(
     req: &HttpRequest,
     limit: usize,
 ) -> (bool, Result<HttpResponse>) {
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = oneshot::channel();
     let collect = collect_response(rx, limit);
     tokio::pin!(collect);
     let mut collected = None;
@@ -84,45 +154,6 @@ pub(super) async fn call_wasi_http(
         (Ok(()), None) => collect.await,
     };
     (clean, outcome)
-}
-
-/// Runs the guest's `wasi:http/handler@0.3` on `req`: whether the instance may serve again, and
-/// the response. The guest's tasks run until its body is read and every one of them ended, so
-/// nothing of this request is left running in the instance.
-pub(super) async fn call_wasi_http3(
-    store: &mut Store<InstanceState>,
-    service: &p3::bindings::Service,
-    req: &HttpRequest,
-    limit: usize,
-) -> (bool, Result<HttpResponse>) {
-    let request = match p3_request(store.data_mut(), req) {
-        Ok(request) => request,
-        Err(e) => return (true, Err(e)),
-    };
-    store.set_epoch_deadline(1);
-    let called = store
-        .run_concurrent(async |tasks| {
-            let response = match service.handle(tasks, request).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(code)) => return Err(anyhow!("component answered with error {code:?}")),
-                Err(trap) => return Err(anyhow::Error::from(trap)),
-            };
-            let response = tasks
-                .with(|store| response.into_http(store, async { Ok(()) }))
-                .map_err(anyhow::Error::from)?;
-            let buffered = buffer(response, limit).await?;
-            std::future::poll_fn(|cx| tasks.poll_no_interesting_tasks(cx)).await;
-            Ok(buffered)
-        })
-        .await;
-    match called {
-        Ok(Ok(resp)) => (store.data().table.is_empty(), Ok(resp)),
-        Ok(Err(e)) => {
-            store.data_mut().table = ResourceTable::new();
-            (false, Err(e))
-        }
-        Err(trap) => (false, Err(anyhow::Error::from(trap))),
-    }
 }
 
 /// `req` as a `wasi:http@0.3` request of the store `state` belongs to.

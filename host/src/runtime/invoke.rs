@@ -5,7 +5,7 @@
 //! instance is pooled again only when the call ended cleanly.
 
 use super::component::{HttpExport, Loaded};
-use super::http_exports::{call_handler, call_wasi_http, call_wasi_http3};
+use super::http_exports::{call_handler, call_wasi_http};
 use super::pool::reuse;
 use super::service::Service;
 use super::shared::{Policy, Reply};
@@ -147,9 +147,10 @@ async fn run_alone(
             Call::Request(req) => {
                 let (clean, resp) = match entry {
                     HttpEntry::Handler(handler) => call_handler(store, handler, req).await,
-                    HttpEntry::WasiHttp3(service) => {
-                        call_wasi_http3(store, service, req, host_bytes).await
-                    }
+                    HttpEntry::WasiHttp3(_) => (
+                        true,
+                        Err(anyhow::anyhow!("WASI 0.3 requests run on shared instances")),
+                    ),
                     HttpEntry::WasiHttp(proxy) => {
                         call_wasi_http(store, proxy, req, host_bytes).await
                     }
@@ -174,19 +175,17 @@ async fn run_alone(
     (answer, instance.finish(clean, runtime, service, loaded))
 }
 
-/// How `service`'s requests share instances, if they do: only a WASI 0.3 component can serve
-/// several at once, and only when its instances are reused and `instances.concurrent` is above 1.
+/// How `service`'s requests share instances, if they do: a WASI 0.3 component's always do (it
+/// is async inside, and its responses stream from its instance's task), up to
+/// `instances.concurrent` at once; `concurrent = 1` takes them one at a time and `reuse = 1`
+/// makes an instance per request.
 fn shared_policy(runtime: &Runtime, service: &Service, loaded: &Loaded) -> Option<Policy> {
     let instances = &service.spec.instances;
-    let reuse = reuse(runtime, service);
-    let shares =
-        matches!(loaded.http, HttpExport::WasiHttp3(_)) && reuse > 1 && instances.concurrent > 1;
-    shares.then_some(Policy {
+    matches!(loaded.http, HttpExport::WasiHttp3(_)).then(|| Policy {
         concurrent: instances.concurrent as usize,
-        reuse: reuse as usize,
+        reuse: reuse(runtime, service) as usize,
         idle: instances.idle,
         timeout: runtime.settings.request_timeout,
-        host_bytes: runtime.settings.invocation_host_bytes,
     })
 }
 

@@ -5,7 +5,7 @@
 //! Every request stays an invocation of its own (transaction, request id, CPU time, wall-clock
 //! limit): the store switches between them by guest task (`store::share`).
 
-use super::http_exports::{buffer, p3_request};
+use super::http_exports::{p3_request, pass_on};
 use super::store::{share, HttpEntry, Instance, InstanceState};
 use crate::storage::Txn;
 use crate::types::{HttpRequest, HttpResponse};
@@ -78,8 +78,6 @@ pub(super) struct Policy {
     pub idle: Duration,
     /// The wall-clock limit of one request.
     pub timeout: Duration,
-    /// Bytes of a response the host buffers at most.
-    pub host_bytes: usize,
 }
 
 impl SharedInstances {
@@ -290,7 +288,10 @@ impl SharedInstances {
     }
 }
 
-/// Runs one request in a guest task of its own: whether it ran past the wall-clock limit.
+/// Runs one request in a guest task of its own: whether it ran past the wall-clock limit. Its
+/// invocation ends when the guest returns its response (later writes are refused); a body
+/// longer than [`READ_AHEAD`](super::http_exports::READ_AHEAD) is streamed after the commit,
+/// and counts as running on this instance until it was sent, within the same limit.
 #[allow(clippy::too_many_arguments)]
 async fn run(
     accessor: &Accessor<InstanceState>,
@@ -302,6 +303,7 @@ async fn run(
     waiting: &Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
     counts: &Counts,
 ) -> bool {
+    let deadline = tokio::time::Instant::now() + policy.timeout;
     let handle = || http.wasi_http_handler().func_handle();
     let invocation = async {
         let (call, task) = accessor.with(|mut store| -> Result<_> {
@@ -312,27 +314,36 @@ async fn run(
             store.get().open_task(task, &request_id);
             Ok((call, task))
         })?;
-        let answer = async {
+        let response = async {
             let (response,) = handle().finish_call_concurrent(accessor, call).await?;
             let response =
                 response.map_err(|code| anyhow!("component answered with error {code:?}"))?;
-            let response = accessor.with(|mut store| -> Result<_> {
+            accessor.with(|mut store| -> Result<_> {
                 let response = store.get().table.delete(response)?;
                 Ok(response.into_http(&mut store, async { Ok(()) })?)
-            })?;
-            buffer(response, policy.host_bytes).await
+            })
         }
         .await;
         let txn = accessor.with(|mut store| store.get().close_task(task));
-        anyhow::Ok((answer, txn.unwrap_or_default()))
+        let passed = match response {
+            Ok(response) => pass_on(response).await,
+            Err(e) => Err(e),
+        };
+        anyhow::Ok((passed, txn.unwrap_or_default()))
     };
-    let (reply, timed_out) = match tokio::time::timeout(policy.timeout, invocation).await {
-        Ok(Ok(ran)) => (Reply::Ran(Box::new(ran)), false),
-        Ok(Err(e)) => (Reply::Ran(Box::new((Err(e), Txn::default()))), false),
-        Err(_) => (Reply::TimedOut, true),
+    let (reply, sent) = match tokio::time::timeout_at(deadline, invocation).await {
+        Ok(Ok((Ok((response, sent)), txn))) => (Reply::Ran(Box::new((Ok(response), txn))), sent),
+        Ok(Ok((Err(e), txn))) => (Reply::Ran(Box::new((Err(e), txn))), None),
+        Ok(Err(e)) => (Reply::Ran(Box::new((Err(e), Txn::default()))), None),
+        Err(_) => (Reply::TimedOut, None),
     };
+    let mut timed_out = matches!(reply, Reply::TimedOut);
     if let Some(to) = waiting.lock().unwrap().remove(&id) {
         let _ = to.send(reply);
+    }
+    if let Some(sent) = sent {
+        // Past the limit the instance ends, which cuts the body off.
+        timed_out = tokio::time::timeout_at(deadline, sent).await.is_err();
     }
     counts.load.fetch_sub(1, Ordering::Relaxed);
     timed_out

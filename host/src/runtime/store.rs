@@ -259,6 +259,7 @@ pub(super) fn new_store(
         outbound: Outbound {
             caller: spec.clone(),
             timeout: runtime.settings.outbound_timeout,
+            response_bytes: runtime.settings.invocation_host_bytes,
             peers: runtime.peers.clone(),
             request_id: String::new(), // set by `begin`
         },

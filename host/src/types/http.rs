@@ -1,15 +1,29 @@
 //! HTTP requests and responses as the host passes them around, and their error shapes.
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::StatusCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
 
-/// A response with its body in memory: guests' responses are buffered so that nothing is
-/// released before the invocation's writes commit.
-pub type HttpResponse = hyper::Response<Full<Bytes>>;
+/// A response as the host passes it on: its body whole, or (a WASI 0.3 guest's) streamed as the
+/// guest writes it. Either way it is released only after the invocation's writes committed.
+pub type HttpResponse = hyper::Response<ResponseBody>;
+
+/// The body of an [`HttpResponse`].
+pub type ResponseBody = UnsyncBoxBody<Bytes, BodyError>;
+
+/// Why a streamed body ended early.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `bytes` as a whole response body.
+pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
 
 /// Carried from the client through every service a request calls and into its events.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -26,7 +40,7 @@ pub struct HttpRequest {
 /// `{"error": message}` with `status`: the one error shape every port answers with.
 pub fn json_error(status: StatusCode, message: &str) -> HttpResponse {
     let body = serde_json::json!({ "error": message }).to_string();
-    let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+    let mut resp = hyper::Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -126,7 +140,7 @@ pub fn response(
     body: Vec<u8>,
 ) -> Result<HttpResponse, String> {
     let status = StatusCode::from_u16(status).map_err(|_| format!("status {status}"))?;
-    let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+    let mut resp = hyper::Response::new(full(body));
     *resp.status_mut() = status;
     *resp.headers_mut() = header_map(headers)?;
     Ok(resp)
@@ -147,7 +161,6 @@ pub fn write_limited(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
 
     #[test]
     fn request_ids_are_kept_when_sane_and_generated_otherwise() {

@@ -77,6 +77,46 @@ async fn a_body_of_several_mib_written_by_a_guest_task_arrives_whole() {
     assert!(body.iter().all(|&b| b == b'x'));
 }
 
+/// A body longer than what the host may hold for an invocation (`INVOCATION_HOST_BYTES`, here
+/// 1 MiB) is passed on as the guest writes it; a short one is sent whole, with its length.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_longer_than_the_host_may_hold_streams_through() {
+    let bounded = ["--invocation-host-bytes", "1MiB"];
+    let (host, _comps) = with_product("hello-p3.wasm", &[], &bounded).await;
+    let r = host
+        .http
+        .get(host.url("product", "/big?mb=6"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("content-length").is_none(),
+        "{:?}",
+        r.headers()
+    );
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body.len(), 6 << 20);
+    assert!(body.iter().all(|&b| b == b'x'));
+    let r = host
+        .http
+        .get(host.url("product", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-length"], "8");
+}
+
+/// The invocation ends when `handle` returns its response: what its body task writes to the
+/// state afterwards is refused, not committed unseen.
+#[tokio::test(flavor = "multi_thread")]
+async fn state_writes_after_the_response_was_returned_are_refused() {
+    let (host, _comps) = with_product("hello-p3.wasm", &[], &[]).await;
+    let body = product_body(&host, "/late").await;
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.starts_with("late write: refused"), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_guest_waiting_past_the_request_timeout_gets_504_and_the_service_goes_on() {
     let (host, _comps) = with_product("hello-p3.wasm", &[], &["--request-timeout", "1s"]).await;
@@ -302,6 +342,25 @@ async fn a_middleware_hands_requests_to_the_next_hop_the_manifest_names() {
     // middleware's own address, which is no service it may call.
     let host = Host::start_edited(comps.path(), None, &auth, &[]).await;
     assert_eq!(with_token(&host, "/products").await.status(), 500);
+}
+
+/// A streamed body passes through a middleware and the in-process call behind it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_middleware_passes_a_streamed_body_on() {
+    let comps = components_copy();
+    std::fs::copy(fixture("auth-p3.wasm"), comps.path().join("auth.wasm")).unwrap();
+    std::fs::copy(fixture("hello-p3.wasm"), comps.path().join("product.wasm")).unwrap();
+    let edits = [
+        ("auth", "component = \"auth.wasm\""),
+        ("auth", "port = 0"),
+        ("auth", "next = \"product\""),
+    ];
+    let bounded = ["--invocation-host-bytes", "1MiB"];
+    let host = Host::start_edited(comps.path(), None, &edits, &bounded).await;
+    let through = with_token(&host, "/big?mb=4").await;
+    assert_eq!(through.status(), 200);
+    assert_eq!(through.headers()["x-checked-by"], "auth");
+    assert_eq!(through.bytes().await.unwrap().len(), 4 << 20);
 }
 
 /// `GET path` on the auth middleware with the token it lets through.

@@ -32,7 +32,7 @@ echo "|---|---|---|---|"
 for f in hello hello-wasi; do
     echo "| \`$f\` as product-service, \`GET :3002/\` | $(measure "$f-1" "$f" 1 :3002/) | $(measure "$f-r" "$f" 1000 :3002/) | (WASI 0.3 only) |"
 done
-for p in / "/sleep?ms=5"; do
+for p in / "/sleep?ms=5" "/big?mb=1"; do
     echo "| \`hello-p3\` as product-service, \`GET :3002$p\` | $(measure p3-1 hello-p3 1 ":3002$p") | $(measure p3-r hello-p3 1000 ":3002$p" 1) | $(measure p3-s hello-p3 1000 ":3002$p" 16) |"
 done
 echo "| \`GET :3000/api/v1/dashboard\` | $(measure dash-1 "" 1 :3000/api/v1/dashboard) | $(measure dash-r "" 1000 :3000/api/v1/dashboard) | (WASI 0.2) |"

@@ -44,7 +44,8 @@ _install name:
 
 # Test fixtures: tagged builds of user/order/misbehave (x-build: a|b), components to refuse, a misbehaving
 # one, the trivial `hello` (sdk, and wasi:http 0.2 alone) used by benchmarks, and `hello-p3`
-# (wasi:http 0.3, no sdk), `spin-hello` (spin-sdk 7) and `auth-p3` (a WASI 0.3 middleware).
+# (wasi:http 0.3, no sdk), `spin-hello` (spin-sdk 7), `auth-p3` (a WASI 0.3 middleware) and
+# `kv-counter` (wasi:keyvalue and wasi:config alone), built on Spin's versions and wasmCloud's.
 build-fixtures: _target
     mkdir -p {{fixtures}}
     for tag in a b; do \
@@ -61,6 +62,10 @@ build-fixtures: _target
     cp target/wasm32-wasip2/component/fixture_misbehave.wasm {{fixtures}}/misbehave.wasm
     cp target/wasm32-wasip2/component/fixture_no_http.wasm {{fixtures}}/no-http.wasm
     cp target/wasm32-wasip2/component/fixture_bad_import.wasm {{fixtures}}/bad-import.wasm
+    cargo build --profile component --target wasm32-wasip2 -p fixture-kv-counter
+    cp target/wasm32-wasip2/component/fixture_kv_counter.wasm {{fixtures}}/kv-counter.wasm
+    cargo build --profile component --target wasm32-wasip2 -p fixture-kv-counter --features draft
+    cp target/wasm32-wasip2/component/fixture_kv_counter.wasm {{fixtures}}/kv-counter-draft.wasm
 
 # Build, then run the host on :3000-:3003 (admin on 127.0.0.1:3999). Extra flags go to the host.
 run *flags: build
@@ -135,7 +140,7 @@ lint: _target
     rustup component add rustfmt clippy
     cargo fmt --all --check
     cargo clippy --release -p host --all-targets -- -D warnings
-    cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -p fixture-hello-wasi -p fixture-hello-p3 -p fixture-spin-hello -p fixture-auth-p3 -- -D warnings
+    cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -p fixture-hello-wasi -p fixture-hello-p3 -p fixture-spin-hello -p fixture-auth-p3 -p fixture-kv-counter -- -D warnings
 
 # The components' target. rustup may be set not to install it by itself
 # (RUSTUP_AUTO_INSTALL=0); adding an installed target is a quick no-op.

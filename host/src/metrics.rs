@@ -39,6 +39,8 @@ pub struct Metrics {
     pub log_stale_groups: Gauge,
     pub consumer_lag: Family<Labels, Gauge>,
     pub conflicts: Family<Labels, Counter>,
+    /// Requests to origins outside the host, by service, destination host and outcome.
+    pub outbound: Family<Labels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -58,6 +60,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         produced: Family::default(),
         consumed: Family::default(),
         retried: Family::default(),
+        outbound: Family::default(),
         deferred: Family::default(),
         dead_lettered: Family::default(),
         outbox_depth: Gauge::default(),
@@ -188,6 +191,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "commit_conflicts",
         "Commits refused because something the invocation read had changed (it is run again)",
         m.conflicts.clone(),
+    );
+    registry.register(
+        "outbound_requests",
+        "Requests to origins outside the host (allowed_outbound_hosts), by service, destination host and outcome (status or error)",
+        m.outbound.clone(),
     );
     Metrics { registry, ..m }
 });

@@ -4,6 +4,9 @@
 //! declares ([`services::ServiceCalls`]), as `wasi:http` declares `WasiHttpHooks`.
 
 mod bindings;
+pub mod config;
+pub mod keyvalue;
+pub mod outbound;
 pub mod outgoing_http;
 pub mod producer;
 pub mod services;

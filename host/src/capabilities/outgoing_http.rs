@@ -2,15 +2,18 @@
 //! `wasi:http/handler@0.3` (a middleware's next hop): requests to `http://<name>-service/` run
 //! that service in process.
 //!
-//! Nothing else is reachable, and only the services the caller may call. (`services` is the
-//! cheaper way to the same place.)
+//! Only the services the caller may call are reachable so (`services` is the cheaper way to
+//! the same place); other origins only when its `allowed_outbound_hosts` lists them (see
+//! `outbound`), and anything else is `HTTP-request-denied`.
 
+use super::outbound::request_body;
 use super::services::{CallRefused, Outbound};
+use crate::config::origin_allowed;
 use crate::types::HttpRequest;
 use anyhow::Result;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::http::uri::Scheme;
-use platform_contract::{MAX_BODY, SERVICE_SUFFIX};
+use platform_contract::SERVICE_SUFFIX;
 use std::future::Future;
 use wasmtime::component::{Accessor, Linker, Resource};
 use wasmtime_wasi::WasiView;
@@ -80,25 +83,36 @@ impl WasiHttpHooks for Outbound {
     fn send_request(
         &mut self,
         request: hyper::Request<WasiBody>,
-        _options: Option<RequestOptions>,
+        options: Option<RequestOptions>,
         _fut: Sent,
     ) -> Box<dyn Future<Output = Result<(hyper::Response<WasiBody>, Sent), HttpError>> + Send> {
-        let target = self
-            .resolve(request.uri().host().unwrap_or_default())
-            .map(str::to_string)
-            .map_err(|r| match r {
-                CallRefused::NotFound(_) => HttpError::DestinationNotFound,
-                CallRefused::Denied(_) => HttpError::HttpRequestDenied,
+        let host = request.uri().host().unwrap_or_default();
+        let outside = (!host.ends_with(SERVICE_SUFFIX))
+            .then(|| origin_allowed(&self.caller.allowed_outbound_hosts, request.uri()))
+            .flatten();
+        if let Some(origin) = outside {
+            // Counted by the allowlist entry, so that a wildcard cannot grow the series.
+            let destination = origin.host().to_string();
+            let (outside, service) = (self.outside.clone(), self.caller.name.clone());
+            return Box::new(async move {
+                let resp = outside
+                    .send(&service, &destination, request, options)
+                    .await?;
+                Ok((resp, Box::new(async { Ok(()) }) as Sent))
             });
+        }
+        let target = self.resolve(host).map(str::to_string).map_err(|r| match r {
+            CallRefused::NotFound(_) if !host.ends_with(SERVICE_SUFFIX) => {
+                HttpError::HttpRequestDenied
+            }
+            CallRefused::NotFound(_) => HttpError::DestinationNotFound,
+            CallRefused::Denied(_) => HttpError::HttpRequestDenied,
+        });
         let outbound = self.clone();
         Box::new(async move {
             let target = target?;
             let (parts, body) = request.into_parts();
-            let body = Limited::new(body, MAX_BODY)
-                .collect()
-                .await
-                .map_err(|_| HttpError::HttpRequestBodySize(None))?
-                .to_bytes();
+            let body = request_body(body).await?;
             let req = HttpRequest {
                 method: parts.method,
                 uri: parts.uri,

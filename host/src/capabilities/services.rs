@@ -5,6 +5,7 @@
 //! invocation is simply awaited inside the caller's host call, and a batch is joined in place.
 
 use super::bindings::microsvc::platform::services::{self as wit, CallError};
+use super::outbound::OutboundClient;
 use crate::config::ServiceSpec;
 use crate::types::http::{header_list, header_map, ResponseBody};
 use crate::types::{Budget, HttpRequest, HttpResponse, REQUEST_ID};
@@ -42,6 +43,8 @@ pub struct Outbound {
     /// Bytes of one callee's response collected at most (a streamed one may be longer).
     pub response_bytes: usize,
     pub peers: Arc<dyn ServiceCalls>,
+    /// Where requests to the origins of `caller.allowed_outbound_hosts` go.
+    pub outside: OutboundClient,
     /// The request being served, passed on to every callee.
     pub request_id: String,
 }
@@ -318,6 +321,7 @@ mod tests {
             timeout: Duration::from_millis(50),
             response_bytes: 512,
             peers: Arc::new(Echo),
+            outside: OutboundClient::new(None, Duration::from_secs(1)).unwrap(),
             request_id: "rid-7".into(),
         };
         let mut budget = Budget::default();

@@ -5,12 +5,14 @@
 //! with one message instead of starting half of it.
 
 use super::units::parse_size;
-use super::{Instances, Limits, ServiceSpec, Start};
+use super::{AllowedOrigin, ConfigValues, Instances, Limits, ServiceSpec, Start};
 use indexmap::IndexMap;
+use platform_contract::MAX_NAME;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 use toml::Spanned;
 
 #[derive(Deserialize)]
@@ -41,6 +43,30 @@ struct ServiceTable {
     instances: InstancesTable,
     /// Testing aid: a delay before each in-process call into the service.
     latency: Option<Spanned<String>>,
+    /// Buckets `wasi:keyvalue` may open.
+    #[serde(default)]
+    key_value_stores: Vec<Spanned<String>>,
+    /// What `wasi:config/store` answers: values, or environment variables of the host.
+    #[serde(default)]
+    config: BTreeMap<Spanned<String>, Spanned<ConfigEntry>>,
+    /// Origins outside the host it may send `wasi:http` requests to.
+    #[serde(default)]
+    allowed_outbound_hosts: Vec<Spanned<String>>,
+}
+
+/// A `config` value: written in the manifest, or `{ env = "NAME" }`, taken from the host's
+/// environment when the manifest is read, so that no secret sits in the file.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ConfigEntry {
+    Value(String),
+    Env(EnvReference),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvReference {
+    env: String,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +331,41 @@ impl Context<'_> {
                     ),
                 ));
             }
+            let key_value_stores = entry
+                .key_value_stores
+                .iter()
+                .map(|bucket| {
+                    let ok = (1..=MAX_NAME).contains(&bucket.get_ref().len());
+                    let range = format!("1..={MAX_NAME} bytes");
+                    bounded(bucket.span(), "key_value_stores", ok, range)
+                        .map(|()| bucket.get_ref().clone())
+                })
+                .collect::<Result<_, _>>()?;
+            let config = (entry.config.iter())
+                .map(|(key, value)| match value.get_ref() {
+                    ConfigEntry::Value(v) => Ok((key.get_ref().clone(), v.clone())),
+                    ConfigEntry::Env(EnvReference { env }) => match std::env::var(env) {
+                        Ok(v) => Ok((key.get_ref().clone(), v)),
+                        Err(_) => Err(err(
+                            value.span(),
+                            format!(
+                                "service.{name}.config.{}: the environment variable {env:?} is not set",
+                                key.get_ref()
+                            ),
+                        )),
+                    },
+                })
+                .collect::<Result<_, _>>()?;
+            let allowed_outbound_hosts = (entry.allowed_outbound_hosts.iter())
+                .map(|origin| {
+                    origin.get_ref().parse::<AllowedOrigin>().map_err(|e| {
+                        err(
+                            origin.span(),
+                            format!("service.{name}.allowed_outbound_hosts: {e}"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?;
             specs.push(ServiceSpec {
                 name: name.into(),
                 at: self.at(text, entry.component.span()),
@@ -329,6 +390,9 @@ impl Context<'_> {
                 latency,
                 limits,
                 instances,
+                key_value_stores,
+                config: ConfigValues(Arc::new(config)),
+                allowed_outbound_hosts,
             });
         }
         Ok(specs)

@@ -1,12 +1,16 @@
 //! Command-line and environment configuration, and the table of services the host runs.
 
 pub mod manifest;
+mod origin;
 mod units;
+
+pub use origin::{origin_allowed, AllowedOrigin};
 
 pub use manifest::ManifestError;
 use units::parse_size;
 
 use clap::Parser;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -198,9 +202,16 @@ pub struct Args {
     #[arg(help_heading = "Connections", long, env = "WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
 
-    /// Longest a service-to-service call may take before the caller sees a timeout.
+    /// Longest a service-to-service call may take before the caller sees a timeout; for a
+    /// request to an origin outside the host, the longest wait to connect, for the response's
+    /// head, and between its body's bytes.
     #[arg(help_heading = "Connections", long, env = "OUTBOUND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub outbound_timeout: Duration,
+
+    /// PEM certificates of authorities trusted, beside Mozilla's, for requests to origins
+    /// outside the host (a service's `allowed_outbound_hosts`).
+    #[arg(help_heading = "Connections", long, env = "OUTBOUND_CA_FILE")]
+    pub outbound_ca_file: Option<PathBuf>,
 
     /// On SIGTERM/Ctrl-C, how long in-flight requests and handlers may take to finish.
     #[arg(help_heading = "Connections", long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -297,6 +308,22 @@ pub struct ServiceSpec {
     pub latency: Option<Duration>,
     pub limits: Limits,
     pub instances: Instances,
+    /// Buckets it may open through `wasi:keyvalue` (its own state's buckets of those names).
+    pub key_value_stores: Vec<String>,
+    /// What `wasi:config/store` answers it.
+    pub config: ConfigValues,
+    /// Origins outside the host its outgoing `wasi:http` requests may go to.
+    pub allowed_outbound_hosts: Vec<AllowedOrigin>,
+}
+
+/// A service's configuration values, secrets among them: shown by key only.
+#[derive(Clone, Default, PartialEq)]
+pub struct ConfigValues(pub Arc<BTreeMap<String, String>>);
+
+impl std::fmt::Debug for ConfigValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// How a service's instances are reused (the manifest's `instances` table).
@@ -370,6 +397,9 @@ impl ServiceSpec {
                 concurrency: 64,
             },
             instances: Instances::default(),
+            key_value_stores: vec![],
+            config: ConfigValues::default(),
+            allowed_outbound_hosts: vec![],
         }
     }
 }

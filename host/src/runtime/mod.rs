@@ -13,6 +13,7 @@ mod shared;
 mod store;
 mod versions;
 
+use crate::capabilities::outbound::OutboundClient;
 use crate::capabilities::services::ServiceCalls;
 use crate::config::{Args, ServiceSpec};
 use crate::messaging::{Backend, Drainer};
@@ -53,6 +54,8 @@ pub struct Runtime {
     settings: Settings,
     /// What the `services` capability of every store calls back into.
     peers: Arc<dyn ServiceCalls>,
+    /// Where requests to origins outside the host go.
+    outside: OutboundClient,
 }
 
 /// The host as readiness and metrics report it.
@@ -91,6 +94,7 @@ impl Runtime {
             .max()
             .unwrap_or(64 << 20);
         let engines = Arc::new(component::Engines::new(args.max_instances, max_memory)?);
+        let outside = OutboundClient::new(args.outbound_ca_file.as_deref(), args.outbound_timeout)?;
         Ok(Arc::new_cyclic(|me| Runtime {
             engines,
             drainer: Drainer::new(state.clone()),
@@ -111,6 +115,7 @@ impl Runtime {
             settings: Settings::new(args, specs.len()),
             // Weak: idle instances' stores hold it, and the runtime holds them.
             peers: Arc::new(RuntimeServices(me.clone())),
+            outside,
         }))
     }
 

@@ -2,13 +2,15 @@
 
 use super::engine::EPOCH_TICK;
 use super::Runtime;
+use crate::capabilities::config::ConfigView;
 use crate::capabilities::exports::{handler, http_handler};
+use crate::capabilities::keyvalue::KeyValueView;
 use crate::capabilities::outgoing_http::NextHop;
 use crate::capabilities::producer::ProducerView;
 use crate::capabilities::services::{Outbound, ServicesView};
 use crate::capabilities::state::StateView;
 use crate::capabilities::stderr::GuestStderr;
-use crate::capabilities::{outgoing_http, producer, services, state};
+use crate::capabilities::{config, keyvalue, outgoing_http, producer, services, state};
 use crate::config::ServiceSpec;
 use crate::storage::{StateStore, Txn};
 use anyhow::Result;
@@ -94,6 +96,23 @@ impl InstanceState {
         StateView {
             store: &*self.state,
             txn: &mut self.txn,
+        }
+    }
+
+    pub(super) fn keyvalue(&mut self) -> KeyValueView<'_> {
+        KeyValueView {
+            state: StateView {
+                store: &*self.state,
+                txn: &mut self.txn,
+            },
+            table: &mut self.table,
+            stores: &self.outbound.caller.key_value_stores,
+        }
+    }
+
+    pub(super) fn config(&mut self) -> ConfigView<'_> {
+        ConfigView {
+            values: &self.outbound.caller.config.0,
         }
     }
 
@@ -228,6 +247,8 @@ pub fn linker(engine: &Engine, wasi3: bool) -> Result<Linker<InstanceState>> {
         outgoing_http::add_wasi3_handler_to_linker(&mut linker)?;
     }
     state::add_to_linker(&mut linker, InstanceState::state)?;
+    keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue)?;
+    config::add_to_linker(&mut linker, InstanceState::config)?;
     producer::add_to_linker(&mut linker, InstanceState::producer)?;
     services::add_to_linker(&mut linker, InstanceState::services)?;
     Ok(linker)
@@ -261,6 +282,7 @@ pub(super) fn new_store(
             timeout: runtime.settings.outbound_timeout,
             response_bytes: runtime.settings.invocation_host_bytes,
             peers: runtime.peers.clone(),
+            outside: runtime.outside.clone(),
             request_id: String::new(), // set by `begin`
         },
         limits: StoreLimitsBuilder::new()

@@ -13,9 +13,11 @@ mod flows;
 mod fuzz;
 mod harness;
 mod kafka;
+mod keyvalue;
 mod limits;
 mod live;
 mod manifest;
+mod outbound;
 #[path = "../support/postgres.rs"]
 mod postgres_server;
 mod resilience;

@@ -39,6 +39,20 @@ async fn a_bad_manifest_stops_the_start_with_one_message_naming_where() {
     );
 }
 
+/// A config value taken from an environment variable the host does not have stops the start,
+/// naming where; the secret itself never sits in the file.
+#[tokio::test]
+async fn a_config_value_from_a_missing_environment_variable_is_a_manifest_error() {
+    let config = r#"config = { api_key = { env = "MICROSVC_TEST_UNSET_KEY" } }"#;
+    let (file, stderr, _dir) = refused_at_start(&manifest(&[("product", config)])).await;
+    assert!(stderr.contains(&format!("{}:", file.display())), "{stderr}");
+    assert!(
+        stderr.contains("service.product.config.api_key")
+            && stderr.contains("MICROSVC_TEST_UNSET_KEY"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn a_subscriber_whose_component_has_no_handler_is_a_manifest_error() {
     let subscribe = r#"subscribe = [{ topic = "user-created" }]"#;

@@ -2,7 +2,6 @@
 
 use anyhow::{Context as _, Result};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -36,31 +35,7 @@ pub(super) fn connection_config(url: &str, wait: Duration) -> Result<tokio_postg
 /// TLS for connections whose `sslmode` asks for it: servers verified against Mozilla's root
 /// authorities and those in `ca_file` (PEM).
 pub(super) fn tls(ca_file: Option<&Path>) -> Result<MakeRustlsConnect> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    if let Some(file) = ca_file {
-        let certs = CertificateDer::pem_file_iter(file)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .with_context(|| format!("reading STATE_CA_FILE {}", file.display()))?;
-        anyhow::ensure!(
-            !certs.is_empty(),
-            "STATE_CA_FILE {} holds no certificate",
-            file.display()
-        );
-        for cert in certs {
-            roots
-                .add(cert)
-                .with_context(|| format!("a certificate of STATE_CA_FILE {}", file.display()))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS for PostgreSQL")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config =
+        crate::types::tls::client_config(ca_file, "STATE_CA_FILE").context("TLS for PostgreSQL")?;
     Ok(MakeRustlsConnect::new(config))
 }

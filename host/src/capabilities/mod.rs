@@ -10,6 +10,7 @@ pub mod outbound;
 pub mod outgoing_http;
 pub mod producer;
 pub mod services;
+pub mod spin;
 pub mod state;
 pub mod stderr;
 

@@ -25,7 +25,7 @@ pub fn add_to_linker<T: Send + 'static>(
     wit::add_to_linker::<T, HasState>(linker, f)
 }
 
-fn check_name(what: &str, name: &str) -> Result<(), WitError> {
+pub(super) fn check_name(what: &str, name: &str) -> Result<(), WitError> {
     if name.is_empty() || name.len() > MAX_NAME {
         return Err(WitError::InvalidName(format!(
             "{what} must be 1..={MAX_NAME} bytes, got {}",
@@ -37,7 +37,7 @@ fn check_name(what: &str, name: &str) -> Result<(), WitError> {
 
 /// The guest's error for a failed read; a failure of the store (not the guest's own overrun)
 /// is noted in `txn`, so that the invocation's failure is counted as the host's.
-fn storage(txn: &mut Txn, e: anyhow::Error) -> WitError {
+pub(super) fn storage(txn: &mut Txn, e: anyhow::Error) -> WitError {
     // An overrun is the guest's doing; the invocation fails and is logged as a whole.
     if !e.is::<Overrun>() {
         tracing::error!(error = %format!("{e:#}"), "state read failed");
@@ -54,7 +54,12 @@ impl StateView<'_> {
         read.map_err(|e| storage(self.txn, e))
     }
 
-    fn put(&mut self, bucket: String, key: String, value: Option<Vec<u8>>) -> Result<(), WitError> {
+    pub(super) fn put(
+        &mut self,
+        bucket: String,
+        key: String,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), WitError> {
         check_name("bucket", &bucket)?;
         check_name("key", &key)?;
         if let Some(v) = &value {

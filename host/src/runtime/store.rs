@@ -8,13 +8,14 @@ use crate::capabilities::keyvalue::KeyValueView;
 use crate::capabilities::outgoing_http::NextHop;
 use crate::capabilities::producer::ProducerView;
 use crate::capabilities::services::{Outbound, ServicesView};
+use crate::capabilities::spin::{self, SpinHost, SpinView};
 use crate::capabilities::state::StateView;
 use crate::capabilities::stderr::GuestStderr;
 use crate::capabilities::{config, keyvalue, outgoing_http, producer, services, state};
 use crate::config::ServiceSpec;
 use crate::storage::{StateStore, Txn};
 use anyhow::Result;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use wasmtime::component::{GuestTaskId, Linker, ResourceTable};
 use wasmtime::{
@@ -216,6 +217,33 @@ impl InstanceState {
     }
 }
 
+impl SpinHost for InstanceState {
+    /// The guest task whose invocation is the store's, in an instance shared by several.
+    type Invocation = Option<GuestTaskId>;
+
+    fn invocation(&self) -> Option<GuestTaskId> {
+        self.tasks.as_ref().and_then(|tasks| tasks.current)
+    }
+
+    fn resume(&mut self, invocation: Option<GuestTaskId>) {
+        if let Some(task) = invocation {
+            self.switch_to(task);
+        }
+    }
+
+    fn keyvalue(&mut self) -> KeyValueView<'_> {
+        InstanceState::keyvalue(self)
+    }
+
+    fn state_store(&self) -> Arc<dyn StateStore> {
+        self.state.clone()
+    }
+
+    fn config_values(&self) -> &BTreeMap<String, String> {
+        &self.outbound.caller.config.0
+    }
+}
+
 /// How a component answers HTTP: `http-handler` when it exports it, else `wasi:http` 0.3, else
 /// 0.2.
 pub(super) enum HttpEntry {
@@ -245,6 +273,7 @@ pub fn linker(engine: &Engine, wasi3: bool) -> Result<Linker<InstanceState>> {
         wasmtime_wasi::p3::add_to_linker(&mut linker)?;
         outgoing_http::add_wasi3_to_linker(&mut linker)?;
         outgoing_http::add_wasi3_handler_to_linker(&mut linker)?;
+        spin::add_to_linker::<InstanceState, InstanceState>(&mut linker, |state| SpinView(state))?;
     }
     state::add_to_linker(&mut linker, InstanceState::state)?;
     keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue)?;

@@ -23,8 +23,8 @@ use async_trait::async_trait;
 pub use outbox::Outbox;
 pub use postgres::PostgresStore;
 pub use redb_store::RedbStore;
-pub use txn::Txn;
 pub use txn::MAX_PAGE;
+pub use txn::{PageRead, Txn};
 
 /// Where services' state, id sequences and outbox live. Every read and write is scoped to
 /// one service (the transaction's), set by the host, never by the guest.

@@ -94,10 +94,37 @@ impl Txn {
         bucket: &str,
         key: &str,
     ) -> Result<Option<Vec<u8>>> {
-        if let Some(v) = self.writes.get(&(bucket.to_string(), key.to_string())) {
-            return Ok(v.clone());
+        if let Some(v) = self.staged(bucket, key) {
+            return Ok(v);
         }
         let value = store.read_value(&self.service, bucket, key).await?;
+        self.seen(bucket, key, value)
+    }
+
+    /// The service whose state this transaction works on.
+    pub fn service(&self) -> Arc<str> {
+        self.service.clone()
+    }
+
+    /// What this invocation wrote at `bucket/key` itself, if it did (`Some(None)`: deleted).
+    pub fn staged(&self, bucket: &str, key: &str) -> Option<Option<Vec<u8>>> {
+        self.writes
+            .get(&(bucket.to_string(), key.to_string()))
+            .cloned()
+    }
+
+    /// Remembers that the store held `value` at `bucket/key` (read without this transaction at
+    /// hand, as `get` does with it), so that the commit can check it is still current: the value
+    /// as this invocation sees it.
+    pub fn seen(
+        &mut self,
+        bucket: &str,
+        key: &str,
+        value: Option<Vec<u8>>,
+    ) -> Result<Option<Vec<u8>>> {
+        if let Some(v) = self.staged(bucket, key) {
+            return Ok(v);
+        }
         let held = bucket.len() + key.len() + std::mem::size_of::<Seen>();
         self.budget.charge(held + ENTRY_OVERHEAD)?;
         let seen = value.as_deref().map(digest_of);
@@ -144,28 +171,53 @@ impl Txn {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>> {
-        let mut range = KeyRange {
+        let page = self.page_read(bucket, prefix, after, limit);
+        let committed = page.read(store, &self.service).await?;
+        self.page_seen(page, committed)
+    }
+
+    /// What [`Txn::list_page`] reads from the store for a page.
+    pub fn page_read(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> PageRead {
+        let range = KeyRange {
             bucket: bucket.to_string(),
             prefix: prefix.to_string(),
             after: after.map(str::to_string),
             upto: None,
             found: 0,
         };
-        let own = |(b, k): &(String, String)| b == bucket && range.holds(k);
         // Own deletes may hide committed keys: read that many more.
         let deletes = self
             .writes
             .iter()
-            .filter(|(bk, v)| own(bk) && v.is_none())
+            .filter(|(bk, v)| bk.0 == bucket && range.holds(&bk.1) && v.is_none())
             .count();
-        let want = limit.saturating_add(deletes);
-        let committed = store.read_keys(&self.service, &range, want).await?;
+        PageRead {
+            want: limit.saturating_add(deletes),
+            range,
+            limit,
+        }
+    }
+
+    /// The page `page` lists, given the keys the store held (`committed`, read as `page` says):
+    /// merged with this invocation's own writes, and remembered for the commit's check.
+    pub fn page_seen(&mut self, page: PageRead, committed: Vec<String>) -> Result<Vec<String>> {
+        let PageRead {
+            mut range,
+            want,
+            limit,
+        } = page;
         let held: usize = committed.iter().map(|k| k.len() + ENTRY_OVERHEAD).sum();
         self.budget
-            .charge(bucket.len() + prefix.len() + 2 * held + ENTRY_OVERHEAD)?;
+            .charge(range.bucket.len() + range.prefix.len() + 2 * held + ENTRY_OVERHEAD)?;
         let mut keys: BTreeSet<String> = committed.iter().cloned().collect();
         for (bk, v) in &self.writes {
-            if own(bk) {
+            if bk.0 == range.bucket && range.holds(&bk.1) {
                 match v {
                     Some(_) => keys.insert(bk.1.clone()),
                     None => keys.remove(&bk.1),
@@ -179,6 +231,20 @@ impl Txn {
         range.found = committed.len();
         self.lists.push((range, digest_keys(&committed)));
         Ok(keys.into_iter().take(limit).collect())
+    }
+}
+
+/// A page of keys to read from the store ([`Txn::page_read`]).
+pub struct PageRead {
+    range: KeyRange,
+    want: usize,
+    limit: usize,
+}
+
+impl PageRead {
+    /// The committed keys of the page, from `store`, for `service`.
+    pub async fn read(&self, store: &dyn StateStore, service: &str) -> Result<Vec<String>> {
+        store.read_keys(service, &self.range, self.want).await
     }
 }
 

@@ -25,5 +25,6 @@ mod reuse;
 mod scale;
 mod services;
 mod shutdown;
+mod spin;
 mod swap;
 mod wasi_http3;

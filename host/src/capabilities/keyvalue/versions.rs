@@ -1,17 +1,9 @@
-//! `wasi:keyvalue` `store`, `atomics` and `batch`, at `0.2.0-draft2` (Spin) and `0.2.0-draft`
-//! (wasmCloud): buckets of the calling service's own transactional state.
-//!
-//! A bucket is the `microsvc:platform/state` bucket of the same name, read and written in the
-//! invocation's transaction: what a component writes commits with its invocation or not at all,
-//! and a value read stays what it was until the commit (a concurrent writer makes the commit
-//! conflict, and the invocation runs again). A service opens only the buckets the manifest lists
-//! (`key_value_stores`); any other is `access-denied`. Counters are stored as 8 bytes, a
-//! little-endian `s64`, as `state.increment` and Spin's own store keep them.
+//! The `wasi:keyvalue` interfaces of both versions over [`KeyValueView`]: their bindings, and
+//! the trait implementations, which differ only in the shapes of cursors, counters and `get-many`.
 
-use super::bindings::microsvc::platform::state::{Error as StateError, Host as _};
-use super::state::StateView;
-use crate::storage::MAX_PAGE;
-use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+use super::{Bucket, Cas, Failure, KeyValueView};
+use crate::capabilities::bindings::microsvc::platform::state::Host as _;
+use wasmtime::component::{HasData, Linker, Resource};
 
 mod draft2 {
     wasmtime::component::bindgen!({
@@ -19,8 +11,8 @@ mod draft2 {
         world: "wasi:keyvalue/imports",
         imports: { default: async },
         with: {
-            "wasi:keyvalue/store.bucket": super::Bucket,
-            "wasi:keyvalue/atomics.cas": super::Cas,
+            "wasi:keyvalue/store.bucket": super::super::Bucket,
+            "wasi:keyvalue/atomics.cas": super::super::Cas,
         },
     });
 }
@@ -30,30 +22,11 @@ mod draft {
         path: "../wit/deps/wasi-keyvalue-0.2.0-draft",
         world: "wasi:keyvalue/imports",
         imports: { default: async },
-        with: { "wasi:keyvalue/store.bucket": super::Bucket },
+        with: { "wasi:keyvalue/store.bucket": super::super::Bucket },
     });
 }
 
 /// An open bucket: the name of a state bucket the service may use.
-pub struct Bucket {
-    name: String,
-}
-
-/// A compare-and-swap handle: the value `key` had when it was made.
-pub struct Cas {
-    bucket: String,
-    key: String,
-    seen: Option<Vec<u8>>,
-}
-
-/// What `wasi:keyvalue` works on: the invocation's state, the store's resources and the
-/// buckets the manifest allows.
-pub struct KeyValueView<'a> {
-    pub state: StateView<'a>,
-    pub table: &'a mut ResourceTable,
-    pub stores: &'a [String],
-}
-
 struct HasKeyValue;
 impl HasData for HasKeyValue {
     type Data<'a> = KeyValueView<'a>;
@@ -73,27 +46,7 @@ pub fn add_to_linker<T: Send + 'static>(
     Ok(())
 }
 
-/// Why an operation failed, in the words both versions share.
-enum Failure {
-    AccessDenied,
-    Other(String),
-}
-
-impl From<StateError> for Failure {
-    fn from(e: StateError) -> Failure {
-        Failure::Other(match e {
-            StateError::InvalidName(m) | StateError::NotACounter(m) | StateError::Storage(m) => m,
-            StateError::ValueTooLarge(n) => format!("a value of {n} bytes is over 1 MiB"),
-        })
-    }
-}
-
-impl From<wasmtime::component::ResourceTableError> for Failure {
-    fn from(e: wasmtime::component::ResourceTableError) -> Failure {
-        Failure::Other(e.to_string())
-    }
-}
-
+/// Why an operation failed, in the words every key-value interface shares.
 macro_rules! error_of {
     ($version:ident) => {
         impl From<Failure> for $version::wasi::keyvalue::store::Error {
@@ -108,108 +61,6 @@ macro_rules! error_of {
 }
 error_of!(draft2);
 error_of!(draft);
-
-impl KeyValueView<'_> {
-    fn open(&mut self, name: String) -> Result<Resource<Bucket>, Failure> {
-        if !self.stores.contains(&name) {
-            tracing::warn!(bucket = %name, "wasi:keyvalue store not in the manifest's key_value_stores refused");
-            return Err(Failure::AccessDenied);
-        }
-        Ok(self.table.push(Bucket { name })?)
-    }
-
-    fn name(&self, bucket: &Resource<Bucket>) -> Result<String, Failure> {
-        Ok(self.table.get(bucket)?.name.clone())
-    }
-
-    async fn get(
-        &mut self,
-        bucket: &Resource<Bucket>,
-        key: String,
-    ) -> Result<Option<Vec<u8>>, Failure> {
-        let name = self.name(bucket)?;
-        Ok(self.state.get(name, key).await?)
-    }
-
-    async fn set(
-        &mut self,
-        bucket: &Resource<Bucket>,
-        key: String,
-        value: Vec<u8>,
-    ) -> Result<(), Failure> {
-        let name = self.name(bucket)?;
-        Ok(self.state.set(name, key, value).await?)
-    }
-
-    async fn delete(&mut self, bucket: &Resource<Bucket>, key: String) -> Result<(), Failure> {
-        let name = self.name(bucket)?;
-        Ok(self.state.delete(name, key).await?)
-    }
-
-    /// One page of the bucket's keys after `after`, in byte order, and the cursor of the next
-    /// (none after the last page).
-    async fn page(
-        &mut self,
-        bucket: &Resource<Bucket>,
-        after: Option<String>,
-    ) -> Result<(Vec<String>, Option<String>), Failure> {
-        let name = self.name(bucket)?;
-        let limit = MAX_PAGE as u32;
-        let keys = self
-            .state
-            .list_keys_after(name, String::new(), after, limit)
-            .await?;
-        let next = (keys.len() == MAX_PAGE)
-            .then(|| keys.last().cloned())
-            .flatten();
-        Ok((keys, next))
-    }
-
-    async fn increment(
-        &mut self,
-        bucket: &Resource<Bucket>,
-        key: String,
-        delta: i64,
-    ) -> Result<i64, Failure> {
-        let name = self.name(bucket)?;
-        Ok(self.state.increment(name, key, delta).await?)
-    }
-
-    async fn get_many(
-        &mut self,
-        bucket: &Resource<Bucket>,
-        keys: Vec<String>,
-    ) -> Result<Vec<(String, Option<Vec<u8>>)>, Failure> {
-        let mut found = Vec::with_capacity(keys.len().min(MAX_PAGE));
-        for key in keys {
-            let value = self.get(bucket, key.clone()).await?;
-            found.push((key, value));
-        }
-        Ok(found)
-    }
-
-    async fn set_many(
-        &mut self,
-        bucket: &Resource<Bucket>,
-        pairs: Vec<(String, Vec<u8>)>,
-    ) -> Result<(), Failure> {
-        for (key, value) in pairs {
-            self.set(bucket, key, value).await?;
-        }
-        Ok(())
-    }
-
-    async fn delete_many(
-        &mut self,
-        bucket: &Resource<Bucket>,
-        keys: Vec<String>,
-    ) -> Result<(), Failure> {
-        for key in keys {
-            self.delete(bucket, key).await?;
-        }
-        Ok(())
-    }
-}
 
 /// The trait implementations of one version's `store` and `batch`, which differ only in the
 /// shapes of a listing and of `get-many`.

@@ -46,7 +46,7 @@ _install name:
 # one, the trivial `hello` (sdk, and wasi:http 0.2 alone) used by benchmarks, and `hello-p3`
 # (wasi:http 0.3, no sdk), `spin-hello` (spin-sdk 7), `auth-p3` (a WASI 0.3 middleware) and
 # `kv-counter` (wasi:keyvalue and wasi:config alone), built on Spin's versions and wasmCloud's,
-# and `spin-kv` (spin-sdk 7's key-value and variables).
+# `spin-kv` (spin-sdk 7's key-value and variables) and `wasmcloud-kv` (wasmcloud:keyvalue).
 build-fixtures: _target
     mkdir -p {{fixtures}}
     for tag in a b; do \
@@ -54,7 +54,8 @@ build-fixtures: _target
         for c in user order; do cp target/wasm32-wasip2/component/$c.wasm {{fixtures}}/$c-$tag.wasm; done; \
         cp target/wasm32-wasip2/component/fixture_misbehave.wasm {{fixtures}}/misbehave-$tag.wasm; \
     done
-    cargo build --profile component --target wasm32-wasip2 -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -p fixture-hello-wasi -p fixture-hello-p3 -p fixture-spin-hello -p fixture-auth-p3 -p fixture-spin-kv
+    cargo build --profile component --target wasm32-wasip2 -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -p fixture-hello-wasi -p fixture-hello-p3 -p fixture-spin-hello -p fixture-auth-p3 -p fixture-spin-kv -p fixture-wasmcloud-kv
+    cp target/wasm32-wasip2/component/fixture_wasmcloud_kv.wasm {{fixtures}}/wasmcloud-kv.wasm
     cp target/wasm32-wasip2/component/fixture_spin_kv.wasm {{fixtures}}/spin-kv.wasm
     cp target/wasm32-wasip2/component/fixture_hello_p3.wasm {{fixtures}}/hello-p3.wasm
     cp target/wasm32-wasip2/component/fixture_auth_p3.wasm {{fixtures}}/auth-p3.wasm
@@ -142,7 +143,7 @@ lint: _target
     rustup component add rustfmt clippy
     cargo fmt --all --check
     cargo clippy --release -p host --all-targets -- -D warnings
-    cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -p fixture-hello-wasi -p fixture-hello-p3 -p fixture-spin-hello -p fixture-auth-p3 -p fixture-kv-counter -p fixture-spin-kv -- -D warnings
+    cargo clippy --release --target wasm32-wasip2 -p sdk {{ prepend("-p ", components) }} -p fixture-no-http -p fixture-bad-import -p fixture-misbehave -p fixture-hello -p fixture-hello-wasi -p fixture-hello-p3 -p fixture-spin-hello -p fixture-auth-p3 -p fixture-kv-counter -p fixture-spin-kv -p fixture-wasmcloud-kv -- -D warnings
 
 # The components' target. rustup may be set not to install it by itself
 # (RUSTUP_AUTO_INSTALL=0); adding an installed target is a quick no-op.

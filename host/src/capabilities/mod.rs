@@ -3,6 +3,7 @@
 //! A capability never reaches into the runtime: what it needs from the embedder is a trait it
 //! declares ([`services::ServiceCalls`]), as `wasi:http` declares `WasiHttpHooks`.
 
+pub mod async_state;
 mod bindings;
 pub mod config;
 pub mod keyvalue;
@@ -13,6 +14,7 @@ pub mod services;
 pub mod spin;
 pub mod state;
 pub mod stderr;
+pub mod wasmcloud;
 
 /// The exports of a component that this host calls (`microsvc:platform/http-handler` and
 /// `handler`): generated once here, with the imports, so that they share the WIT types.

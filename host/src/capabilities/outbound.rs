@@ -108,22 +108,49 @@ pub async fn request_body(body: WasiBody) -> Result<Bytes, HttpError> {
         .to_bytes())
 }
 
-/// What a failed exchange means to the guest.
+/// What a failed exchange means to the guest, from the first cause that says.
 fn failure(e: &hyper_util::client::legacy::Error) -> HttpError {
-    let text = format!("{e:?}");
-    if e.is_connect() {
-        if text.contains("ConnectionRefused") {
-            HttpError::ConnectionRefused
-        } else if text.contains("certificate") || text.contains("Certificate") {
-            HttpError::TlsCertificateError
-        } else if text.contains("dns") || text.contains("lookup") {
-            HttpError::DestinationNotFound
-        } else {
-            HttpError::InternalError(Some(text))
+    use std::io::ErrorKind;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    let tls = |tls: &rustls::Error| match tls {
+        rustls::Error::InvalidCertificate(_) => HttpError::TlsCertificateError,
+        _ => HttpError::TlsProtocolError,
+    };
+    while let Some(c) = cause {
+        if let Some(e) = c.downcast_ref::<rustls::Error>() {
+            return tls(e);
         }
+        if c.to_string().starts_with("dns error") {
+            return HttpError::DestinationNotFound;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if let Some(e) = wrapped_tls(io) {
+                return tls(e);
+            }
+            match io.kind() {
+                ErrorKind::ConnectionRefused => return HttpError::ConnectionRefused,
+                ErrorKind::TimedOut => return HttpError::ConnectionTimeout,
+                ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof => {
+                    return HttpError::ConnectionTerminated
+                }
+                _ => {}
+            }
+        }
+        cause = c.source();
+    }
+    if e.is_connect() {
+        HttpError::DestinationUnavailable
     } else {
         HttpError::HttpProtocolError
     }
+}
+
+/// The TLS error inside `io`: tokio-rustls wraps it in an io::Error (the connector wraps that
+/// in another), whose `source` skips it.
+fn wrapped_tls(io: &std::io::Error) -> Option<&rustls::Error> {
+    let inner = io.get_ref()?;
+    (inner.downcast_ref::<rustls::Error>())
+        .or_else(|| inner.downcast_ref::<std::io::Error>().and_then(wrapped_tls))
 }
 
 /// A response body that fails when its next bytes take longer than `limit`.

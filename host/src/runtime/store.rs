@@ -2,16 +2,17 @@
 
 use super::engine::EPOCH_TICK;
 use super::Runtime;
+use crate::capabilities::async_state::{StateAccess, StateHost};
 use crate::capabilities::config::ConfigView;
 use crate::capabilities::exports::{handler, http_handler};
 use crate::capabilities::keyvalue::KeyValueView;
 use crate::capabilities::outgoing_http::NextHop;
 use crate::capabilities::producer::ProducerView;
 use crate::capabilities::services::{Outbound, ServicesView};
-use crate::capabilities::spin::{self, SpinHost, SpinView};
 use crate::capabilities::state::StateView;
 use crate::capabilities::stderr::GuestStderr;
 use crate::capabilities::{config, keyvalue, outgoing_http, producer, services, state};
+use crate::capabilities::{spin, wasmcloud};
 use crate::config::ServiceSpec;
 use crate::storage::{StateStore, Txn};
 use anyhow::Result;
@@ -217,7 +218,7 @@ impl InstanceState {
     }
 }
 
-impl SpinHost for InstanceState {
+impl StateHost for InstanceState {
     /// The guest task whose invocation is the store's, in an instance shared by several.
     type Invocation = Option<GuestTaskId>;
 
@@ -273,7 +274,12 @@ pub fn linker(engine: &Engine, wasi3: bool) -> Result<Linker<InstanceState>> {
         wasmtime_wasi::p3::add_to_linker(&mut linker)?;
         outgoing_http::add_wasi3_to_linker(&mut linker)?;
         outgoing_http::add_wasi3_handler_to_linker(&mut linker)?;
-        spin::add_to_linker::<InstanceState, InstanceState>(&mut linker, |state| SpinView(state))?;
+        spin::add_to_linker::<InstanceState, InstanceState>(&mut linker, |state| {
+            StateAccess(state)
+        })?;
+        wasmcloud::add_to_linker::<InstanceState, InstanceState>(&mut linker, |state| {
+            StateAccess(state)
+        })?;
     }
     state::add_to_linker(&mut linker, InstanceState::state)?;
     keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue)?;

@@ -28,3 +28,4 @@ mod shutdown;
 mod spin;
 mod swap;
 mod wasi_http3;
+mod wasmcloud;

@@ -94,6 +94,14 @@ async fn a_listed_origin_is_reached_and_anything_else_is_denied() {
     let counted =
         r#"host_outbound_requests_total{service="product",host="127.0.0.1",outcome="200"}"#;
     assert_eq!(host.metric(counted).await, 1.0);
+    // A listed origin where nothing listens: refused, and said so.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let r = relay(&host, "http", &format!("127.0.0.1:{closed_port}")).await;
+    assert_error(&r, 503);
+    let error = r.json["error"].as_str().unwrap();
+    assert!(error.contains("ConnectionRefused"), "{error}");
     // The same server by another name, or by another scheme, is not listed.
     for (scheme, to) in [
         ("http", format!("localhost:{port}")),
@@ -131,6 +139,8 @@ async fn https_origins_are_verified_against_the_outbound_ca_file() {
     let (host, _comps) = with_product("misbehave.wasm", &[allow], &[]).await;
     let r = relay(&host, "https", &to).await;
     assert_error(&r, 502);
+    let error = r.json["error"].as_str().unwrap();
+    assert!(error.contains("TlsCertificateError"), "{error}");
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca).unwrap();

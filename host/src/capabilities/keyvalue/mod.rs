@@ -48,12 +48,6 @@ pub(super) enum Failure {
     Other(String),
 }
 
-impl Failure {
-    pub(super) fn denied(&self) -> bool {
-        matches!(self, Failure::AccessDenied)
-    }
-}
-
 impl From<StateError> for Failure {
     fn from(e: StateError) -> Failure {
         Failure::Other(match e {
@@ -124,18 +118,17 @@ impl KeyValueView<'_> {
         seen.map_err(|e| storage(txn, e).into())
     }
 
-    /// What to read for the page of the bucket's keys after `after`.
+    /// What to read for the page of the bucket's keys that start with `prefix`, after `after`.
     pub(super) fn page_read(
         &self,
         bucket: &Resource<Bucket>,
+        prefix: &str,
         after: Option<String>,
     ) -> Result<PageRead, Failure> {
         let name = self.name(bucket)?;
         check_name("bucket", &name)?;
-        Ok(self
-            .state
-            .txn
-            .page_read(&name, "", after.as_deref(), MAX_PAGE))
+        let txn = &self.state.txn;
+        Ok(txn.page_read(&name, prefix, after.as_deref(), MAX_PAGE))
     }
 
     /// The page, given what the store answered, and where the next starts (none after the

@@ -47,6 +47,15 @@ impl From<Failure> for Error {
 
 type Outcome<T> = wasmtime::Result<Result<T, Error>>;
 
+/// [`async_state::read`] in this interface's error.
+async fn read<U: 'static, H: StateHost>(
+    accessor: &Accessor<U, HasStateAccess<H>>,
+    bucket: &Resource<Bucket>,
+    key: String,
+) -> Result<Option<Vec<u8>>, Error> {
+    Ok(async_state::read(accessor, bucket, key).await?)
+}
+
 impl<H: StateHost> types::Host for StateAccess<'_, H> {}
 
 impl<H: StateHost> types::HostBucket for StateAccess<'_, H> {
@@ -142,20 +151,19 @@ impl<U: 'static, H: StateHost> atomics::HostWithStore<U> for HasStateAccess<H> {
         key: String,
         delta: i64,
     ) -> Outcome<i64> {
-        let current = match async_state::read(accessor, &bucket, key.clone()).await {
-            Ok(value) => value,
-            Err(e) => return Ok(Err(e.into())),
-        };
-        let current = match current.map(|v| <[u8; 8]>::try_from(v.as_slice())) {
-            None => 0,
-            Some(Ok(bytes)) => i64::from_le_bytes(bytes),
-            Some(Err(_)) => return Ok(Err(Error::Other(format!("{key} is not a counter")))),
-        };
-        let Some(next) = current.checked_add(delta) else {
-            return Ok(Err(Error::Other(format!("{key} would overflow"))));
-        };
-        let staged = async_state::stage(accessor, &bucket, key, Some(next.to_le_bytes().to_vec()));
-        Ok(staged.map(|()| next).map_err(Error::from))
+        Ok(async {
+            let current = read(accessor, &bucket, key.clone()).await?;
+            let current = match current.map(|v| <[u8; 8]>::try_from(v.as_slice())) {
+                None => 0,
+                Some(Ok(bytes)) => i64::from_le_bytes(bytes),
+                Some(Err(_)) => return Err(Error::Other(format!("{key} is not a counter"))),
+            };
+            let next = (current.checked_add(delta))
+                .ok_or_else(|| Error::Other(format!("{key} would overflow")))?;
+            async_state::stage(accessor, &bucket, key, Some(next.to_le_bytes().to_vec()))?;
+            Ok(next)
+        }
+        .await)
     }
 }
 
@@ -190,23 +198,18 @@ impl<U: 'static, H: StateHost> cas::HostWithStore<U> for HasStateAccess<H> {
         value: Vec<u8>,
         options: cas::CasOptions,
     ) -> Outcome<cas::CasResult> {
-        let current = match async_state::read(accessor, &bucket, key.clone()).await {
-            Ok(value) => value,
-            Err(e) => return Ok(Err(e.into())),
-        };
-        let version_holds = options
-            .require_version
-            .is_none_or(|v| current.as_deref().map(version) == Some(v));
-        let value_holds = options
-            .require_value
-            .is_none_or(|v| current.as_ref() == Some(&v));
-        if !(version_holds && value_holds) {
-            return Ok(Ok(cas::CasResult::Stale(entry(current))));
+        Ok(async {
+            let current = read(accessor, &bucket, key.clone()).await?;
+            let version_holds = (options.require_version)
+                .is_none_or(|v| current.as_deref().map(version) == Some(v));
+            let value_holds = (options.require_value).is_none_or(|v| current.as_ref() == Some(&v));
+            if !(version_holds && value_holds) {
+                return Ok(cas::CasResult::Stale(entry(current)));
+            }
+            async_state::stage(accessor, &bucket, key, Some(value))?;
+            Ok(cas::CasResult::Swapped)
         }
-        let staged = async_state::stage(accessor, &bucket, key, Some(value));
-        Ok(staged
-            .map(|()| cas::CasResult::Swapped)
-            .map_err(Error::from))
+        .await)
     }
 }
 

@@ -45,7 +45,7 @@ _install name:
 # Test fixtures: tagged builds of user/order/misbehave (x-build: a|b), components to refuse, a misbehaving
 # one, the trivial `hello` (sdk, and wasi:http 0.2 alone) used by benchmarks, and `hello-p3`
 # (wasi:http 0.3, no sdk), `spin-hello` (spin-sdk 7), `auth-p3` (a WASI 0.3 middleware) and
-# `kv-counter` (wasi:keyvalue and wasi:config alone), built on Spin's versions and wasmCloud's,
+# `kv-counter` (wasi:keyvalue, wasi:config and wasi:messaging alone), built on Spin's versions and wasmCloud's,
 # `spin-kv` (spin-sdk 7's key-value and variables) and `wasmcloud-kv` (wasmcloud:keyvalue).
 build-fixtures: _target
     mkdir -p {{fixtures}}

@@ -14,12 +14,15 @@ pub mod services;
 pub mod spin;
 pub mod state;
 pub mod stderr;
+pub mod wasi_messaging;
 pub mod wasmcloud;
 
 /// The exports of a component that this host calls (`microsvc:platform/http-handler` and
-/// `handler`): generated once here, with the imports, so that they share the WIT types.
+/// `handler`, generated once here with the imports so that they share the WIT types, and
+/// `wasi:messaging/incoming-handler`).
 pub mod exports {
     pub use super::bindings::exports::microsvc::platform::{handler, http_handler};
     pub use super::bindings::microsvc::platform::producer::Message;
     pub use super::bindings::microsvc::platform::services::{Request, Response};
+    pub use super::wasi_messaging::incoming_handler;
 }

@@ -28,35 +28,25 @@ pub fn add_to_linker<T: Send + 'static>(
     wit::add_to_linker::<T, HasProducer>(linker, f)
 }
 
-impl wit::Host for ProducerView<'_> {
-    fn send(&mut self, message: wit::Message) -> Result<(), SendError> {
-        if !valid_topic(&message.topic) {
-            return Err(SendError::InvalidTopic(message.topic));
+impl ProducerView<'_> {
+    /// Stages `msg` in the invocation if the service may send to its topic and it is within
+    /// the broker's limits, stamped with the request id unless it carries one.
+    pub(super) fn stage(&mut self, mut msg: Message) -> Result<(), SendError> {
+        if !valid_topic(&msg.topic) {
+            return Err(SendError::InvalidTopic(msg.topic));
         }
-        if !self.allowed_topics.contains(&message.topic) {
-            return Err(SendError::TopicNotAllowed(message.topic));
+        if !self.allowed_topics.contains(&msg.topic) {
+            return Err(SendError::TopicNotAllowed(msg.topic));
         }
-        if message.payload.len() > MAX_BODY {
-            return Err(SendError::PayloadTooLarge(message.payload.len() as u64));
+        if msg.payload.len() > MAX_BODY {
+            return Err(SendError::PayloadTooLarge(msg.payload.len() as u64));
         }
         // Key and headers travel with the payload and count against the same 1 MiB, as the
         // broker counts them against its own message size limit.
-        let size = message.key.as_ref().map_or(0, String::len)
-            + message.payload.len()
-            + message
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>();
-        if size > MAX_BODY || message.headers.len() > MAX_HEADERS {
+        let size = msg.size() - msg.topic.len();
+        if size > MAX_BODY || msg.headers.len() > MAX_HEADERS {
             return Err(SendError::PayloadTooLarge(size as u64));
         }
-        let mut msg = Message {
-            topic: message.topic,
-            key: message.key,
-            payload: message.payload,
-            headers: message.headers,
-        };
         if msg.header(REQUEST_ID).is_none() {
             msg.headers
                 .push((REQUEST_ID.into(), self.request_id.to_string()));
@@ -66,6 +56,17 @@ impl wit::Host for ProducerView<'_> {
         self.txn
             .send(msg)
             .map_err(|e| SendError::PayloadTooLarge(e.limit as u64))
+    }
+}
+
+impl wit::Host for ProducerView<'_> {
+    fn send(&mut self, message: wit::Message) -> Result<(), SendError> {
+        self.stage(Message {
+            topic: message.topic,
+            key: message.key,
+            payload: message.payload,
+            headers: message.headers,
+        })
     }
 }
 

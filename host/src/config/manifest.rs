@@ -46,6 +46,9 @@ struct ServiceTable {
     /// Buckets `wasi:keyvalue` may open.
     #[serde(default)]
     key_value_stores: Vec<Spanned<String>>,
+    /// Clients `wasi:messaging` may connect.
+    #[serde(default)]
+    messaging_clients: Vec<Spanned<String>>,
     /// What `wasi:config/store` answers: values, or environment variables of the host.
     #[serde(default)]
     config: BTreeMap<Spanned<String>, Spanned<ConfigEntry>>,
@@ -331,16 +334,17 @@ impl Context<'_> {
                     ),
                 ));
             }
-            let key_value_stores = entry
-                .key_value_stores
-                .iter()
-                .map(|bucket| {
-                    let ok = (1..=MAX_NAME).contains(&bucket.get_ref().len());
-                    let range = format!("1..={MAX_NAME} bytes");
-                    bounded(bucket.span(), "key_value_stores", ok, range)
-                        .map(|()| bucket.get_ref().clone())
-                })
-                .collect::<Result<_, _>>()?;
+            let labels = |list: &[Spanned<String>], what| {
+                list.iter()
+                    .map(|label| {
+                        let ok = (1..=MAX_NAME).contains(&label.get_ref().len());
+                        let range = format!("1..={MAX_NAME} bytes");
+                        bounded(label.span(), what, ok, range).map(|()| label.get_ref().clone())
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let key_value_stores = labels(&entry.key_value_stores, "key_value_stores")?;
+            let messaging_clients = labels(&entry.messaging_clients, "messaging_clients")?;
             let config = (entry.config.iter())
                 .map(|(key, value)| match value.get_ref() {
                     ConfigEntry::Value(v) => Ok((key.get_ref().clone(), v.clone())),
@@ -391,6 +395,7 @@ impl Context<'_> {
                 limits,
                 instances,
                 key_value_stores,
+                messaging_clients,
                 config: ConfigValues(Arc::new(config)),
                 allowed_outbound_hosts,
             });
@@ -588,6 +593,16 @@ instances = { reuse = 50, concurrent = 4, idle = "250ms" }
                     "instances.concurrent",
                 ),
                 ("idle = \"250ms\"", "idle = \"2h\"", "instances.idle"),
+                (
+                    "port = 3001",
+                    "port = 3001\nkey_value_stores = [\"\"]",
+                    "key_value_stores",
+                ),
+                (
+                    "port = 3001",
+                    "port = 3001\nmessaging_clients = [\"default\", \"\"]",
+                    "messaging_clients",
+                ),
             ] {
                 let e = with(from, to);
                 assert!(

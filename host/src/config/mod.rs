@@ -310,6 +310,9 @@ pub struct ServiceSpec {
     pub instances: Instances,
     /// Buckets it may open through `wasi:keyvalue` (its own state's buckets of those names).
     pub key_value_stores: Vec<String>,
+    /// Clients it may connect through `wasi:messaging` (labels; every client reaches the
+    /// host's one messaging backend).
+    pub messaging_clients: Vec<String>,
     /// What `wasi:config/store` answers it.
     pub config: ConfigValues,
     /// Origins outside the host its outgoing `wasi:http` requests may go to.
@@ -398,6 +401,7 @@ impl ServiceSpec {
             },
             instances: Instances::default(),
             key_value_stores: vec![],
+            messaging_clients: vec![],
             config: ConfigValues::default(),
             allowed_outbound_hosts: vec![],
         }

@@ -5,7 +5,7 @@ use super::cache::CompileCache;
 use super::engine::engine;
 use super::shared::SharedInstances;
 use super::store::{linker, Instance, InstanceState};
-use crate::capabilities::exports::{handler, http_handler};
+use crate::capabilities::exports::{handler, http_handler, incoming_handler};
 use crate::config::ServiceSpec;
 use anyhow::{Context as _, Result};
 use sha2::{Digest, Sha256};
@@ -96,12 +96,30 @@ impl HttpExport {
     }
 }
 
+/// The export a subscribing component is handed its messages through: ours when it has it,
+/// else `wasi:messaging`'s.
+#[derive(Clone)]
+pub enum MessageExport {
+    Handler(handler::GuestIndices),
+    WasiMessaging(incoming_handler::GuestIndices),
+}
+
+impl MessageExport {
+    fn of(pre: &InstancePre<InstanceState>) -> Option<MessageExport> {
+        if let Ok(indices) = handler::GuestIndices::new(pre) {
+            return Some(MessageExport::Handler(indices));
+        }
+        let indices = incoming_handler::GuestIndices::new(pre).ok()?;
+        Some(MessageExport::WasiMessaging(indices))
+    }
+}
+
 /// A component ready to be instantiated per request.
 pub struct Loaded {
     pub pre: InstancePre<InstanceState>,
     pub http: HttpExport,
-    /// `microsvc:platform/handler`, for services that subscribe to topics.
-    pub handler: Option<handler::GuestIndices>,
+    /// Its message handler, for services that subscribe to topics.
+    pub handler: Option<MessageExport>,
     pub path: PathBuf,
     pub sha256: String,
     pub loaded_at: SystemTime,
@@ -194,10 +212,10 @@ pub async fn prepare(
     let handler = if spec.subscribes.is_empty() {
         None
     } else {
-        let indices = handler::GuestIndices::new(&pre).map_err(anyhow::Error::from);
-        Some(indices.with_context(|| {
+        Some(MessageExport::of(&pre).with_context(|| {
             format!(
-                "{} subscribes to {:?} but {} does not export microsvc:platform/handler",
+                "{} subscribes to {:?} but {} exports no message handler: neither \
+                 microsvc:platform/handler nor wasi:messaging/incoming-handler@0.2.0-draft",
                 spec.name,
                 spec.subscribes,
                 path.display()

@@ -9,9 +9,10 @@ use super::http_exports::{call_handler, call_wasi_http};
 use super::pool::reuse;
 use super::service::Service;
 use super::shared::{Policy, Reply};
-use super::store::{HttpEntry, Instance};
+use super::store::{HttpEntry, Instance, InstanceState, MessageEntry};
 use super::Runtime;
 use crate::capabilities::exports::{handler, Message};
+use crate::capabilities::wasi_messaging;
 use crate::storage::{CommitError, Txn};
 use crate::types::http::busy;
 use crate::types::{json_error, Delivery, HttpRequest, HttpResponse, Overrun, REQUEST_ID};
@@ -19,6 +20,7 @@ use hyper::StatusCode;
 use platform_contract::SERVICE_SUFFIX;
 use std::sync::Arc;
 use std::time::Duration;
+use wasmtime::Store;
 
 /// Why an invocation has nothing to commit, other than what the guest itself answered.
 #[derive(Debug, thiserror::Error)]
@@ -160,9 +162,9 @@ async fn run_alone(
             Call::Message(delivery) => {
                 let handler = handler.as_ref().expect("loaded with a handler");
                 store.set_epoch_deadline(1);
-                match handler.call_handle(&mut *store, delivery).await {
+                match hand_over(store, handler, delivery).await {
                     Ok(handled) => (true, Ok(Answer::Handled(handled))),
-                    Err(e) => (false, Err(e.into())),
+                    Err(e) => (false, Err(e)),
                 }
             }
         }
@@ -173,6 +175,23 @@ async fn run_alone(
         Err(_) => (false, Err(Failure::WallClock(limit))),
     };
     (answer, instance.finish(clean, runtime, service, loaded))
+}
+
+/// Calls `handler` with `delivery`: what it answered, in `microsvc:platform/handler`'s words
+/// (a `wasi:messaging` error is a failed attempt, to retry), or why it did not answer.
+async fn hand_over(
+    store: &mut Store<InstanceState>,
+    handler: &MessageEntry,
+    delivery: &handler::Delivery,
+) -> anyhow::Result<Result<(), handler::HandleError>> {
+    match handler {
+        MessageEntry::Handler(handler) => Ok(handler.call_handle(&mut *store, delivery).await?),
+        MessageEntry::WasiMessaging(handler) => {
+            let message = wasi_messaging::incoming(&mut store.data_mut().table, delivery)?;
+            let handled = handler.call_handle(&mut *store, message).await?;
+            Ok(handled.map_err(|e| handler::HandleError::Retry(wasi_messaging::describe(&e))))
+        }
+    }
 }
 
 /// How `service`'s requests share instances, if they do: a WASI 0.3 component's always do (it

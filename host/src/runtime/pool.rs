@@ -1,8 +1,8 @@
 //! Instances ready for an invocation: a fresh one, or one reused from its version's idle list.
 
-use super::component::{HttpExport, Loaded};
+use super::component::{HttpExport, Loaded, MessageExport};
 use super::service::Service;
-use super::store::{new_store, HttpEntry, Instance};
+use super::store::{new_store, HttpEntry, Instance, MessageEntry};
 use super::Runtime;
 use crate::storage::Txn;
 use anyhow::Result;
@@ -45,8 +45,12 @@ impl Instance {
             }
         };
         let handler = match &loaded.handler {
-            // Loading checked that the component exports the handler.
-            Some(indices) => Some(indices.load(&mut store, &instance)?),
+            Some(MessageExport::Handler(indices)) => {
+                Some(MessageEntry::Handler(indices.load(&mut store, &instance)?))
+            }
+            Some(MessageExport::WasiMessaging(indices)) => Some(MessageEntry::WasiMessaging(
+                indices.load(&mut store, &instance)?,
+            )),
             None => None,
         };
         Ok(Instance {

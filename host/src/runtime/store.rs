@@ -4,13 +4,14 @@ use super::engine::EPOCH_TICK;
 use super::Runtime;
 use crate::capabilities::async_state::{StateAccess, StateHost};
 use crate::capabilities::config::ConfigView;
-use crate::capabilities::exports::{handler, http_handler};
+use crate::capabilities::exports::{handler, http_handler, incoming_handler};
 use crate::capabilities::keyvalue::KeyValueView;
 use crate::capabilities::outgoing_http::NextHop;
 use crate::capabilities::producer::ProducerView;
 use crate::capabilities::services::{Outbound, ServicesView};
 use crate::capabilities::state::StateView;
 use crate::capabilities::stderr::GuestStderr;
+use crate::capabilities::wasi_messaging::{self, MessagingView};
 use crate::capabilities::{config, keyvalue, outgoing_http, producer, services, state};
 use crate::capabilities::{spin, wasmcloud};
 use crate::config::ServiceSpec;
@@ -126,10 +127,14 @@ impl InstanceState {
     }
 
     pub(super) fn producer(&mut self) -> ProducerView<'_> {
-        ProducerView {
-            txn: &mut self.txn,
-            allowed_topics: &self.outbound.caller.produces,
-            request_id: &self.outbound.request_id,
+        producer_view(&mut self.txn, &self.outbound)
+    }
+
+    pub(super) fn messaging(&mut self) -> MessagingView<'_> {
+        MessagingView {
+            producer: producer_view(&mut self.txn, &self.outbound),
+            table: &mut self.table,
+            clients: &self.outbound.caller.messaging_clients,
         }
     }
 
@@ -218,6 +223,15 @@ impl InstanceState {
     }
 }
 
+/// What `send` works on, in either producer interface.
+fn producer_view<'a>(txn: &'a mut Txn, outbound: &'a Outbound) -> ProducerView<'a> {
+    ProducerView {
+        txn,
+        allowed_topics: &outbound.caller.produces,
+        request_id: &outbound.request_id,
+    }
+}
+
 impl StateHost for InstanceState {
     /// The guest task whose invocation is the store's, in an instance shared by several.
     type Invocation = Option<GuestTaskId>;
@@ -253,12 +267,19 @@ pub(super) enum HttpEntry {
     WasiHttp(Proxy),
 }
 
+/// How a subscribing component is handed messages: `handler` when it exports it, else
+/// `wasi:messaging`'s `incoming-handler`.
+pub(super) enum MessageEntry {
+    Handler(handler::Guest),
+    WasiMessaging(incoming_handler::Guest),
+}
+
 /// An instantiated component with its store, ready for an invocation (see `pool`).
 pub struct Instance {
     pub(super) store: Store<InstanceState>,
     pub(super) entry: HttpEntry,
     /// The message handler, for subscribing services.
-    pub(super) handler: Option<handler::Guest>,
+    pub(super) handler: Option<MessageEntry>,
     /// Invocations it has served.
     pub(super) served: u32,
 }
@@ -285,6 +306,7 @@ pub fn linker(engine: &Engine, wasi3: bool) -> Result<Linker<InstanceState>> {
     keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue)?;
     config::add_to_linker(&mut linker, InstanceState::config)?;
     producer::add_to_linker(&mut linker, InstanceState::producer)?;
+    wasi_messaging::add_to_linker(&mut linker, InstanceState::messaging)?;
     services::add_to_linker(&mut linker, InstanceState::services)?;
     Ok(linker)
 }

@@ -424,9 +424,20 @@ impl Host {
         within: Duration,
         done: impl Fn(&Reply) -> bool,
     ) -> Reply {
+        self.eventually_at("gateway", path, within, done).await
+    }
+
+    /// [`Host::eventually`] on `service`.
+    pub async fn eventually_at(
+        &self,
+        service: &str,
+        path: &str,
+        within: Duration,
+        done: impl Fn(&Reply) -> bool,
+    ) -> Reply {
         let deadline = Instant::now() + within;
         loop {
-            let r = self.get(path).await;
+            let r = self.send("GET", service, path, None).await;
             if done(&r) || Instant::now() > deadline {
                 return r;
             }

@@ -28,4 +28,5 @@ mod shutdown;
 mod spin;
 mod swap;
 mod wasi_http3;
+mod wasi_messaging;
 mod wasmcloud;

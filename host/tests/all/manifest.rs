@@ -70,7 +70,7 @@ async fn a_subscriber_whose_component_has_no_handler_is_a_manifest_error() {
     );
     assert!(stderr.contains(&at), "{stderr}");
     assert!(
-        stderr.contains("does not export microsvc:platform/handler"),
+        stderr.contains("exports no message handler: neither microsvc:platform/handler"),
         "{stderr}"
     );
 }

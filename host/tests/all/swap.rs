@@ -213,7 +213,7 @@ async fn bad_files_are_rejected_and_the_old_version_keeps_serving() {
         let c = component(&host, "order").await;
         if let Some(e) = c["last_rejected"]["error"].as_str() {
             assert!(
-                e.contains("does not export microsvc:platform/handler"),
+                e.contains("exports no message handler: neither microsvc:platform/handler"),
                 "{e}"
             );
             break;

@@ -1,10 +1,17 @@
 # Recipes for building, running and testing the host and its components.
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-# Every service crate under components/ (`just new NAME` adds one).
-components := `ls components | grep -vx -e sdk -e fixtures | tr '\n' ' '`
+# The services under components/ (`just new NAME` adds one): Rust crates, and Python
+# (`app.py`, componentize-py) and JavaScript (`app.js`, componentize-js) services.
+components := `find components -mindepth 2 -maxdepth 2 -name Cargo.toml | cut -d/ -f2 | grep -vx sdk | sort | tr '\n' ' '`
+python_components := `find components -mindepth 2 -maxdepth 2 -name app.py | cut -d/ -f2 | sort | tr '\n' ' '`
+js_components := `find components -mindepth 2 -maxdepth 2 -name app.js | cut -d/ -f2 | sort | tr '\n' ' '`
 out := env_var_or_default("COMPONENTS_DIR", "build/components")
 fixtures := "build/fixtures"
+# Where `just build` installs the Python and JavaScript toolchains, the first time (the
+# environment may point elsewhere, e.g. at one shared by several checkouts).
+python_toolchain := env_var_or_default("PYTHON_TOOLCHAIN", "build/toolchains/python")
+js_toolchain := env_var_or_default("JS_TOOLCHAIN", "build/toolchains/js")
 
 # Build the components and the host (release).
 build: build-components
@@ -15,26 +22,106 @@ build-components: _target
     cargo build --profile component --target wasm32-wasip2 {{ prepend("-p ", components) }}
     mkdir -p {{out}}
     for c in {{components}}; do just _install $c; done
+    for c in {{python_components}}; do just _python $c {{out}}/$c.wasm; done
+    for c in {{js_components}}; do just _js $c {{out}}/$c.wasm; done
 
-# Rebuild one component (gateway, user, product, order, notification, or one of yours).
+# Rebuild one component (gateway, user, product, order, notification, reviews, ratings, or
+# one of yours), whatever its language.
 build-component name: _target
-    cargo build --profile component --target wasm32-wasip2 -p {{name}}
-    just _install {{name}}
-
-# Scaffold a service: components/NAME from templates/service (one lib.rs with a `route`), a
-# workspace member, and a manifest entry on the next free port. Then `just build-component NAME`.
-new name:
     #!/usr/bin/env bash
     set -euo pipefail
+    if [ -f components/{{name}}/app.py ]; then just _python {{name}} {{out}}/{{name}}.wasm
+    elif [ -f components/{{name}}/app.js ]; then just _js {{name}} {{out}}/{{name}}.wasm
+    else cargo build --profile component --target wasm32-wasip2 -p {{name}} && just _install {{name}}
+    fi
+
+# A Python service: componentize-py, with components/sdk/python (the `microsvc` module) and
+# `extra` (a directory, e.g. a test build's `build_tag.py`) on its module path. Its world is
+# `runtime` when app.py has a message `Handler`, else `http-service`. Skipped when `dest` is
+# newer than everything it is built from.
+_python name dest extra="": _python_toolchain
+    #!/usr/bin/env bash
+    set -euo pipefail
+    sources="components/{{name}} components/sdk/python wit/platform.wit {{extra}}"
+    if [ -f "{{dest}}" ] && [ -z "$(find $sources -newer "{{dest}}" -type f | head -1)" ]; then exit 0; fi
+    world=http-service
+    if grep -q '^class Handler' components/{{name}}/app.py; then world=runtime; fi
+    mkdir -p "$(dirname "{{dest}}")"
+    tmp="$(dirname "{{dest}}")/.$(basename "{{dest}}").tmp"
+    {{python_toolchain}}/bin/componentize-py -d wit -w microsvc:platform/$world componentize app \
+        -p components/{{name}} -p components/sdk/python {{ if extra == "" { "" } else { "-p " + extra } }} -o "$tmp" >/dev/null
+    mv "$tmp" "{{dest}}"
+
+# A JavaScript service: componentize-js on a copy of components/NAME beside `microsvc.js`
+# (components/sdk/js). Its world is `runtime` when app.js exports a message `handler`, else
+# `http-service`. Skipped when `dest` is newer than everything it is built from.
+_js name dest: _js_toolchain
+    #!/usr/bin/env bash
+    set -euo pipefail
+    sources="components/{{name}} components/sdk/js/microsvc.js wit/platform.wit"
+    if [ -f "{{dest}}" ] && [ -z "$(find $sources -newer "{{dest}}" -type f | head -1)" ]; then exit 0; fi
+    world=http-service
+    if grep -qE '^export const handler\b' components/{{name}}/app.js; then world=runtime; fi
+    stage=build/js/{{name}}
+    rm -rf "$stage" && mkdir -p "$stage"
+    cp components/{{name}}/*.js components/sdk/js/microsvc.js "$stage/"
+    mkdir -p "$(dirname "{{dest}}")"
+    tmp="$(dirname "{{dest}}")/.$(basename "{{dest}}").tmp"
+    {{js_toolchain}}/node_modules/.bin/componentize-js "$stage/app.js" --wit wit --world-name $world \
+        --disable http fetch-event -o "$tmp" >/dev/null
+    mv "$tmp" "{{dest}}"
+
+# componentize-py in a virtualenv, installed from PyPI once (again when the pin changes).
+_python_toolchain:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    pins=components/sdk/python/requirements.txt
+    cmp -s $pins {{python_toolchain}}/requirements.txt && exit 0
+    python3 -m venv {{python_toolchain}}
+    {{python_toolchain}}/bin/pip install --quiet --disable-pip-version-check -r $pins
+    cp $pins {{python_toolchain}}/requirements.txt
+
+# componentize-js from npm with the committed lockfile, once (again when the lockfile changes).
+_js_toolchain:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    lock=components/sdk/js/package-lock.json
+    cmp -s $lock {{js_toolchain}}/package-lock.json && exit 0
+    rm -rf {{js_toolchain}} && mkdir -p {{js_toolchain}}
+    cp components/sdk/js/package.json $lock {{js_toolchain}}/
+    cd {{js_toolchain}} && npm ci --no-audit --no-fund --loglevel=error
+
+# Scaffold a service: components/NAME from templates/ (Rust: one lib.rs with a `route`, and a
+# workspace member; `--lang python`: one app.py; `--lang js`: one app.js), and a manifest
+# entry on the next free port. Then `just build-component NAME`.
+new name *flags:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    lang=rust
+    set -- {{flags}}
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --lang) lang="${2:-}"; shift 2 || shift ;;
+            --lang=*) lang="${1#--lang=}"; shift ;;
+            *) echo "unknown option $1 (use --lang rust|python|js)" >&2; exit 2 ;;
+        esac
+    done
     [[ "{{name}}" =~ ^[a-z][a-z0-9-]*$ ]] || { echo "a service name is a-z, 0-9 and -, starting with a letter" >&2; exit 2; }
     [ ! -e "components/{{name}}" ] || { echo "components/{{name}} exists" >&2; exit 2; }
     ! grep -q '^\[service\.{{name}}\]' services.toml || { echo "services.toml already has [service.{{name}}]" >&2; exit 2; }
-    cp -r templates/service "components/{{name}}"
-    sed -i "s/NAME/{{name}}/g" "components/{{name}}/Cargo.toml" "components/{{name}}/src/lib.rs"
-    sed -i 's|^members = \["host", |members = ["host", "components/{{name}}", |' Cargo.toml
+    case "$lang" in
+        rust)
+            cp -r templates/service "components/{{name}}"
+            sed -i "s/NAME/{{name}}/g" "components/{{name}}/Cargo.toml" "components/{{name}}/src/lib.rs"
+            sed -i 's|^members = \["host", |members = ["host", "components/{{name}}", |' Cargo.toml
+            source=src/lib.rs ;;
+        python) mkdir -p "components/{{name}}" && sed "s/NAME/{{name}}/g" templates/python/app.py > "components/{{name}}/app.py"; source=app.py ;;
+        js) mkdir -p "components/{{name}}" && sed "s/NAME/{{name}}/g" templates/js/app.js > "components/{{name}}/app.js"; source=app.js ;;
+        *) echo "--lang is rust, python or js, not \"$lang\"" >&2; exit 2 ;;
+    esac
     port=$(( $(grep -oE '^port = [0-9]+' services.toml | awk '{print $3}' | sort -n | tail -1) + 1 ))
     printf '\n[service.%s]\ncomponent = "%s.wasm"\nport = %s\n' "{{name}}" "{{name}}" "$port" >> services.toml
-    echo "components/{{name}}: edit src/lib.rs; services.toml: [service.{{name}}] on port $port"
+    echo "components/{{name}}: edit $source; services.toml: [service.{{name}}] on port $port"
     echo "next: just build-component {{name}}; a running host starts it then: curl localhost:$port/"
 
 _install name:
@@ -42,11 +129,12 @@ _install name:
     cp ${CARGO_TARGET_DIR:-target}/wasm32-wasip2/component/{{ replace(name, "-", "_") }}.wasm {{out}}/.{{name}}.wasm.tmp
     mv {{out}}/.{{name}}.wasm.tmp {{out}}/{{name}}.wasm
 
-# Test fixtures: tagged builds of user/order/misbehave (x-build: a|b), components to refuse, a misbehaving
-# one, the trivial `hello` (sdk, and wasi:http 0.2 alone) used by benchmarks, and `hello-p3`
-# (wasi:http 0.3, no sdk), `spin-hello` (spin-sdk 7), `auth-p3` (a WASI 0.3 middleware) and
-# `kv-counter` (wasi:keyvalue, wasi:config and wasi:messaging alone), built on Spin's versions and wasmCloud's,
-# `spin-kv` (spin-sdk 7's key-value and variables) and `wasmcloud-kv` (wasmcloud:keyvalue).
+# Test fixtures: tagged builds of user/order/misbehave and of the Python reviews (x-build:
+# a|b), components to refuse, a misbehaving one, the trivial `hello` (sdk, and wasi:http 0.2
+# alone) used by benchmarks, `hello-p3` (wasi:http 0.3, no sdk), `spin-hello` (spin-sdk 7),
+# `auth-p3` (a WASI 0.3 middleware), `kv-counter` (wasi:keyvalue, wasi:config and
+# wasi:messaging alone) built on Spin's versions and wasmCloud's, `spin-kv` (spin-sdk 7's
+# key-value and variables) and `wasmcloud-kv` (wasmcloud:keyvalue).
 build-fixtures: _target
     mkdir -p {{fixtures}}
     for tag in a b; do \
@@ -69,8 +157,13 @@ build-fixtures: _target
     cp target/wasm32-wasip2/component/fixture_kv_counter.wasm {{fixtures}}/kv-counter.wasm
     cargo build --profile component --target wasm32-wasip2 -p fixture-kv-counter --features draft
     cp target/wasm32-wasip2/component/fixture_kv_counter.wasm {{fixtures}}/kv-counter-draft.wasm
+    for tag in a b; do \
+        mkdir -p build/tags/$tag; \
+        grep -qs "\"$tag\"" build/tags/$tag/build_tag.py || echo "TAG = \"$tag\"" > build/tags/$tag/build_tag.py; \
+        just _python reviews {{fixtures}}/reviews-$tag.wasm build/tags/$tag; \
+    done
 
-# Build, then run the host on :3000-:3003 (admin on 127.0.0.1:3999). Extra flags go to the host.
+# Build, then run the host on :3000-:3005 (admin on 127.0.0.1:3999). Extra flags go to the host.
 run *flags: build
     ./target/release/host {{flags}}
 
@@ -102,6 +195,7 @@ bench: build build-fixtures _tansu _wasmtime _postgres
     compare=$(host/benches/compare.sh)
     trivial=$(host/benches/trivial.sh)
     scale=$(host/benches/scale.sh)
+    languages=$(host/benches/languages.sh)
     {
         echo "# Benchmarks"
         echo
@@ -120,6 +214,12 @@ bench: build build-fixtures _tansu _wasmtime _postgres
         echo "This host alone, wrk -t1 -c32 -d8s; cells are req/s (p50 / p99)."
         echo
         echo "$trivial"
+        echo
+        echo "## Services in Python and JavaScript beside Rust (\`host/benches/languages.sh\`)"
+        echo
+        echo "Each service alone for start-up; then the repository's manifest, wrk -t1 -c32 -d8s; cells are req/s (p50 / p99)."
+        echo
+        echo "$languages"
         echo
         echo "## State on PostgreSQL, one and two hosts (\`host/benches/scale.sh\`)"
         echo

@@ -11,13 +11,17 @@ use sdk::input;
 use sdk::{OutboundRequest, Request, Response};
 
 /// Public path prefix → (service, path prefix on that service).
-const UPSTREAMS: [(&str, &str, &str); 6] = [
+const UPSTREAMS: [(&str, &str, &str); 10] = [
     ("/api/v1/users", "user-service", "/users"),
     ("/api/users", "user-service", "/users"),
     ("/api/v1/products", "product-service", "/products"),
     ("/api/products", "product-service", "/products"),
     ("/api/v1/orders", "order-service", "/orders"),
     ("/api/orders", "order-service", "/orders"),
+    ("/api/v1/reviews", "reviews-service", "/reviews"),
+    ("/api/reviews", "reviews-service", "/reviews"),
+    ("/api/v1/ratings", "ratings-service", "/ratings"),
+    ("/api/ratings", "ratings-service", "/ratings"),
 ];
 
 /// Request headers passed on to the service; everything else stays at the gateway.
@@ -202,6 +206,11 @@ mod tests {
             fwd("order-service", "/orders/101")
         );
         assert_eq!(classify("/api/v1/orders"), fwd("order-service", "/orders"));
+        assert_eq!(classify("/api/reviews"), fwd("reviews-service", "/reviews"));
+        assert_eq!(
+            classify("/api/v1/ratings/2"),
+            fwd("ratings-service", "/ratings/2")
+        );
 
         for unknown in [
             "/",

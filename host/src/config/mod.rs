@@ -449,7 +449,7 @@ mod tests {
     fn the_repository_manifest_declares_the_seed_with_flag_defaults() {
         let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
         let dir = tempfile::tempdir().unwrap();
-        for c in ["gateway", "user", "product", "order"] {
+        for c in ["gateway", "user", "product", "order", "reviews", "ratings"] {
             std::fs::write(dir.path().join(format!("{c}.wasm")), b"").unwrap();
         }
         let manifest = format!("{root}/services.toml");
@@ -469,10 +469,17 @@ mod tests {
         ]);
         let services = args.services().unwrap();
         let names: Vec<&str> = services.iter().map(|s| &*s.name).collect();
-        assert_eq!(names, ["gateway", "user", "product", "order"]);
+        assert_eq!(
+            names,
+            ["gateway", "user", "product", "order", "reviews", "ratings"]
+        );
         let ports: Vec<u16> = services.iter().map(|s| s.port).collect();
-        assert_eq!(ports, [3000, 0, 3002, 4003]);
-        assert_eq!(services[0].calls, ["user", "product", "order"]);
+        assert_eq!(ports, [3000, 0, 3002, 4003, 3004, 3005]);
+        assert_eq!(
+            services[0].calls,
+            ["user", "product", "order", "reviews", "ratings"]
+        );
+        assert_eq!(services[5].subscribes, ["review-created"]);
         assert_eq!(services[3].calls, ["product"]);
         assert_eq!(services[1].produces, ["user-created"]);
         assert_eq!(services[3].subscribes, ["user-created"]);

@@ -13,7 +13,10 @@ async fn admin_reports_health_readiness_and_components() {
 
     let comps = host.services().await;
     let names: Vec<_> = comps.iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["gateway", "user", "product", "order"]);
+    assert_eq!(
+        names,
+        ["gateway", "user", "product", "order", "reviews", "ratings"]
+    );
     for c in comps {
         let file = components_dir().join(format!("{}.wasm", c["name"].as_str().unwrap()));
         let digest = hex::encode(Sha256::digest(std::fs::read(&file).unwrap()));

@@ -54,14 +54,14 @@ async fn a_restart_loads_compiled_components_from_the_cache_instead_of_compiling
     let first = Host::start_with(None, &flags).await;
     assert_eq!(
         (first.metric(hits).await, first.metric(misses).await),
-        (0.0, 4.0)
+        (0.0, 6.0)
     );
     let (status, _) = first.terminate();
     assert!(status.success());
     let second = Host::start_with(None, &flags).await;
     assert_eq!(
         (second.metric(hits).await, second.metric(misses).await),
-        (4.0, 0.0)
+        (6.0, 0.0)
     );
     assert_eq!(second.get("/api/users").await.status, 200);
 }

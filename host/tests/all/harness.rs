@@ -33,9 +33,11 @@ pub fn fixture(name: &str) -> PathBuf {
 /// A private copy of the built components, for tests that replace files in it.
 pub fn components_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for name in ["gateway", "user", "product", "order"] {
-        let file = format!("{name}.wasm");
-        std::fs::copy(components_dir().join(&file), dir.path().join(&file)).unwrap();
+    for entry in std::fs::read_dir(components_dir()).unwrap() {
+        let file = entry.unwrap().path();
+        if file.extension().is_some_and(|e| e == "wasm") {
+            std::fs::copy(&file, dir.path().join(file.file_name().unwrap())).unwrap();
+        }
     }
     dir
 }
@@ -563,4 +565,25 @@ pub fn assert_error(r: &Reply, status: u16) {
         "error body {:?}",
         r.json
     );
+}
+
+/// Stops load clients that run until `stop`, each returning how many requests it sent: their
+/// total, once it is sure that none of them failed (`failures`).
+pub async fn stop_clients(
+    stop: &std::sync::atomic::AtomicBool,
+    clients: Vec<tokio::task::JoinHandle<u32>>,
+    failures: &std::sync::Mutex<Vec<String>>,
+) -> u32 {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    for c in clients {
+        sent += c.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed of {sent}: {failures:?}",
+        failures.len()
+    );
+    sent
 }

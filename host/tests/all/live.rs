@@ -157,8 +157,8 @@ async fn services_come_and_go_with_the_manifest_while_the_others_serve_without_a
     write_manifest(
         &host,
         &with_notification("earliest").replace(
-            r#"calls = ["user", "product", "order"]"#,
-            r#"calls = ["user", "product"]"#,
+            r#"calls = ["user", "product", "order", "reviews", "ratings"]"#,
+            r#"calls = ["user", "product", "reviews", "ratings"]"#,
         ),
     );
     manifest_when(&host, |m| m["generation"] == 3).await;
@@ -213,7 +213,7 @@ async fn services_come_and_go_with_the_manifest_while_the_others_serve_without_a
         "{error}"
     );
     assert_eq!(status["generation"], 4);
-    assert_eq!(host.services().await.len(), 4);
+    assert_eq!(host.services().await.len(), 6);
     assert!(host.log().contains("manifest change refused"));
 
     let (served, failures) = load.finish().await;

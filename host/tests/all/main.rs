@@ -14,6 +14,7 @@ mod fuzz;
 mod harness;
 mod kafka;
 mod keyvalue;
+mod languages;
 mod limits;
 mod live;
 mod manifest;

@@ -211,20 +211,21 @@ async fn just_new_then_build_component_brings_a_service_up_in_a_running_host() {
     }
     let built = copy.path().join("build/components");
     std::fs::create_dir_all(&built).unwrap();
-    for c in ["gateway", "user", "product", "order"] {
-        std::fs::copy(
-            components_dir().join(format!("{c}.wasm")),
-            built.join(format!("{c}.wasm")),
-        )
-        .unwrap();
+    for entry in std::fs::read_dir(components_dir()).unwrap() {
+        let file = entry.unwrap().path();
+        std::fs::copy(&file, built.join(file.file_name().unwrap())).unwrap();
     }
     let just = |args: &[&str]| {
-        // Its own target dir, kept between runs: this test's build never waits on the suite's.
+        // Its own target dir, kept between runs: this test's build never waits on the suite's;
+        // the toolchains `just build` installed for Python and JavaScript.
         let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("scaffold-target");
+        let toolchains = root.join("build/toolchains");
         let out = Command::new("just")
             .args(args)
             .current_dir(copy.path())
             .env("CARGO_TARGET_DIR", target)
+            .env("PYTHON_TOOLCHAIN", toolchains.join("python"))
+            .env("JS_TOOLCHAIN", toolchains.join("js"))
             .output()
             .expect("just is installed (cargo install just --locked)");
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
@@ -241,44 +242,58 @@ async fn just_new_then_build_component_brings_a_service_up_in_a_running_host() {
             "--manifest",
             file.to_str().unwrap(),
             "--port",
-            "gateway=0,user=0,product=0,order=0",
+            "gateway=0,user=0,product=0,order=0,reviews=0,ratings=0",
         ],
     )
     .await;
-    let said = just(&["new", "hello2"]);
-    assert!(said.contains("port 3004"), "{said}");
-    let manifest = std::fs::read_to_string(&file).unwrap();
-    assert!(
-        manifest.contains("[service.hello2]\ncomponent = \"hello2.wasm\"\nport = 3004"),
-        "{manifest}"
-    );
-    // This test's own free port instead of 3004, which another program may hold.
-    let port = crate::broker::free_port();
-    std::fs::write(
-        &file,
-        manifest.replace("port = 3004", &format!("port = {port}")),
-    )
-    .unwrap();
-    just(&["build-component", "hello2"]);
-    assert!(built.join("hello2.wasm").is_file());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !host.services().await.iter().any(|s| s["name"] == "hello2") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "hello2 never started; log:\n{}",
-            host.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // One service per language, each on the next free port after the manifest's six.
+    let services = [
+        ("hello2", "rust", 3006),
+        ("hello-py", "python", 3007),
+        ("hello-js", "js", 3008),
+    ];
+    for (name, lang, port) in services {
+        let said = just(&["new", name, "--lang", lang]);
+        assert!(said.contains(&format!("port {port}")), "{said}");
+        let manifest = std::fs::read_to_string(&file).unwrap();
+        let entry = format!("[service.{name}]\ncomponent = \"{name}.wasm\"\nport = {port}");
+        assert!(manifest.contains(&entry), "{manifest}");
     }
-    host.refresh_ports().await;
-    assert_eq!(host.ports["hello2"], port);
-    let r = host.send("GET", "hello2", "/", None).await;
-    assert_eq!(
-        (r.status, r.json["service"].as_str()),
-        (200, Some("hello2")),
-        "{:?}",
-        r.json
-    );
+    // This test's own free ports instead, which no other program holds.
+    let mut manifest = std::fs::read_to_string(&file).unwrap();
+    let free: Vec<u16> = services
+        .iter()
+        .map(|_| crate::broker::free_port())
+        .collect();
+    for ((_, _, port), free) in services.iter().zip(&free) {
+        manifest = manifest.replace(&format!("port = {port}"), &format!("port = {free}"));
+    }
+    std::fs::write(&file, manifest).unwrap();
+    // The manifest applies once every component it names exists.
+    for (name, _, _) in services {
+        just(&["build-component", name]);
+        assert!(built.join(format!("{name}.wasm")).is_file());
+    }
+    for ((name, _, _), free) in services.iter().zip(free) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !host.services().await.iter().any(|s| s["name"] == *name) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} never started; log:\n{}",
+                host.log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        host.refresh_ports().await;
+        assert_eq!(host.ports[*name], free);
+        let r = host.send("GET", name, "/", None).await;
+        assert_eq!(
+            (r.status, r.json["service"].as_str()),
+            (200, Some(*name)),
+            "{:?}",
+            r.json
+        );
+    }
     // Refused a second time: the scaffold never overwrites.
     let again = Command::new("just")
         .args(["new", "hello2"])

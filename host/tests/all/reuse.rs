@@ -103,11 +103,11 @@ async fn message_handlers_reuse_instances_too() {
     );
 }
 
-/// With 8 instance slots for 4 services, each service keeps at most one idle instance (half
+/// With 12 instance slots for 6 services, each service keeps at most one idle instance (half
 /// the slots stay free for fresh ones): after four requests at once, three instances go.
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_instances_are_capped_so_that_fresh_ones_find_slots() {
-    let (host, _comps) = with_product("misbehave.wasm", &[], &["--max-instances", "8"]).await;
+    let (host, _comps) = with_product("misbehave.wasm", &[], &["--max-instances", "12"]).await;
     let burst = || async {
         let requests = (0..4).map(|_| host.send("GET", "product", "/sleep?ms=1000", None));
         for r in futures_util::future::join_all(requests).await {

@@ -1,7 +1,7 @@
 //! Hot swap: replacing a component file while the host serves.
 
 use crate::harness::{
-    assert_error, components_copy, components_with_counter, fixture, Host, COUNTER,
+    assert_error, components_copy, components_with_counter, fixture, stop_clients, Host, COUNTER,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -109,17 +109,7 @@ async fn twenty_swaps_under_load_fail_no_request() {
         std::fs::copy(fixture(&format!("user-{tag}.wasm")), &user_file).unwrap();
         wait_for_tag(&host, "user", "/users", tag).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut sent = 0;
-    for c in clients {
-        sent += c.await.unwrap();
-    }
-    let failures = failures.lock().unwrap().clone();
-    assert!(
-        failures.is_empty(),
-        "{} failed of {sent}: {failures:?}",
-        failures.len()
-    );
+    let sent = stop_clients(&stop, clients, &failures).await;
     assert!(sent > 100, "load too light to mean anything: {sent}");
     let tags = tags.lock().unwrap().clone();
     let allowed = [Some("a".to_string()), Some("b".to_string())];

@@ -8,10 +8,10 @@ cd "$(dirname "$0")/../.."
 duration=${BENCH_DURATION:-8s}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } >/dev/null
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill ${pid:-} $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 # start DIR [FLAGS...]: the host on the repository's manifest, its components copied to DIR,
-# compile cache DIR/cache; prints the milliseconds until it is ready, leaves $pid running.
+# compile cache DIR/cache; sets $ms, the milliseconds until it was ready, and $pid, running.
 start() {
     local dir=$1; shift
     mkdir -p "$dir"; cp -n build/components/*.wasm "$dir"/ 2>/dev/null || true
@@ -19,7 +19,7 @@ start() {
     ./target/release/host --components-dir "$dir" --data-dir "$dir/data" \
         --compile-cache "$dir/cache" --admin-addr 127.0.0.1:3999 "$@" >>"$dir/log" 2>&1 & pid=$!
     until curl -sf localhost:3999/readyz -o /dev/null; do sleep 0.01; done
-    echo $(( ($(date +%s%N) - t0) / 1000000 ))
+    ms=$(( ($(date +%s%N) - t0) / 1000000 ))
 }
 
 stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; }
@@ -34,8 +34,8 @@ for s in product:Rust reviews:Python ratings:JavaScript; do
     mkdir -p "$dir"
     awk -v s="[service.$name]" '$0==s {p=1} p && /^$/ {exit} p' services.toml |
         grep -v '^calls' >"$dir/services.toml"
-    cold=$(start "$dir" --manifest "$dir/services.toml"); stop
-    warm=$(start "$dir" --manifest "$dir/services.toml"); stop
+    start "$dir" --manifest "$dir/services.toml"; cold=$ms; stop
+    start "$dir" --manifest "$dir/services.toml"; warm=$ms; stop
     size=$(stat -c %s "build/components/$name.wasm")
     cached=$(stat -c %s "$dir"/cache/*.cwasm)
     echo "| $name | ${s#*:} | $(numfmt --to=iec-i --suffix=B "$size") | $cold ms | $warm ms | $(numfmt --to=iec-i --suffix=B "$cached") |"
@@ -44,8 +44,8 @@ echo
 
 # measure REUSE PATH: req/s (p50 / p99) of GET PATH, the host started with INSTANCE_REUSE.
 measure() {
-    local dir=$work/run-$1
-    start "$dir" --instance-reuse "$1" >/dev/null
+    local dir; dir=$(mktemp -d -p "$work")
+    start "$dir" --instance-reuse "$1"
     curl -sf -XPOST localhost:3000/api/users -H 'content-type: application/json' \
         -d '{"name":"A","email":"a@b.c"}' -o /dev/null
     for r in 5 4 3; do

@@ -258,14 +258,15 @@ _tansu:
 _postgres:
     test -x "$(pg_config --bindir 2>/dev/null)/initdb" || { $(command -v sudo || true) env DEBIAN_FRONTEND=noninteractive apt-get update && $(command -v sudo || true) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
 
-# Rebuild components when their source or the WIT changes; a running host swaps them in.
+# Rebuild components when their source (Rust, Python or JavaScript) or the WIT changes; a
+# running host swaps them in.
 watch:
     #!/usr/bin/env bash
     set -uo pipefail
     stamp=$(mktemp); trap 'rm -f $stamp' EXIT
     echo "watching components/ and wit/ (Ctrl-C to stop)"
     while sleep 1; do
-        if [ -n "$(find components wit -newer "$stamp" \( -name '*.rs' -o -name '*.wit' -o -name Cargo.toml \) | head -1)" ]; then
+        if [ -n "$(find components wit -newer "$stamp" \( -name '*.rs' -o -name '*.wit' -o -name Cargo.toml -o -name '*.py' -o -name '*.js' \) | head -1)" ]; then
             touch "$stamp"
             just build-components || echo "build failed; the host keeps the running versions"
         fi

@@ -35,33 +35,41 @@ build-component name: _target
     else cargo build --profile component --target wasm32-wasip2 -p {{name}} && just _install {{name}}
     fi
 
-# A Python service: componentize-py, with components/sdk/python (the `microsvc` module) and
-# `extra` (a directory, e.g. a test build's `build_tag.py`) on its module path. Its world is
-# `runtime` when app.py has a message `Handler`, else `http-service`. Skipped when `dest` is
-# newer than everything it is built from.
-_python name dest extra="": _python_toolchain
+# A Python service (the app.py in `dir`): componentize-py, with components/sdk/python (the
+# `microsvc` module) and `extra` (a directory, e.g. a test build's `build_tag.py`) on its
+# module path. Its world follows what app.py defines: `HttpHandler` (`http-service`),
+# `Handler` (`subscriber`), or both (`runtime`). Skipped when `dest` is newer than everything
+# it is built from.
+_python name dest extra="" dir=("components/" + name): _python_toolchain
     #!/usr/bin/env bash
     set -euo pipefail
-    sources="components/{{name}} components/sdk/python wit/platform.wit {{extra}}"
+    sources="{{dir}} components/sdk/python wit/platform.wit {{extra}}"
     if [ -f "{{dest}}" ] && [ -z "$(find $sources -newer "{{dest}}" -type f | head -1)" ]; then exit 0; fi
     world=http-service
-    if grep -q '^class Handler' components/{{name}}/app.py; then world=runtime; fi
+    if grep -q '^class Handler' {{dir}}/app.py; then
+        world=subscriber
+        if grep -q '^class HttpHandler' {{dir}}/app.py; then world=runtime; fi
+    fi
     mkdir -p "$(dirname "{{dest}}")"
     tmp="$(dirname "{{dest}}")/.$(basename "{{dest}}").tmp"
     {{python_toolchain}}/bin/componentize-py -d wit -w microsvc:platform/$world componentize app \
-        -p components/{{name}} -p components/sdk/python {{ if extra == "" { "" } else { "-p " + extra } }} -o "$tmp" >/dev/null
+        -p {{dir}} -p components/sdk/python {{ if extra == "" { "" } else { "-p " + extra } }} -o "$tmp" >/dev/null
     mv "$tmp" "{{dest}}"
 
 # A JavaScript service: componentize-js on a copy of components/NAME beside `microsvc.js`
-# (components/sdk/js). Its world is `runtime` when app.js exports a message `handler`, else
-# `http-service`. Skipped when `dest` is newer than everything it is built from.
+# (components/sdk/js). Its world follows what app.js exports: `httpHandler` (`http-service`),
+# `handler` (`subscriber`), or both (`runtime`). Skipped when `dest` is newer than everything
+# it is built from.
 _js name dest: _js_toolchain
     #!/usr/bin/env bash
     set -euo pipefail
     sources="components/{{name}} components/sdk/js/microsvc.js wit/platform.wit"
     if [ -f "{{dest}}" ] && [ -z "$(find $sources -newer "{{dest}}" -type f | head -1)" ]; then exit 0; fi
     world=http-service
-    if grep -qE '^export const handler\b' components/{{name}}/app.js; then world=runtime; fi
+    if grep -qE '^export const handler\b' components/{{name}}/app.js; then
+        world=subscriber
+        if grep -qE '^export const httpHandler\b' components/{{name}}/app.js; then world=runtime; fi
+    fi
     stage=build/js/{{name}}
     rm -rf "$stage" && mkdir -p "$stage"
     cp components/{{name}}/*.js components/sdk/js/microsvc.js "$stage/"
@@ -134,7 +142,8 @@ _install name:
 # alone) used by benchmarks, `hello-p3` (wasi:http 0.3, no sdk), `spin-hello` (spin-sdk 7),
 # `auth-p3` (a WASI 0.3 middleware), `kv-counter` (wasi:keyvalue, wasi:config and
 # wasi:messaging alone) built on Spin's versions and wasmCloud's, `spin-kv` (spin-sdk 7's
-# key-value and variables) and `wasmcloud-kv` (wasmcloud:keyvalue).
+# key-value and variables), `wasmcloud-kv` (wasmcloud:keyvalue) and `py-consumer` (Python,
+# a message handler without HTTP).
 build-fixtures: _target
     mkdir -p {{fixtures}}
     for tag in a b; do \
@@ -162,6 +171,7 @@ build-fixtures: _target
         grep -qs "\"$tag\"" build/tags/$tag/build_tag.py || echo "TAG = \"$tag\"" > build/tags/$tag/build_tag.py; \
         just _python reviews {{fixtures}}/reviews-$tag.wasm build/tags/$tag; \
     done
+    just _python py-consumer {{fixtures}}/py-consumer.wasm "" components/fixtures/py-consumer
 
 # Build, then run the host on :3000-:3005 (admin on 127.0.0.1:3999). Extra flags go to the host.
 run *flags: build

@@ -66,12 +66,14 @@ impl Engines {
 }
 
 /// The HTTP export a component is served through, chosen at load time: ours when it has it
-/// (same request, far fewer host calls), else `wasi:http` 0.3, else 0.2.
+/// (same request, far fewer host calls), else `wasi:http` 0.3, else 0.2; or none, for a
+/// service that has no port and only handles messages.
 #[derive(Clone)]
 pub enum HttpExport {
     Handler(http_handler::GuestIndices),
     WasiHttp3(ServiceIndices),
     WasiHttp(ProxyIndices),
+    Absent,
 }
 
 impl HttpExport {
@@ -87,11 +89,12 @@ impl HttpExport {
     }
 
     /// The interface's name, for `/components` and logs.
-    pub fn interface(&self) -> &'static str {
+    pub fn interface(&self) -> Option<&'static str> {
         match self {
-            HttpExport::Handler(_) => "microsvc:platform/http-handler",
-            HttpExport::WasiHttp3(_) => "wasi:http/handler@0.3",
-            HttpExport::WasiHttp(_) => "wasi:http/incoming-handler@0.2",
+            HttpExport::Handler(_) => Some("microsvc:platform/http-handler"),
+            HttpExport::WasiHttp3(_) => Some("wasi:http/handler@0.3"),
+            HttpExport::WasiHttp(_) => Some("wasi:http/incoming-handler@0.2"),
+            HttpExport::Absent => None,
         }
     }
 }
@@ -202,13 +205,6 @@ pub async fn prepare(
                 path.display()
             )
         })?;
-    let http = HttpExport::of(&pre).with_context(|| {
-        format!(
-            "{} exports no HTTP handler: neither wasi:http/handler@0.3, \
-             wasi:http/incoming-handler@0.2 nor microsvc:platform/http-handler",
-            path.display()
-        )
-    })?;
     let handler = if spec.subscribes.is_empty() {
         None
     } else {
@@ -221,6 +217,17 @@ pub async fn prepare(
                 path.display()
             )
         })?)
+    };
+    // A service without a port that only handles messages needs no HTTP export.
+    let http = match HttpExport::of(&pre) {
+        Some(http) => http,
+        None if handler.is_some() && !spec.serves_http => HttpExport::Absent,
+        None => anyhow::bail!(
+            "{} exports no HTTP handler: neither wasi:http/handler@0.3, \
+             wasi:http/incoming-handler@0.2 nor microsvc:platform/http-handler (only a \
+             service without a port that subscribes may have none)",
+            path.display()
+        ),
     };
     Ok(Loaded {
         pre,

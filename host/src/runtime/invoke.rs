@@ -156,6 +156,7 @@ async fn run_alone(
                     HttpEntry::WasiHttp(proxy) => {
                         call_wasi_http(store, proxy, req, host_bytes).await
                     }
+                    HttpEntry::Absent => (true, Err(anyhow::anyhow!("no HTTP export"))),
                 };
                 (clean, resp.map(Answer::Response))
             }
@@ -216,6 +217,15 @@ pub async fn http(
     req: HttpRequest,
     request_id: &str,
 ) -> HttpResponse {
+    if matches!(service.loaded.load().http, HttpExport::Absent) {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "{}{SERVICE_SUFFIX} serves no HTTP: its component only handles messages",
+                service.name
+            ),
+        );
+    }
     let Ok(_permit) = service.permits.try_acquire() else {
         tracing::warn!(service = %service.name, request_id, "concurrency limit reached");
         return busy(&format!(

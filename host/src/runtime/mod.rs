@@ -21,6 +21,7 @@ use crate::storage::StateStore;
 use crate::types::{HttpRequest, HttpResponse};
 use anyhow::Result;
 use arc_swap::ArcSwap;
+use component::HttpExport;
 use futures_util::future::BoxFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -141,9 +142,12 @@ impl Runtime {
                 );
                 return Err(LoadError { spec, error });
             }
-            // Same file, and it exports the handler if the service now subscribes: no reload.
+            // Same file, and it exports what the service now needs (a message handler if it
+            // subscribes, an HTTP handler if it has a port): no reload.
             let reusable = old.map(|o| o.loaded.load_full()).filter(|l| {
-                l.path == spec.file && (spec.subscribes.is_empty() || l.handler.is_some())
+                l.path == spec.file
+                    && (spec.subscribes.is_empty() || l.handler.is_some())
+                    && (!spec.serves_http || !matches!(l.http, HttpExport::Absent))
             });
             let service = match (old, reusable) {
                 (Some(old), Some(loaded)) => old.reconfigured(spec, loaded.fresh(), false),

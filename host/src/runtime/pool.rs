@@ -43,6 +43,7 @@ impl Instance {
             HttpExport::WasiHttp(indices) => {
                 HttpEntry::WasiHttp(indices.load(&mut store, &instance)?)
             }
+            HttpExport::Absent => HttpEntry::Absent,
         };
         let handler = match &loaded.handler {
             Some(MessageExport::Handler(indices)) => {

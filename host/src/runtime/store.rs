@@ -265,6 +265,8 @@ pub(super) enum HttpEntry {
     Handler(http_handler::Guest),
     WasiHttp3(wasmtime_wasi_http::p3::bindings::Service),
     WasiHttp(Proxy),
+    /// A message handler alone.
+    Absent,
 }
 
 /// How a subscribing component is handed messages: `handler` when it exports it, else

@@ -1,8 +1,13 @@
 //! Services in other languages, from the repository's manifest: `reviews` (Python,
 //! componentize-py) checks products and users in process and publishes `review-created`;
-//! `ratings` (JavaScript, componentize-js) consumes it and keeps each product's average.
+//! `ratings` (JavaScript, componentize-js) consumes it and keeps each product's average; and a
+//! Python component that only handles messages.
 
-use crate::harness::{assert_error, components_copy, fixture, stop_clients, Host};
+use crate::harness::{
+    assert_error, components_copy, components_with_counter, fixture, manifest, stop_clients, Host,
+    COUNTER,
+};
+use crate::live::{manifest_when, write_manifest};
 use crate::swap::{build_tag, wait_for_tag};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -224,4 +229,58 @@ async fn the_python_component_swaps_under_load_with_zero_failures() {
     }
     let sent = stop_clients(&stop, clients, &failures).await;
     assert!(sent > 40, "load too light to mean anything: {sent}");
+}
+
+/// A Python service without a port that only handles messages (componentize-py's `subscriber`
+/// world: no HTTP export) loads and relays what it takes; a call to it is a JSON 404; given a
+/// port, it is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_that_only_handles_messages_needs_no_http_export() {
+    let comps = components_with_counter();
+    std::fs::copy(fixture("misbehave.wasm"), comps.path().join("user.wasm")).unwrap();
+    std::fs::copy(fixture("py-consumer.wasm"), comps.path().join("relay.wasm")).unwrap();
+    let mut edits = COUNTER[..2].to_vec();
+    edits.extend([
+        (
+            "counter",
+            r#"subscribe = [{ topic = "relayed", group = "counter" }]"#,
+        ),
+        ("user", r#"calls = ["relay"]"#),
+        ("relay", r#"component = "relay.wasm""#),
+        (
+            "relay",
+            r#"subscribe = [{ topic = "user-created", group = "relay" }]"#,
+        ),
+        ("relay", r#"produces = ["relayed"]"#),
+    ]);
+    let host = Host::start_edited(comps.path(), None, &edits, &[]).await;
+    let relay = host.services().await;
+    let relay = relay.iter().find(|s| s["name"] == "relay").unwrap();
+    assert_eq!(relay["http"], Value::Null, "{relay}");
+    assert_eq!(relay["port"], Value::Null, "{relay}");
+
+    let r = host.send("POST", "user", "/publish?id=5", None).await;
+    assert_eq!(r.status, 202, "{:?}", r.json);
+    assert_eq!(host.counted("relayed-user-created-5", WITHIN).await, 1);
+    let called = host
+        .send("GET", "user", "/call?to=relay-service", None)
+        .await;
+    // The fixture relays the status and body (not the headers) of what it got.
+    assert_eq!(called.status, 404, "{:?}", called.json);
+    assert!(
+        called.json["error"]
+            .as_str()
+            .unwrap()
+            .contains("only handles messages"),
+        "{:?}",
+        called.json
+    );
+
+    // With a port it would have to answer HTTP: the manifest is refused, the service kept.
+    edits.push(("relay", "port = 0"));
+    write_manifest(&host, &manifest(&edits));
+    let status = manifest_when(&host, |m| !m["last_rejected"].is_null()).await;
+    let error = status["last_rejected"]["error"].as_str().unwrap();
+    assert!(error.contains("exports no HTTP handler"), "{error}");
+    assert_eq!(host.counted("relayed-user-created-5", WITHIN).await, 1);
 }

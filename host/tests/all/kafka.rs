@@ -425,12 +425,15 @@ async fn killed_mid_drain_some_events_may_repeat_and_nothing_changes_twice() {
             .await;
     }
     // What was on the topic but still in the outbox at the kill was published again, and
-    // handled again: the counter sees the repeats. The idempotent services do not: one user
-    // per creation, one order per placement, each with the user as created.
+    // handled again: the counter sees the repeats (none when the kill lands after the batch
+    // left the outbox durably, which a loaded machine makes possible). The idempotent services
+    // do not: one user per creation, one order per placement, each with the user as created.
     assert!(
-        handled > users.len() as u64,
-        "{handled} deliveries, no repeat"
+        handled >= users.len() as u64,
+        "{handled} deliveries of {} events",
+        users.len()
     );
+    eprintln!("{} repeated deliveries", handled - users.len() as u64);
     let listed = host.get("/api/users?limit=1000").await.json;
     assert_eq!(listed.as_array().unwrap().len(), users.len());
     let orders = host.get("/api/orders?limit=1000").await.json;

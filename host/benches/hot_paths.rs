@@ -13,6 +13,7 @@ use clap::Parser;
 use criterion::{criterion_group, criterion_main, Criterion};
 use host::config::Args;
 use host::messaging::{embedded::Embedded, Backend};
+use host::runtime::admission::Caller;
 use host::runtime::{invoke, Runtime};
 use host::storage::{RedbStore, StateStore as _, Txn};
 use host::types::{HttpRequest, Message};
@@ -67,9 +68,15 @@ fn get(path: &str, host: &str) -> HttpRequest {
 
 fn call(rt: &Tokio, runtime: &Runtime, service: &str, req: &HttpRequest) -> u16 {
     let service = runtime.service(service).unwrap();
-    rt.block_on(invoke::http(runtime, &service, req.clone(), "bench"))
-        .status()
-        .as_u16()
+    rt.block_on(invoke::http(
+        runtime,
+        &service,
+        req.clone(),
+        "bench",
+        Caller::Client,
+    ))
+    .status()
+    .as_u16()
 }
 
 fn requests(c: &mut Criterion) {

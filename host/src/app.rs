@@ -125,7 +125,7 @@ pub async fn run(args: Args) -> Result<()> {
         while runtime
             .services()
             .iter()
-            .any(|s| s.permits.available_permits() < s.spec.limits.concurrency)
+            .any(|s| s.admission.in_flight() > 0)
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -41,6 +41,12 @@ pub struct Metrics {
     pub conflicts: Family<Labels, Counter>,
     /// Requests to origins outside the host, by service, destination host and outcome.
     pub outbound: Family<Labels, Counter>,
+    /// Clients waiting for a permit, per service.
+    pub queued: Family<Labels, Gauge>,
+    /// How long requests that found no free permit waited, per service.
+    pub queue_wait: Histograms,
+    /// Requests refused with 503 for want of a permit or an instance slot, by service and reason.
+    pub shed: Family<Labels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -76,6 +82,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         log_stale_groups: Gauge::default(),
         consumer_lag: Family::default(),
         conflicts: Family::default(),
+        queued: Family::default(),
+        queue_wait: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+        shed: Family::default(),
     };
     registry.register(
         "http_requests",
@@ -196,6 +205,21 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "outbound_requests",
         "Requests to origins outside the host (allowed_outbound_hosts), by service, destination host and outcome (status or error)",
         m.outbound.clone(),
+    );
+    registry.register(
+        "queued_requests",
+        "Clients waiting for a permit of their service (at most --queue-length each)",
+        m.queued.clone(),
+    );
+    registry.register(
+        "queue_wait_seconds",
+        "How long requests that found every permit taken waited for one (at most --queue-wait)",
+        m.queue_wait.clone(),
+    );
+    registry.register(
+        "requests_shed",
+        "Requests refused with 503 by service and reason: queue_full, waited_out (--queue-wait passed), no_slot (--max-instances)",
+        m.shed.clone(),
     );
     Metrics { registry, ..m }
 });

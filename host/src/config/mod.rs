@@ -149,7 +149,8 @@ pub struct Args {
     #[arg(help_heading = "Instances", long, env = "INVOCATION_HOST_BYTES", default_value = "16MiB", value_parser = parse_size)]
     pub invocation_host_bytes: u64,
 
-    /// Requests in flight per service; beyond it 503 with Retry-After (0 = 64 per core).
+    /// Requests in flight per service; beyond it requests wait in the service's queue
+    /// (QUEUE_LENGTH, QUEUE_WAIT), then get 503 with Retry-After (0 = 64 per core).
     #[arg(
         help_heading = "Instances",
         long,
@@ -157,6 +158,21 @@ pub struct Args {
         default_value_t = 0
     )]
     pub max_concurrent: usize,
+
+    /// Clients that may wait per service when all its permits are taken; one more gets 503
+    /// with Retry-After at once.
+    #[arg(
+        help_heading = "Instances",
+        long,
+        env = "QUEUE_LENGTH",
+        default_value_t = 1024
+    )]
+    pub queue_length: usize,
+
+    /// Longest a request waits in its service's queue for a permit; past it, 503 with
+    /// Retry-After.
+    #[arg(help_heading = "Instances", long, env = "QUEUE_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub queue_wait: Duration,
 
     /// Directory of precompiled components, keyed by content digest, reused across restarts.
     #[arg(

@@ -1,6 +1,7 @@
 //! One request on a service's port: body limits, request ids, route metrics, the invocation.
 
 use crate::metrics;
+use crate::runtime::admission::Caller;
 use crate::runtime::{invoke, Runtime, Service};
 use crate::types::http::busy;
 use crate::types::{json_error, request_id, HttpRequest, HttpResponse, REQUEST_ID};
@@ -196,7 +197,7 @@ async fn handle_with_id(
                 headers: parts.headers,
                 body: bytes,
             };
-            invoke::http(runtime, service, req, &rid).await
+            invoke::http(runtime, service, req, &rid, Caller::Client).await
         }
     };
     with_request_id(resp, &rid)

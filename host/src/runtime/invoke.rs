@@ -4,6 +4,7 @@
 //! delivered messages. Each invocation has its own transaction, request id and CPU budget; an
 //! instance is pooled again only when the call ended cleanly.
 
+use super::admission::{Caller, Refusal};
 use super::component::{HttpExport, Loaded};
 use super::http_exports::{call_handler, call_wasi_http};
 use super::pool::reuse;
@@ -216,6 +217,7 @@ pub async fn http(
     service: &Arc<Service>,
     req: HttpRequest,
     request_id: &str,
+    caller: Caller,
 ) -> HttpResponse {
     if matches!(service.loaded.load().http, HttpExport::Absent) {
         return json_error(
@@ -226,12 +228,9 @@ pub async fn http(
             ),
         );
     }
-    let Ok(_permit) = service.permits.try_acquire() else {
-        tracing::warn!(service = %service.name, request_id, "concurrency limit reached");
-        return busy(&format!(
-            "{}{SERVICE_SUFFIX} is at its concurrency limit; retry",
-            service.name
-        ));
+    let _permit = match service.admission.admit(caller).await {
+        Ok(permit) => permit,
+        Err(refusal) => return refused(service, refusal),
     };
     let mut rerunning = None;
     for _ in 0..MAX_CONFLICT_RETRIES {
@@ -265,13 +264,23 @@ pub async fn http(
     busy("too many conflicting concurrent updates; retry")
 }
 
+/// The 503 of a request refused for want of a permit or an instance slot (counted and
+/// reported by the service's admission).
+fn refused(service: &Service, why: Refusal) -> HttpResponse {
+    busy(&format!(
+        "{}{SERVICE_SUFFIX} {}",
+        service.name,
+        why.explain()
+    ))
+}
+
 /// The response to a request whose invocation failed; its writes were rolled back.
 fn failed(service: &Service, request_id: &str, failure: Failure) -> HttpResponse {
     let name = &service.name;
     match failure {
         Failure::NoSlot => {
-            tracing::warn!(service = %name, request_id, "all instance slots busy");
-            busy("all instance slots are busy; retry")
+            service.admission.refused(Refusal::NoSlot);
+            refused(service, Refusal::NoSlot)
         }
         Failure::WallClock(_) => {
             tracing::error!(service = %name, request_id, error = %failure, "component stopped; its writes were rolled back");

@@ -1,5 +1,6 @@
 //! The runtime: one engine, the loaded services, and invocations of their components.
 
+pub mod admission;
 pub mod cache;
 mod commit;
 pub mod component;
@@ -19,6 +20,7 @@ use crate::config::{Args, ServiceSpec};
 use crate::messaging::{Backend, Drainer};
 use crate::storage::StateStore;
 use crate::types::{HttpRequest, HttpResponse};
+use admission::Caller;
 use anyhow::Result;
 use arc_swap::ArcSwap;
 use component::HttpExport;
@@ -168,7 +170,7 @@ impl Runtime {
                     );
                     match old {
                         Some(old) => old.reconfigured(spec, loaded, true),
-                        None => Service::new(spec, loaded),
+                        None => Service::new(spec, loaded, self.settings.queue),
                     }
                 }
             };
@@ -319,10 +321,9 @@ impl ServiceCalls for RuntimeServices {
             // store's event loop, where no other store may run. Dropping the call (the
             // caller's timeout) still stops the callee.
             let request_id = request_id.to_string();
-            let callee =
-                tokio::spawn(
-                    async move { invoke::http(&runtime, &target, req, &request_id).await },
-                );
+            let callee = tokio::spawn(async move {
+                invoke::http(&runtime, &target, req, &request_id, Caller::Service).await
+            });
             tokio_util::task::AbortOnDropHandle::new(callee).await.ok()
         })
     }

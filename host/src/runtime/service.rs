@@ -1,5 +1,6 @@
-//! A running service: its settings, current component version (hot-swappable), permits, history.
+//! A running service: its settings, current component version (hot-swappable), admission, history.
 
+use super::admission::{Admission, QueueSettings};
 use super::component::Loaded;
 use crate::config::ServiceSpec;
 use crate::metrics;
@@ -13,8 +14,8 @@ pub struct Service {
     /// In-flight invocations keep the `Arc` they started with, so they finish on that version.
     pub loaded: ArcSwap<Loaded>,
     pub name: Arc<str>,
-    /// One per request in flight; none left means 503.
-    pub permits: Arc<tokio::sync::Semaphore>,
+    /// A permit per request in flight, and the queue of those waiting for one.
+    pub admission: Admission,
     /// Held by invocations re-running after a commit conflict: under contention (every
     /// `POST /users` increments one counter) re-runs take turns instead of conflicting again.
     pub rerun: Arc<tokio::sync::Mutex<()>>,
@@ -69,10 +70,10 @@ impl Swaps {
 const HISTORY: usize = 8;
 
 impl Service {
-    pub fn new(spec: ServiceSpec, loaded: Loaded) -> Service {
+    pub fn new(spec: ServiceSpec, loaded: Loaded, queue: QueueSettings) -> Service {
         Service {
             name: spec.name.clone(),
-            permits: Arc::new(tokio::sync::Semaphore::new(spec.limits.concurrency)),
+            admission: Admission::new(&spec.name, spec.limits.concurrency, queue),
             rerun: Arc::default(),
             latency: metrics::get()
                 .latency
@@ -101,7 +102,7 @@ impl Service {
     /// version history so far; `swapped`: `loaded` is a new version (its component changed),
     /// counted and undoable like a swap. Invocations in flight finish on `self`.
     pub fn reconfigured(&self, spec: ServiceSpec, loaded: Loaded, swapped: bool) -> Service {
-        let mut service = Service::new(spec, loaded);
+        let mut service = Service::new(spec, loaded, self.admission.queue());
         service.rerun = self.rerun.clone();
         service.swapped_in = swapped;
         service.take_history_from(self);

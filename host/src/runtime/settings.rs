@@ -1,5 +1,6 @@
 //! Host-wide settings of invocations, read once from the flags.
 
+use super::admission::QueueSettings;
 use super::cache::CompileCache;
 use crate::config::Args;
 use crate::messaging::RetryPolicy;
@@ -26,6 +27,8 @@ pub struct Settings {
     pub instance_reuse: u32,
     /// Idle instances kept per service when instances are reused.
     pub idle_max: usize,
+    /// Each service's admission queue.
+    pub queue: QueueSettings,
 }
 
 impl Settings {
@@ -52,6 +55,10 @@ impl Settings {
             instance_reuse: args.instance_reuse,
             // Idle instances hold pool slots: leave at least half the slots for fresh ones.
             idle_max: (args.max_instances as usize / (2 * services.max(1))).min(64),
+            queue: QueueSettings {
+                length: args.queue_length,
+                wait: args.queue_wait,
+            },
         }
     }
 }

@@ -130,17 +130,84 @@ async fn calling_a_service_outside_the_allowlist_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn beyond_the_concurrency_limit_requests_get_503_with_retry_after() {
-    let (host, _comps) = host_with_misbehaving_product(r#"{ concurrency = 1, cpu = "1s" }"#).await;
+async fn past_the_concurrency_limit_a_request_waits_for_a_permit() {
+    let (host, _comps) = host_with_misbehaving_product(r#"{ concurrency = 1 }"#).await;
+    let busy = {
+        let host = host.clone();
+        tokio::spawn(async move { host.send("GET", "product", "/sleep?ms=700", None).await })
+    };
+    // Its instance exists: it holds the one permit.
+    instance_created(&host, "product").await;
+    let began = Instant::now();
+    let r = host.send("GET", "product", "/ok", None).await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert!(
+        began.elapsed() >= Duration::from_millis(300),
+        "it did not wait for the permit: {:?}",
+        began.elapsed()
+    );
+    assert_eq!(busy.await.unwrap().status, 200);
+    let waits = r#"host_queue_wait_seconds_count{service="product"}"#;
+    assert_eq!(host.metric(waits).await, 1.0);
+    assert!(!host.metrics().await.contains("host_requests_shed_total"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_queue_wait_or_length_requests_get_503_and_one_log_line() {
+    let limits = [("product", r#"limits = { concurrency = 1, cpu = "4s" }"#)];
+    let flags = ["--queue-wait", "300ms", "--queue-length", "2"];
+    let (host, _comps) = with_product("misbehave.wasm", &limits, &flags).await;
+    let host = Arc::new(host);
     let busy = {
         let host = host.clone();
         tokio::spawn(async move { host.send("GET", "product", "/loop", None).await.status })
     };
-    // Its instance exists: it holds the one permit.
     instance_created(&host, "product").await;
-    let r = host.send("GET", "product", "/ok", None).await;
-    assert_error(&r, 503);
-    assert_eq!(r.headers["retry-after"], "1");
+    let send_many = |n: usize| {
+        let requests = (0..n).map(|_| {
+            let host = host.clone();
+            async move {
+                let began = Instant::now();
+                (
+                    host.send("GET", "product", "/ok", None).await,
+                    began.elapsed(),
+                )
+            }
+        });
+        futures_util::future::join_all(requests)
+    };
+    // Two fit in the queue and wait out its 300 ms.
+    for (r, took) in send_many(2).await {
+        assert_error(&r, 503);
+        assert_eq!(r.headers["retry-after"], "1");
+        assert!(
+            r.json["error"].as_str().unwrap().contains("in time"),
+            "{:?}",
+            r.json
+        );
+        assert!(took >= Duration::from_millis(250), "{took:?}");
+    }
+    // Of twelve at once, two wait and ten are refused at once: the queue is full.
+    let answers = send_many(12).await;
+    assert!(answers.iter().all(|(r, _)| r.status == 503));
+    let full = answers
+        .iter()
+        .filter(|(r, _)| r.json["error"].as_str().unwrap().contains("queue is full"))
+        .count();
+    assert_eq!(full, 10);
+    let shed = |reason: &str| {
+        format!(r#"host_requests_shed_total{{service="product",reason="{reason}"}}"#)
+    };
+    assert_eq!(host.metric(&shed("queue_full")).await, 10.0);
+    assert_eq!(host.metric(&shed("waited_out")).await, 4.0);
+    // Fourteen refusals, one line in the log.
+    let reports = host
+        .log()
+        .lines()
+        .filter(|l| l.contains("overloaded") && l.contains("product"))
+        .count();
+    assert_eq!(reports, 1, "{}", host.log());
+    // Other services are not held up; the service answers again once the loop is stopped.
     assert_eq!(host.send("GET", "user", "/users", None).await.status, 200);
     assert_eq!(busy.await.unwrap(), 504);
     assert_eq!(host.send("GET", "product", "/ok", None).await.status, 200);

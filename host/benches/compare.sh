@@ -6,7 +6,9 @@
 #      (--instance-reuse 1);
 #   3. this host with --instance-reuse $BENCH_REUSE (the default, 1000);
 #   4. per-request overhead on a trivial component (build/fixtures/hello.wasm): this host next
-#      to `wasmtime serve`, each with fresh instances and with reuse.
+#      to `wasmtime serve`, each with fresh instances and with reuse, and a bare hyper server
+#      (host/benches/bare_hyper.rs) as the floor.
+# Each of 1-3 also serves the dashboard to 1000 and to 10,000 connections (four wrk processes).
 # Prints markdown tables. Run through `just bench`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,6 +18,8 @@ reuse=${BENCH_REUSE:-1000}
 paths=(":3001/users" ":3000/api/users" ":3000/api/v1/orders/101" ":3000/api/v1/dashboard")
 kport=${BENCH_KAFKA_PORT:-19092}
 
+# 10,000 connections are 10,000 files for wrk, and as many for the servers started from here.
+ulimit -n "$(ulimit -Hn)"
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } >/dev/null
 wait_port() { for _ in $(seq 1 400); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 wait_closed() { for _ in $(seq 1 400); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null || return 0; sleep 0.05; done; }
@@ -29,6 +33,24 @@ measure() {
     p99=$(awk '$1=="99%" {print $2}' <<<"$out")
     local errors; errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ' | sed 's/ *$//')
     echo "$rps $p50 $p99 ${errors:-none}" | tr -s ' '
+}
+# flood CONNS PROCS: GET /api/v1/dashboard from CONNS connections spread over PROCS wrk
+# processes for 6 s: "goodput p99 errors", goodput being 2xx answers per second, p99 the worst
+# of the processes', errors the non-2xx answers and socket errors (timeouts past 2 s included).
+flood() {
+    local conns=$1 procs=$2 i pids=()
+    for i in $(seq 1 "$procs"); do
+        wrk -t1 -c$((conns / procs)) -d6s --latency "http://127.0.0.1:3000/api/v1/dashboard" >"$work/flood$i" & pids+=($!)
+    done
+    wait "${pids[@]}" || true
+    cat "$work"/flood* | awk '
+        function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; if (v ~ /m$/) return v * 60000; return v }
+        / requests in / { n = $1; secs = $4; sub(/s,$/, "", secs); good += n / secs; done += n }
+        /Non-2xx/ { bad += $NF; good -= $NF / secs }
+        /Socket errors/ { gsub(/,/, ""); bad += $4 + $6 + $8 + $10 }
+        $1 == "99%" { if (ms($2) > p99) p99 = ms($2) }
+        END { printf "%.0f %.0fms %d\n", good, p99, bad }'
+    rm -f "$work"/flood*
 }
 rss_mb() { ps -o rss= -p "$1" | awk '{s+=$1} END {printf "%.0f", s/1024}'; }
 seed_user() { curl -sf -XPOST localhost:3000/api/users -H 'content-type: application/json' -d '{"name":"Alice","email":"alice@mail.com"}' >/dev/null; }
@@ -61,6 +83,8 @@ run_all() {
     for p in "${paths[@]}"; do res[$name$p]=$(measure "$p"); done
     rss[$name]=$(rss_mb "$pids")
     res[$name:post]=$(measure ":3000/api/users" -s "$work/post.lua")
+    res[$name:c1000]=$(flood 1000 1)
+    res[$name:c10000]=$(flood 10000 4)
 }
 
 # --- the Node seed ---
@@ -100,6 +124,11 @@ done
 # wasi:http/handler@0.3.0 and imports WASI alone (`hello-p3` also imports our state interface,
 # which `wasmtime serve` lacks); both servers reuse such instances up to 16 at once by default,
 # so the fresh column asks for one request per instance.
+bare=$(cargo build --release -p host --bench bare_hyper --message-format=json 2>/dev/null |
+    python3 -c 'import json, sys; print(next(m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "bare_hyper" and m.get("executable")))')
+BARE_HYPER_ADDR=127.0.0.1:3100 "$bare" & b=$!
+wait_port 3100; res[bare]=$(measure ":3100/")
+kill $b; wait $b 2>/dev/null || true; wait_closed 3100
 wt=${WASMTIME:-$(command -v wasmtime || true)}
 [ -n "$wt" ] && wt_version=$("$wt" --version) || wt_version="wasmtime not installed"
 for fixture in hello hello-wasi spin-hello; do
@@ -139,6 +168,21 @@ echo "|---|---|---|---|---|---|"
 for p in "${paths[@]}"; do row "\`GET $p\`" "node$p" "fresh$p" "reuse$p"; done
 row "\`POST :3000/api/users\` (Kafka mode, tansu)" node:post fresh:post reuse:post
 echo
+echo "Overload: \`GET :3000/api/v1/dashboard\` for 6 s from 1000 connections (one wrk) and from 10,000 (four wrk processes of 2,500), default limits. Cells: answers with 2xx per second (ratio to the same server's 32-connection figure above), p99, errors (non-2xx answers and socket errors, wrk's 2 s timeout included)."
+echo
+echo "| connections | Node seed | host, fresh instance per request | host, \`--instance-reuse $reuse\` (default) |"
+echo "|---|---|---|---|"
+share() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a/b; else print "-"}'; }
+for c in 1000 10000; do
+    line="| $c |"
+    for name in node fresh reuse; do
+        read -r g p e <<<"${res[$name:c$c]}"
+        read -r base _ <<<"${res[$name:3000/api/v1/dashboard]}"
+        line+=" $g ($(share "$g" "$base")×), p99 $p, $e errors |"
+    done
+    echo "$line"
+done
+echo
 echo "RSS after the GET load: Node seed, four processes: ${rss[node]} MB; host (fresh): ${rss[fresh]} MB; host (reuse): ${rss[reuse]} MB."
 echo
 echo "### Per-request overhead: trivial components (\`components/fixtures/hello\`, \`hello-wasi\`, \`spin-hello\`)"
@@ -152,3 +196,10 @@ echo "| this host (as product-service, :3002) | \`spin-hello\` (spin-sdk 7, wasi
 echo "| \`wasmtime serve -O pooling-allocator -S cli\` ($wt_version) | \`hello\` (its wasi:http export) | $(cell hello:wf) | $(cell hello:wr) |"
 echo "| \`wasmtime serve -O pooling-allocator -S cli\` ($wt_version) | \`hello-wasi\` | $(cell hello-wasi:wf) | $(cell hello-wasi:wr) |"
 echo "| \`wasmtime serve -O pooling-allocator -S cli\` ($wt_version) | \`spin-hello\` (reuse: up to 16 at once, its default) | $(cell spin-hello:wf) | $(cell spin-hello:wr) |"
+echo "| bare hyper (\`host/benches/bare_hyper.rs\`: no component, no isolation) | none: answers \`hello\` itself | $(cell bare) | $(cell bare) |"
+echo
+read -r bare_rps _ <<<"${res[bare]}"
+for f in hello hello-wasi; do
+    read -r fresh_rps _ <<<"${res[$f:hf]}"; read -r reuse_rps _ <<<"${res[$f:hr]}"
+    echo "\`$f\` on this host against bare hyper: fresh $(share "$fresh_rps" "$bare_rps")×, reused $(share "$reuse_rps" "$bare_rps")×."
+done

@@ -150,7 +150,7 @@ pub struct Args {
     pub invocation_host_bytes: u64,
 
     /// Requests in flight per service; beyond it requests wait in the service's queue
-    /// (QUEUE_LENGTH, QUEUE_WAIT), then get 503 with Retry-After (0 = 64 per core).
+    /// (QUEUE_LENGTH, QUEUE_WAIT), then get 503 with Retry-After (0 = 32 per core).
     #[arg(
         help_heading = "Instances",
         long,
@@ -165,7 +165,7 @@ pub struct Args {
         help_heading = "Instances",
         long,
         env = "QUEUE_LENGTH",
-        default_value_t = 1024
+        default_value_t = 16384
     )]
     pub queue_length: usize,
 
@@ -194,7 +194,7 @@ pub struct Args {
         help_heading = "Connections",
         long,
         env = "MAX_CONNECTIONS",
-        default_value_t = 1024
+        default_value_t = 16384
     )]
     pub max_connections: usize,
 
@@ -441,7 +441,7 @@ impl Args {
             memory: self.memory_limit,
             cpu: self.cpu_deadline,
             concurrency: if self.max_concurrent == 0 {
-                64 * cores
+                32 * cores
             } else {
                 self.max_concurrent
             },

@@ -19,7 +19,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use platform_contract::SERVICE_SUFFIX;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -96,8 +96,7 @@ impl Ports {
                 moved.push((from.clone(), spec.name.clone()));
                 continue;
             }
-            let listener = TcpListener::bind((self.bind_addr, spec.port))
-                .await
+            let listener = listen(SocketAddr::new(self.bind_addr, spec.port))
                 .with_context(|| format!("binding {} port {}", spec.name, spec.port))?;
             spec.port = listener.local_addr()?.port();
             bound.push((spec.name.clone(), listener));
@@ -181,6 +180,22 @@ impl Port {
             }
         }
     }
+}
+
+/// Connections the kernel may hold for a port before the host accepts them (it caps this at
+/// `net.core.somaxconn`, 4096 on current Linux): a burst of clients waits there instead of
+/// having its connection attempts dropped and retried a second later.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A listener on `addr` with a backlog of [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Accepts connections on `service`'s port until aborted; `connections` lets shutdown finish

@@ -22,10 +22,11 @@ pub struct QueueSettings {
 pub enum Caller {
     /// A client on the service's port.
     Client,
-    /// An invocation of another service, through an in-process call. It holds a permit of
-    /// its own service while it waits, so it is not made to wait behind queued clients: it
-    /// waits for this service's permits directly, behind at most the one client at the head
-    /// of the queue. It takes no place in the queue (callers' own permits bound them).
+    /// An invocation of another service, through an in-process call. Its caller holds a
+    /// permit while it waits, so it must not wait behind queued clients (in a cycle they
+    /// would wait for each other): when every permit is taken it may use as many again,
+    /// waiting only for those. It takes no place in the queue (callers' own permits bound
+    /// them).
     Service,
 }
 
@@ -67,11 +68,12 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// One service's permits and queue.
 pub struct Admission {
     service: Arc<str>,
+    /// Handed out in arrival order: a freed permit goes to the longest waiting client, never
+    /// to a newcomer.
     permits: Semaphore,
+    /// What in-process calls use when every permit is taken.
+    calls: Semaphore,
     limit: usize,
-    /// Queued clients take turns here in arrival order; only the one holding it waits on
-    /// `permits`, so an in-process call waiting there has at most one client before it.
-    turn: Semaphore,
     queued: AtomicUsize,
     queue: QueueSettings,
     queued_gauge: Gauge,
@@ -91,8 +93,8 @@ impl Admission {
         Admission {
             service: service.clone(),
             permits: Semaphore::new(limit),
+            calls: Semaphore::new(limit),
             limit,
-            turn: Semaphore::new(1),
             queued: AtomicUsize::new(0),
             queue,
             queued_gauge: metrics::get().queued.get_or_create(&labels).clone(),
@@ -105,9 +107,9 @@ impl Admission {
         self.queue
     }
 
-    /// Requests admitted and not finished.
+    /// Requests and calls admitted and not finished.
     pub fn in_flight(&self) -> usize {
-        self.limit - self.permits.available_permits()
+        2 * self.limit - self.permits.available_permits() - self.calls.available_permits()
     }
 
     /// A permit, held while the request runs: at once if one is free, else after waiting in
@@ -118,17 +120,13 @@ impl Admission {
         }
         let began = Instant::now();
         let waited = match caller {
-            Caller::Service => tokio::time::timeout(self.queue.wait, self.permits.acquire()).await,
+            Caller::Service => tokio::time::timeout(self.queue.wait, self.calls.acquire()).await,
             Caller::Client => {
                 let Some(_place) = self.enqueue() else {
                     self.refused(Refusal::QueueFull);
                     return Err(Refusal::QueueFull);
                 };
-                tokio::time::timeout(self.queue.wait, async {
-                    let _turn = self.turn.acquire().await;
-                    self.permits.acquire().await
-                })
-                .await
+                tokio::time::timeout(self.queue.wait, self.permits.acquire()).await
             }
         };
         self.wait.observe(began.elapsed().as_secs_f64());
@@ -237,23 +235,43 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_in_process_call_goes_before_queued_clients_but_the_first() {
+    async fn an_in_process_call_does_not_wait_behind_queued_clients() {
+        let admission = admission(1, 8, 5_000);
+        let held = admission.admit(Caller::Client).await.unwrap();
+        let queued = {
+            let admission = admission.clone();
+            tokio::spawn(async move { admission.admit(Caller::Client).await.map(drop) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Every permit is taken and a client waits: a call is admitted at once beside them.
+        let call =
+            tokio::time::timeout(Duration::from_millis(100), admission.admit(Caller::Service))
+                .await
+                .expect("the call waited behind the client")
+                .unwrap();
+        assert_eq!(admission.in_flight(), 2);
+        // As many calls again, then they wait for one of those.
+        let second = admission.admit(Caller::Service);
+        assert!(tokio::time::timeout(Duration::from_millis(100), second)
+            .await
+            .is_err());
+        drop(call);
+        // The client gets the permit freed by the first request, not a newcomer.
+        drop(held);
+        assert_eq!(queued.await.unwrap(), Ok(()));
+        assert_eq!(admission.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_freed_permit_goes_to_the_longest_waiting_client() {
         let admission = admission(1, 8, 5_000);
         let held = admission.admit(Caller::Client).await.unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut waiters = Vec::new();
-        for (i, caller) in [
-            Caller::Client,
-            Caller::Client,
-            Caller::Client,
-            Caller::Service,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for i in 0..4 {
             let (admission, tx) = (admission.clone(), tx.clone());
             waiters.push(tokio::spawn(async move {
-                let permit = admission.admit(caller).await.unwrap();
+                let permit = admission.admit(Caller::Client).await.unwrap();
                 tx.send(i).unwrap();
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 drop(permit);
@@ -261,14 +279,12 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         drop(held);
+        // A newcomer arriving as the permit is freed does not take it.
+        assert!(admission.permits.try_acquire().is_err());
         for waiter in waiters {
             waiter.await.unwrap();
         }
         let order: Vec<usize> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
-        assert_eq!(
-            order,
-            [0, 3, 1, 2],
-            "the call (3) waits behind the first client only"
-        );
+        assert_eq!(order, [0, 1, 2, 3]);
     }
 }

@@ -27,10 +27,11 @@ pub(super) fn engine(max_instances: u32, max_memory: u64, concurrent: bool) -> R
         .linear_memory_keep_resident(512 << 10)
         .table_keep_resident(64 << 10)
         .async_stack_keep_resident(256 << 10)
-        // Reuse slots a component already used before touching new ones: the slots ever used
-        // (and kept resident) are then as many as instances ever ran at once, not up to
-        // `max_instances` (RSS after a load: 210 MB with the default of 100 warm slots).
-        .max_unused_warm_slots(0)
+        // A freed slot stays warm for the component that used it (its memory image stays
+        // mapped): with none kept warm, every instance past the busiest few remapped its image,
+        // and the mmap's TLB shootdowns across cores halved fresh-instance throughput at 1000
+        // connections (BENCHMARKS.md), while RSS after that load was the same within 5 %.
+        .max_unused_warm_slots(max_instances)
         // Where the kernel has PAGEMAP_SCAN (Linux 6.7+), reset only the pages an instance
         // dirtied instead of memsetting (and copying the data image over) all of the resident
         // part: a third of a fresh instance's cost in perf.

@@ -96,7 +96,8 @@ for s in user product order gateway; do (cd "$work/anchor" && KAFKA_BROKERS=127.
 for p in 3000 3001 3002 3003; do wait_port $p; done
 sleep 2 # KafkaJS connects its producer and joins the consumer group in the background
 run_all node "$(IFS=,; echo "${pids[*]}")"
-kill "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
+node_alive=0; for p in "${pids[@]}"; do ! kill -0 "$p" 2>/dev/null || node_alive=$((node_alive + 1)); done
+kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true
 stop_broker
 for p in 3000 3001 3002 3003; do wait_closed $p; done
 
@@ -182,6 +183,8 @@ for c in 1000 10000; do
     done
     echo "$line"
 done
+echo
+echo "Node seed processes still running after these rows: $node_alive of 4."
 echo
 echo "RSS after the GET load: Node seed, four processes: ${rss[node]} MB; host (fresh): ${rss[fresh]} MB; host (reuse): ${rss[reuse]} MB."
 echo

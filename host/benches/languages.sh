@@ -18,7 +18,10 @@ start() {
     local t0; t0=$(date +%s%N)
     ./target/release/host --components-dir "$dir" --data-dir "$dir/data" \
         --compile-cache "$dir/cache" --admin-addr 127.0.0.1:3999 "$@" >>"$dir/log" 2>&1 & pid=$!
-    until curl -sf localhost:3999/readyz -o /dev/null; do sleep 0.01; done
+    until curl -sf localhost:3999/readyz -o /dev/null; do
+        kill -0 "$pid" 2>/dev/null || { echo "the host exited:" >&2; tail -5 "$dir/log" >&2; exit 1; }
+        sleep 0.01
+    done
     ms=$(( ($(date +%s%N) - t0) / 1000000 ))
 }
 

@@ -65,9 +65,13 @@ start_host() { # name admin-port [flags...]
     "$host_bin" --data-dir "$work/data-$name" --compile-cache build/compile-cache \
         --kafka-brokers "127.0.0.1:$kport" --admin-addr "127.0.0.1:$admin" "$@" >"$work/host-$name.log" 2>&1 &
     hosts+=($!)
-    wait_port "$admin"; until curl -sf "localhost:$admin/readyz" >/dev/null; do sleep 0.05; done
+    local pid=$!
+    until curl -sf "localhost:$admin/readyz" >/dev/null; do
+        kill -0 "$pid" 2>/dev/null || { echo "host $name exited:" >&2; tail -5 "$work/host-$name.log" >&2; exit 1; }
+        sleep 0.05
+    done
 }
-stop_hosts() { kill "${hosts[@]}"; wait "${hosts[@]}" 2>/dev/null || true; hosts=(); for p in 3000 3001 3002 3003 4000 4001 4002 4003 3999 4999; do wait_closed $p; done; }
+stop_hosts() { kill "${hosts[@]}"; wait "${hosts[@]}" 2>/dev/null || true; hosts=(); for p in 3000 3001 3002 3003 3004 3005 4000 4001 4002 4003 4004 4005 3999 4999; do wait_closed $p; done; }
 seed_user() { curl -sf -XPOST "localhost:$1/api/users" -H 'content-type: application/json' -d '{"name":"Alice","email":"alice@mail.com"}' >/dev/null || true; }
 
 declare -A res
@@ -93,7 +97,7 @@ stop_hosts; stop_broker
 start_broker
 url=$(url_for two)
 start_host pga 3999 --state-url "$url"
-start_host pgb 4999 --state-url "$url" --port gateway=4000,user=4001,product=4002,order=4003
+start_host pgb 4999 --state-url "$url" --port gateway=4000,user=4001,product=4002,order=4003,reviews=4004,ratings=4005
 seed_user 3000; sleep 0.5
 for p in "${paths[@]}"; do
     other=${p/:300/:400}
@@ -102,7 +106,7 @@ done
 res[pg2:post]=$( { BENCH_PREFIX=x wrk_run ":3000/api/users" 16 -s "$work/post.lua" & BENCH_PREFIX=y wrk_run ":4000/api/users" 16 -s "$work/post.lua"; wait; } | summary)
 stop_hosts; stop_broker
 
-echo "wrk -t1 -d$duration --latency, Kafka mode (tansu); cells are req/s (p50 / p99). PostgreSQL $("$pgbin/postgres" --version | awk '{print $3}') on the same machine, its default settings (fsync on)."
+echo "wrk -t1 -d$duration --latency, Kafka mode (tansu), instance reuse 1000 (the default); cells are req/s (p50 / p99). PostgreSQL $("$pgbin/postgres" --version | awk '{print $3}') on the same machine, its default settings (fsync on)."
 echo
 echo "| path | one host, redb | one host, PostgreSQL | two hosts, one PostgreSQL (two wrk -c16, summed; p50s, p99s of each) |"
 echo "|---|---|---|---|"

@@ -291,6 +291,47 @@ async fn the_contract_holds_on_postgresql_and_survives_a_server_restart() {
     assert_eq!(waiting.len(), 1, "{waiting:?}");
 }
 
+/// What was acknowledged survives a crash of the server: a commit at once, a handler's applied
+/// writes once `durable` returned; and an id a durable commit holds is never handed out again,
+/// though ids are taken without waiting for the disk. The server writes its WAL only at commits
+/// that wait for it (`wal_writer_delay` 10 s), so what nothing waited for is lost in the crash.
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_commits_and_their_ids_survive_a_server_crash() {
+    let mut server = Postgres::start_with(&["synchronous_commit=on", "wal_writer_delay=10s"])
+        .expect("a PostgreSQL server for the tests");
+    let url = server.create_database("crash").unwrap();
+    let db = shared(&url).await;
+    let mut t = txn();
+    let id = db.next_id(&mut t, "ids".into(), "n".into()).await.unwrap();
+    t.put(
+        "d".into(),
+        "committed".into(),
+        Some(id.to_string().into_bytes()),
+    )
+    .unwrap();
+    db.commit(t).await.unwrap();
+    let mut t = txn();
+    t.put("d".into(), "applied".into(), Some(b"flushed".to_vec()))
+        .unwrap();
+    db.apply(t).await.unwrap();
+    db.durable().await.unwrap();
+    let mut t = txn();
+    let unflushed = db.next_id(&mut t, "ids".into(), "n".into()).await.unwrap();
+    assert_eq!(unflushed, id + 1);
+    server.crash().unwrap();
+    server.resume().unwrap();
+    let db = shared(&url).await;
+    let read = |key: &'static str| {
+        let db = db.clone();
+        async move { txn().get(&*db, "d", key).await.unwrap() }
+    };
+    assert_eq!(read("committed").await, Some(id.to_string().into_bytes()));
+    assert_eq!(read("applied").await, Some(b"flushed".to_vec()));
+    let mut t = txn();
+    let after = db.next_id(&mut t, "ids".into(), "n".into()).await.unwrap();
+    assert!(after > id, "id {id} handed out again after the crash");
+}
+
 /// A relay whose session ended (its connection cut mid-drain; its partition locks went with
 /// it) deletes nothing it read: another host takes the partitions and publishes those rows.
 /// Live relays then share the partitions, each holding its half.

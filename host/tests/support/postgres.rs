@@ -17,10 +17,18 @@ pub struct Postgres {
     stopped: bool,
     /// Serves TLS with `server.crt` and `server.key` in its directory.
     ssl: bool,
+    /// `name=value` settings after the defaults.
+    settings: Vec<String>,
 }
 
 impl Postgres {
     pub fn start() -> Result<Postgres> {
+        Postgres::start_with(&[])
+    }
+
+    /// A server with `settings` (`name=value`) over the defaults (fsync off, commits that do
+    /// not wait for the WAL): e.g. `synchronous_commit=on`, where a test crashes the server.
+    pub fn start_with(settings: &[&str]) -> Result<Postgres> {
         let out = Command::new("pg_config").arg("--bindir").output().context(
             "running pg_config; install PostgreSQL (Debian: apt-get install -y postgresql)",
         )?;
@@ -41,6 +49,7 @@ impl Postgres {
             port,
             stopped: true,
             ssl: false,
+            settings: settings.iter().map(|s| s.to_string()).collect(),
         };
         let data = pg.data();
         pg.run(
@@ -94,10 +103,20 @@ impl Postgres {
 
     /// Stops the server (fast shutdown: sessions are cut), keeping its data.
     pub fn stop(&mut self) -> Result<()> {
+        self.halt("fast")
+    }
+
+    /// Kills the server as a crash would (immediate shutdown): what it had not written out of
+    /// its WAL buffers is lost; it recovers from its WAL at [`Postgres::resume`].
+    pub fn crash(&mut self) -> Result<()> {
+        self.halt("immediate")
+    }
+
+    fn halt(&mut self, mode: &str) -> Result<()> {
         let data = self.data();
         self.run(
             "pg_ctl",
-            &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+            &["-D", data.to_str().unwrap(), "-m", mode, "-w", "stop"],
         )?;
         self.stopped = true;
         Ok(())
@@ -113,6 +132,9 @@ impl Postgres {
             self.port,
             self.dir.path().display()
         );
+        for setting in &self.settings {
+            options += &format!(" -c {setting}");
+        }
         if self.ssl {
             let dir = self.dir.path().display();
             options += &format!(

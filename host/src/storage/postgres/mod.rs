@@ -15,6 +15,7 @@
 //! are published in commit order by one host at a time; a host that dies drops its locks with
 //! its connection, and another host takes its partitions over.
 
+mod commit;
 mod connection;
 mod locks;
 mod relay;
@@ -22,16 +23,13 @@ mod relay;
 use connection::{connection_config, tls};
 #[cfg(test)]
 pub(super) use locks::lock_id;
-use locks::{locks, LOCK};
 
-use super::txn::{digest_keys, digest_of, Txn};
+use super::txn::Txn;
 use super::{CommitError, KeyRange, NextIdError, Outbox, StateStore};
-use crate::types::budget::ENTRY_OVERHEAD;
 use crate::types::Message;
 use anyhow::{Context as _, Result};
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use futures_util::future::try_join_all;
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
@@ -68,6 +66,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     message bytea NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_by_part ON outbox (part, seq);
+CREATE TABLE IF NOT EXISTS flushes (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    count bigint NOT NULL DEFAULT 0
+);
+INSERT INTO flushes DEFAULT VALUES ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS outbox_parked (
     seq bigserial PRIMARY KEY,
     reason text NOT NULL,
@@ -216,120 +219,25 @@ impl StateStore for PostgresStore {
         Ok(list(&**client, &stmt, service, range, limit).await?)
     }
 
-    /// The next id of `bucket/key`: one statement of its own, outside any invocation's commit,
-    /// so ids never repeat across hosts and never make invocations conflict (an id taken by an
-    /// invocation that then fails is skipped).
     async fn next_id(
         &self,
         txn: &mut Txn,
         bucket: String,
         key: String,
     ) -> Result<u64, NextIdError> {
-        txn.budget
-            .charge(bucket.len() + key.len() + ENTRY_OVERHEAD)
-            .map_err(|e| NextIdError::Storage(e.into()))?;
-        let client = self.client().await.map_err(NextIdError::Storage)?;
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO sequences (service, bucket, key, last) VALUES ($1, $2, $3, 1) \
-                 ON CONFLICT (service, bucket, key) DO UPDATE SET last = sequences.last + 1 \
-                 RETURNING last",
-            )
-            .await
-            .map_err(|e| NextIdError::Storage(e.into()))?;
-        let row = client
-            .query_one(&stmt, &[&&*txn.service, &bucket, &key])
-            .await
-            .map_err(|e| NextIdError::Storage(e.into()))?;
-        let last: i64 = row.get(0);
-        u64::try_from(last).map_err(|_| NextIdError::NotASequence("sequence exhausted".into()))
+        self.take_id(txn, bucket, key).await
     }
 
-    /// Commits `txn` if nothing it read has changed: its writes and outbox rows land together,
-    /// durably, or not at all.
-    ///
-    /// One READ COMMITTED transaction, sent as one flight after its `BEGIN`: take the locks
-    /// of what it read and writes ([`locks`], in one global order, so commits never deadlock),
-    /// re-read (each statement sees every commit that released those locks), write, insert the
-    /// outbox rows; then commit if the re-reads match, roll back if not. Two commits wait for
-    /// each other only when one writes what the other read or wrote (or lists), so unrelated
-    /// commits never abort each other (SERIALIZABLE's predicate locks cover whole index pages,
-    /// so keys side by side would).
+    async fn apply(&self, txn: Txn) -> Result<(), CommitError> {
+        self.land(txn, false).await
+    }
+
     async fn commit(&self, txn: Txn) -> Result<(), CommitError> {
-        let mut client = self.client().await?;
-        // Prepared (once per connection) before the flight, which must go out in order.
-        let statements = [LOCK, GET, LIST, UPSERT, DELETE, SEND];
-        let prepared = try_join_all(statements.map(|sql| client.prepare_cached(sql)))
-            .await
-            .map_err(conflict_or_storage)?;
-        let [lock, get, list_stmt, upsert, delete, send]: [_; 6] =
-            prepared.try_into().expect("one per statement");
-        let tx = client.transaction().await.map_err(conflict_or_storage)?;
-        let service = &*txn.service;
-        let (ids, exclusive) = locks(&txn);
-        let mut encoded = Vec::with_capacity(txn.outbox.len());
-        for m in &txn.outbox {
-            encoded.push((
-                partition(m),
-                postcard::to_allocvec(m).map_err(anyhow::Error::from)?,
-            ));
-        }
-        // tokio-postgres sends a statement when its future is first polled, and `join` polls
-        // in argument order: the locks go first, the server runs what follows after them.
-        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-            [&ids.0, &ids.1, &exclusive];
-        let locked = tx.execute(&lock, &lock_params);
-        let reads = try_join_all(txn.reads.iter().map(|(bucket, key, _)| {
-            let (tx, get) = (&tx, &get);
-            async move { tx.query_opt(get, &[&service, bucket, key]).await }
-        }));
-        let lists = try_join_all(txn.lists.iter().map(|(range, _)| {
-            let (tx, stmt) = (&tx, &list_stmt);
-            // One key more than were found is enough to see that the range changed.
-            async move { list(&**tx, stmt, service, range, range.found.saturating_add(1)).await }
-        }));
-        let writes = try_join_all(txn.writes.iter().map(|((bucket, key), value)| {
-            let (tx, upsert, delete) = (&tx, &upsert, &delete);
-            async move {
-                match value {
-                    Some(v) => tx.execute(upsert, &[&service, bucket, key, v]).await,
-                    None => tx.execute(delete, &[&service, bucket, key]).await,
-                }
-            }
-        }));
-        let sends = try_join_all(encoded.iter().map(|(part, bytes)| {
-            let (tx, send) = (&tx, &send);
-            async move { tx.execute(send, &[part, bytes]).await }
-        }));
-        use futures_util::future::join;
-        let (locked, ((reads, lists), (writes, sends))) =
-            join(locked, join(join(reads, lists), join(writes, sends))).await;
-        locked.map_err(conflict_or_storage)?;
-        let reads = reads.map_err(conflict_or_storage)?;
-        let lists = lists.map_err(conflict_or_storage)?;
-        writes.map_err(conflict_or_storage)?;
-        sends.map_err(conflict_or_storage)?;
-        for ((_, _, seen), row) in txn.reads.iter().zip(&reads) {
-            let now = row.as_ref().map(|r| digest_of(r.get::<_, &[u8]>(0)));
-            if now != *seen {
-                return Err(CommitError::Conflict); // dropping `tx` rolls it back
-            }
-        }
-        for ((_, seen), keys) in txn.lists.iter().zip(&lists) {
-            if digest_keys(keys) != *seen {
-                return Err(CommitError::Conflict);
-            }
-        }
-        tx.commit().await.map_err(conflict_or_storage)?;
-        if !encoded.is_empty() {
-            // Every host's relay is told after the commit, not in it: a NOTIFY in the
-            // transaction takes a cluster-wide lock at commit, so every commit with events
-            // would wait for the one before it, advisory locks held.
-            self.rows_committed.notify_one();
-        }
-        txn.committed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
+        self.land(txn, true).await
+    }
+
+    async fn durable(&self) -> Result<()> {
+        self.flush().await
     }
 
     fn outbox(&self) -> &dyn Outbox {
@@ -355,7 +263,10 @@ async fn notify_relays(pool: Pool, committed: Arc<tokio::sync::Notify>) {
         }
         let sent = async {
             let client = pool.get().await?;
-            client.batch_execute("NOTIFY outbox").await?;
+            // A NOTIFY commits as a write does; nothing waits for its flush.
+            client
+                .batch_execute("BEGIN; SET LOCAL synchronous_commit TO off; NOTIFY outbox; COMMIT")
+                .await?;
             anyhow::Ok(())
         };
         if let Err(e) = sent.await {
@@ -365,11 +276,6 @@ async fn notify_relays(pool: Pool, committed: Arc<tokio::sync::Notify>) {
         }
     }
 }
-
-const UPSERT: &str = "INSERT INTO kv (service, bucket, key, value) VALUES ($1, $2, $3, $4) \
-     ON CONFLICT (service, bucket, key) DO UPDATE SET value = excluded.value";
-const DELETE: &str = "DELETE FROM kv WHERE service = $1 AND bucket = $2 AND key = $3";
-const SEND: &str = "INSERT INTO outbox (part, message) VALUES ($1, $2)";
 
 /// The least string above every string that starts with `prefix`, in byte order (UTF-8 keeps
 /// code point order): the scan of a prefix stops there. `None` for the empty prefix.

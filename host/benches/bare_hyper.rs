@@ -2,6 +2,8 @@
 //! runtime (tokio, multi-threaded), answering every request with 200 `hello` as the `hello`
 //! fixture does, with no component, no admission and no metrics. `compare.sh` starts it on
 //! `BARE_HYPER_ADDR` (default 127.0.0.1:3100) and loads it with the same wrk as the others.
+//! A POST gets an empty 200 once its body is read: an OTLP/HTTP receiver's answer, so that
+//! `compare.sh` also uses it as the sink of a host exporting its spans.
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -11,7 +13,16 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 
-async fn hello(_req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn hello(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() == hyper::Method::POST {
+        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        resp.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/x-protobuf"),
+        );
+        return Ok(resp);
+    }
     let mut resp = Response::new(Full::new(Bytes::from_static(b"hello")));
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

@@ -7,7 +7,9 @@
 #   3. this host with --instance-reuse $BENCH_REUSE (the default, 1000);
 #   4. per-request overhead on a trivial component (build/fixtures/hello.wasm): this host next
 #      to `wasmtime serve`, each with fresh instances and with reuse, and a bare hyper server
-#      (host/benches/bare_hyper.rs) as the floor.
+#      (host/benches/bare_hyper.rs) as the floor;
+#   5. the host of 3, exporting every span over OTLP (to bare_hyper, which takes any POST):
+#      what tracing costs.
 # Each of 1-3 also serves the dashboard to 1000 and to 10,000 connections (four wrk processes).
 # Prints markdown tables. Run through `just bench`.
 set -euo pipefail
@@ -117,7 +119,9 @@ kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true
 stop_broker
 for p in 3000 3001 3002 3003; do wait_closed $p; done
 
-# --- this host: fresh instances, then reused ones ---
+# --- this host: fresh instances, then reused ones, then reused with every span exported ---
+bare=$(cargo build --release -p host --bench bare_hyper --message-format=json 2>/dev/null |
+    python3 -c 'import json, sys; print(next(m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "bare_hyper" and m.get("executable")))')
 start_host() { # log-name, flags...
     local name=$1; shift
     ./target/release/host --data-dir "$work/data-$name" --compile-cache build/compile-cache "$@" >"$work/host-$name.log" 2>&1 & hp=$!
@@ -133,6 +137,16 @@ for mode in fresh reuse; do
     stop_host
     stop_broker
 done
+BARE_HYPER_ADDR=127.0.0.1:3101 "$bare" & sink=$!
+wait_port 3101
+start_broker
+start_host traced --kafka-brokers "127.0.0.1:$kport" --otlp-endpoint http://127.0.0.1:3101
+seed_user; sleep 0.5
+for p in "${paths[@]}"; do res[traced$p]=$(measure "$p"); done
+res[traced:post]=$(measure ":3000/api/users" -s "$work/post.lua")
+stop_host
+stop_broker
+kill $sink; wait $sink 2>/dev/null || true; wait_closed 3101
 
 # --- trivial components: this host (as product-service) and wasmtime serve ---
 # `hello` is built with the sdk, so it also exports microsvc:platform/http-handler, which this
@@ -141,8 +155,6 @@ done
 # wasi:http/handler@0.3.0 and imports WASI alone (`hello-p3` also imports our state interface,
 # which `wasmtime serve` lacks); both servers reuse such instances up to 16 at once by default,
 # so the fresh column asks for one request per instance.
-bare=$(cargo build --release -p host --bench bare_hyper --message-format=json 2>/dev/null |
-    python3 -c 'import json, sys; print(next(m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "bare_hyper" and m.get("executable")))')
 BARE_HYPER_ADDR=127.0.0.1:3100 "$bare" & b=$!
 wait_port 3100; res[bare]=$(measure ":3100/")
 kill $b; wait $b 2>/dev/null || true; wait_closed 3100
@@ -190,6 +202,7 @@ echo
 echo "| connections | Node seed | host, fresh instance per request | host, \`--instance-reuse $reuse\` (default) |"
 echo "|---|---|---|---|"
 share() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a/b; else print "-"}'; }
+cell() { read -r r a b _ <<<"${res[$1]}"; echo "$r ($a / $b)"; }
 for c in 1000 10000; do
     line="| $c |"
     for name in node fresh reuse; do
@@ -204,11 +217,22 @@ echo "Node seed processes still running after these rows: $node_alive of 4 (the 
 echo
 echo "RSS after the GET load: Node seed, four processes: ${rss[node]} MB; host (fresh): ${rss[fresh]} MB; host (reuse): ${rss[reuse]} MB."
 echo
+echo "### Tracing: the default host with and without span export"
+echo
+echo "The same host and flags as the \`--instance-reuse $reuse\` column, then with \`--otlp-endpoint\` (every span batched and sent over OTLP/HTTP to a local sink: \`bare_hyper\`). Ratio: with over without."
+echo
+echo "| path | no tracing | every span exported | ratio |"
+echo "|---|---|---|---|"
+for p in "${paths[@]}" ":post"; do
+    label="\`GET $p\`"; [ "$p" = :post ] && label="\`POST :3000/api/users\`"
+    read -r off _ <<<"${res[reuse$p]}"; read -r on _ <<<"${res[traced$p]}"
+    echo "| $label | $(cell "reuse$p") | $(cell "traced$p") | $(share "$on" "$off") |"
+done
+echo
 echo "### Per-request overhead: trivial components (\`components/fixtures/hello\`, \`hello-wasi\`, \`spin-hello\`)"
 echo
 echo "| server | component | fresh instance per request | instance reuse ($reuse) |"
 echo "|---|---|---|---|"
-cell() { read -r r a b _ <<<"${res[$1]}"; echo "$r ($a / $b)"; }
 echo "| this host (as product-service, :3002) | \`hello\` (sdk: http-handler export) | $(cell hello:hf) | $(cell hello:hr) |"
 echo "| this host (as product-service, :3002) | \`hello-wasi\` (wasi:http 0.2 only) | $(cell hello-wasi:hf) | $(cell hello-wasi:hr) |"
 echo "| this host (as product-service, :3002) | \`spin-hello\` (spin-sdk 7, wasi:http 0.3; reuse: up to 16 at once) | $(cell spin-hello:hf) | $(cell spin-hello:hr) |"

@@ -1,7 +1,7 @@
 //! The host: runs microservices as WebAssembly components in one process.
 //!
 //! Layers, each importing only from the ones below it:
-//! `app` → `ingress`, `ops` → `runtime` → `capabilities`, `messaging` → `storage` →
+//! `app`, `telemetry` → `ingress`, `ops` → `runtime` → `capabilities`, `messaging` → `storage` →
 //! `types`, `config`, `metrics`.
 
 pub mod app;
@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod ops;
 pub mod runtime;
 pub mod storage;
+pub mod telemetry;
 pub mod types;
 
 #[cfg(test)]
@@ -33,7 +34,7 @@ mod layers {
         &["capabilities", "messaging"],
         &["runtime"],
         &["ingress", "ops"],
-        &["app"],
+        &["app", "telemetry"],
     ];
 
     fn layer(module: &str) -> usize {

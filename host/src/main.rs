@@ -1,20 +1,21 @@
-//! The `host` binary: logging, flags, then `app::run`.
+//! The `host` binary: flags, logging and span export, then `app::run`.
 
 use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
-        // Colours for a terminal; a file or a pipe gets plain text.
-        .with_ansi(std::io::stdout().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,wasmtime_wasi_http=warn".into()),
-        )
-        .init();
+    let args = host::config::Args::parse();
+    let telemetry = match host::telemetry::init(args.otlp_endpoint.as_deref()) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     raise_open_files_limit();
-    match host::app::run(host::config::Args::parse()).await {
+    let ran = host::app::run(args).await;
+    telemetry.shutdown(std::time::Duration::from_secs(5)).await;
+    match ran {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // A manifest that cannot be used: one message, the usage-error status, nothing started.
         Err(e) if e.is::<host::config::ManifestError>() => {

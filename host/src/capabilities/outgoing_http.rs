@@ -82,7 +82,7 @@ type Sent = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
 impl WasiHttpHooks for Outbound {
     fn send_request(
         &mut self,
-        request: hyper::Request<WasiBody>,
+        mut request: hyper::Request<WasiBody>,
         options: Option<RequestOptions>,
         _fut: Sent,
     ) -> Box<dyn Future<Output = Result<(hyper::Response<WasiBody>, Sent), HttpError>> + Send> {
@@ -91,6 +91,7 @@ impl WasiHttpHooks for Outbound {
             .then(|| origin_allowed(&self.caller.allowed_outbound_hosts, request.uri()))
             .flatten();
         if let Some(origin) = outside {
+            crate::types::trace::to_headers(&self.trace, request.headers_mut());
             // Counted by the allowlist entry, so that a wildcard cannot grow the series.
             let destination = origin.host().to_string();
             let (outside, service) = (self.outside.clone(), self.caller.name.clone());

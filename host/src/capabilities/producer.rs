@@ -4,7 +4,7 @@ use super::bindings::microsvc::platform::producer::{self as wit, SendError};
 use crate::config::manifest::valid_topic;
 use crate::storage::Txn;
 use crate::types::http::MAX_HEADERS;
-use crate::types::{Message, REQUEST_ID};
+use crate::types::{trace, Message, REQUEST_ID};
 use anyhow::Result;
 use platform_contract::MAX_BODY;
 use wasmtime::component::{HasData, Linker};
@@ -14,6 +14,8 @@ pub struct ProducerView<'a> {
     pub txn: &'a mut Txn,
     pub allowed_topics: &'a [String],
     pub request_id: &'a str,
+    /// The invocation's trace context, written into each message it sends.
+    pub trace: &'a opentelemetry::Context,
 }
 
 struct HasProducer;
@@ -51,6 +53,7 @@ impl ProducerView<'_> {
             msg.headers
                 .push((REQUEST_ID.into(), self.request_id.to_string()));
         }
+        trace::to_record(self.trace, &mut msg.headers);
         // Past the invocation's host budget: the guest learns it here, and the invocation
         // fails whatever it does next.
         self.txn
@@ -86,6 +89,7 @@ mod tests {
             txn: &mut txn,
             allowed_topics: &allowed,
             request_id: "req-1",
+            trace: &opentelemetry::Context::new(),
         };
         let m = |topic: &str, size: usize| wit::Message {
             topic: topic.into(),

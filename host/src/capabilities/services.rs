@@ -8,7 +8,7 @@ use super::bindings::microsvc::platform::services::{self as wit, CallError};
 use super::outbound::OutboundClient;
 use crate::config::ServiceSpec;
 use crate::types::http::{header_list, header_map, ResponseBody};
-use crate::types::{Budget, HttpRequest, HttpResponse, REQUEST_ID};
+use crate::types::{trace, Budget, HttpRequest, HttpResponse, REQUEST_ID};
 use anyhow::Result;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
@@ -47,6 +47,8 @@ pub struct Outbound {
     pub outside: OutboundClient,
     /// The request being served, passed on to every callee.
     pub request_id: String,
+    /// The invocation's trace context (empty while spans are not exported).
+    pub trace: opentelemetry::Context,
 }
 
 /// Why a call was not made, before any callee ran.
@@ -84,10 +86,9 @@ impl Outbound {
             req.headers.insert(REQUEST_ID, v);
         }
         let rid = &self.request_id;
-        let call = self
-            .peers
-            .call(name, req, rid)
-            .instrument(tracing::debug_span!("call", service = %name, request_id = %rid));
+        let span = trace::call(&self.caller.name, name, req.method.as_str(), &self.trace);
+        trace::to_headers(&trace::context_of(&span), &mut req.headers);
+        let call = self.peers.call(name, req, rid).instrument(span);
         tokio::time::timeout(self.timeout, call)
             .await
             .ok()
@@ -323,6 +324,7 @@ mod tests {
             peers: Arc::new(Echo),
             outside: OutboundClient::new(None, Duration::from_secs(1)).unwrap(),
             request_id: "rid-7".into(),
+            trace: opentelemetry::Context::new(),
         };
         let mut budget = Budget::default();
         let mut view = ServicesView {

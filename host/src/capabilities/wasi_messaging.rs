@@ -390,6 +390,7 @@ mod tests {
     #[test]
     fn messages_the_guest_holds_count_against_the_invocation_budget() {
         let (produces, clients) = (vec![], vec!["events".to_string()]);
+        let no_trace = opentelemetry::Context::new();
         let mut table = ResourceTable::new();
         let mut held = |txn: &mut Txn, hold: &dyn Fn(&mut MessagingView<'_>)| {
             let mut view = MessagingView {
@@ -397,6 +398,7 @@ mod tests {
                     txn,
                     allowed_topics: &produces,
                     request_id: "r",
+                    trace: &no_trace,
                 },
                 table: &mut table,
                 clients: &clients,

@@ -78,6 +78,12 @@ pub struct Args {
     )]
     pub admin_token: Option<String>,
 
+    /// Base URL of an OTLP/HTTP receiver (`http://localhost:4318`): spans are exported to
+    /// its /v1/traces. Without it (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) no span is made.
+    /// The other standard OTEL_* variables apply (OTEL_SERVICE_NAME, headers, batching).
+    #[arg(help_heading = "Telemetry", long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Directory of the durable state: the services' state, id sequences, outbox and embedded
     /// message log.
     #[arg(help_heading = "State", long, env = "DATA_DIR", default_value = "data")]

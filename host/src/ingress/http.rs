@@ -4,6 +4,7 @@ use crate::metrics;
 use crate::runtime::admission::Caller;
 use crate::runtime::{invoke, Runtime, Service};
 use crate::types::http::busy;
+use crate::types::http::route_class;
 use crate::types::{json_error, request_id, HttpRequest, HttpResponse, REQUEST_ID};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -77,42 +78,6 @@ fn status_class(status: StatusCode) -> &'static str {
         3 => "3xx",
         4 => "4xx",
         _ => "5xx",
-    }
-}
-
-/// `GET /users/:id`-style label of a request, learnt from no list of routes: a segment of
-/// digits (or a hex or UUID id with digits, 8 characters or more) is `:id`, a short name of
-/// letters, digits, `-` and `_` is itself, anything else `:other`, and at most 4 segments.
-/// Clients still choose the names: [`bounded`] caps the labels per service.
-fn route_class(method: &hyper::Method, path: &str) -> String {
-    let method = match method.as_str() {
-        m @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS") => m,
-        _ => "OTHER",
-    };
-    let mut class = String::new();
-    for seg in path.split('/').filter(|s| !s.is_empty()).take(4) {
-        class.push('/');
-        class.push_str(segment_class(seg));
-    }
-    if class.is_empty() {
-        class.push('/');
-    }
-    format!("{method} {class}")
-}
-
-fn segment_class(seg: &str) -> &str {
-    let digits = seg.bytes().any(|b| b.is_ascii_digit());
-    let hex_id = seg.len() >= 8 && seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
-    if seg.bytes().all(|b| b.is_ascii_digit()) || (digits && hex_id) {
-        ":id"
-    } else if seg.len() <= 32
-        && seg
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        seg
-    } else {
-        ":other"
     }
 }
 
@@ -313,28 +278,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn route_classes_are_bounded() {
-        let get = hyper::Method::GET;
-        assert_eq!(
-            route_class(&get, "/api/v1/users/42"),
-            "GET /api/v1/users/:id"
-        );
-        assert_eq!(route_class(&get, "/"), "GET /");
-        assert_eq!(route_class(&get, "/random/x/y/z/w/v"), "GET /random/x/y/z");
-        assert_eq!(
-            route_class(&get, "/items/550e8400-e29b-41d4-a716-446655440000/5f3a9c1e"),
-            "GET /items/:id/:id"
-        );
-        assert_eq!(
-            route_class(&get, "/search/m@ex.com/deadbeef-cafe/v1"),
-            "GET /search/:other/deadbeef-cafe/v1"
-        );
-        assert_eq!(
-            route_class(&get, &format!("/{}", "a".repeat(33))),
-            "GET /:other"
-        );
-        let odd = hyper::Method::from_bytes(b"BREW").unwrap();
-        assert_eq!(route_class(&odd, "/users"), "OTHER /users");
+    fn status_classes_are_bounded() {
         assert_eq!(status_class(StatusCode::IM_A_TEAPOT), "4xx");
         assert_eq!(status_class(StatusCode::from_u16(999).unwrap()), "5xx");
     }

@@ -3,6 +3,7 @@
 use super::{Backend, Unpublishable};
 use crate::storage::outbox::Undecodable;
 use crate::storage::StateStore;
+use crate::types::trace;
 use crate::types::Message;
 use anyhow::Result;
 use std::sync::Arc;
@@ -117,7 +118,11 @@ impl Drainer {
             };
             let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
             let messages: Vec<Message> = batch.into_iter().map(|(_, m)| m).collect();
+            let spans: Vec<_> = (messages.iter())
+                .map(|m| trace::send(backend.system(), &m.topic, &m.headers))
+                .collect();
             let published = backend.publish(&messages).await;
+            drop(spans);
             let refused = published
                 .as_ref()
                 .err()

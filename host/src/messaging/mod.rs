@@ -33,6 +33,14 @@ pub struct Unpublishable {
 pub trait Backend: Send + Sync + 'static {
     /// Human-readable name and location, for the start-up log and readiness.
     fn describe(&self) -> String;
+    /// Its `messaging.system` in spans: the embedded log is this host's own.
+    fn system(&self) -> &'static str {
+        if self.in_state_store() {
+            "microsvc-log"
+        } else {
+            "kafka"
+        }
+    }
     /// Appends `messages` in order. `Ok` means every one of them is durably stored. An error
     /// that retrying cannot fix is a [`Unpublishable`] (in the `anyhow` chain); any other is worth
     /// retrying.

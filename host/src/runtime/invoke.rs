@@ -16,11 +16,12 @@ use crate::capabilities::exports::{handler, Message};
 use crate::capabilities::wasi_messaging;
 use crate::storage::{CommitError, Txn};
 use crate::types::http::busy;
-use crate::types::{json_error, Delivery, HttpRequest, HttpResponse, Overrun, REQUEST_ID};
+use crate::types::{json_error, trace, Delivery, HttpRequest, HttpResponse, Overrun, REQUEST_ID};
 use hyper::StatusCode;
 use platform_contract::SERVICE_SUFFIX;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 use wasmtime::Store;
 
 /// Why an invocation has nothing to commit, other than what the guest itself answered.
@@ -136,7 +137,11 @@ async fn run_alone(
         Ok(instance) => instance,
         Err(e) => return (Err(Failure::of(e)), Txn::default()),
     };
-    instance.store.data_mut().begin(request_id);
+    let trace = match &call {
+        Call::Request(req) => trace::from_headers(&req.headers),
+        Call::Message(delivery) => trace::from_record(&delivery.message.headers),
+    };
+    instance.store.data_mut().begin(request_id, trace);
     let limit = runtime.settings.request_timeout;
     let host_bytes = runtime.settings.invocation_host_bytes;
     let run = async {
@@ -211,13 +216,37 @@ fn shared_policy(runtime: &Runtime, service: &Service, loaded: &Loaded) -> Optio
 }
 
 /// Serves one HTTP request with `service`'s current component. Never fails: errors become
-/// JSON error responses.
+/// JSON error responses. Its span continues the trace of the request's `traceparent`, which
+/// the component then sees as its own.
 pub async fn http(
+    runtime: &Runtime,
+    service: &Arc<Service>,
+    mut req: HttpRequest,
+    request_id: &str,
+    caller: Caller,
+) -> HttpResponse {
+    let span = trace::server(
+        &service.name,
+        &req.method,
+        req.uri.path(),
+        &trace::from_headers(&req.headers),
+    );
+    let context = trace::context_of(&span);
+    trace::to_headers(&context, &mut req.headers);
+    let resp = serve(runtime, service, req, request_id, caller, &context)
+        .instrument(span.clone())
+        .await;
+    trace::answered(&span, resp.status().as_u16());
+    resp
+}
+
+async fn serve(
     runtime: &Runtime,
     service: &Arc<Service>,
     req: HttpRequest,
     request_id: &str,
     caller: Caller,
+    context: &opentelemetry::Context,
 ) -> HttpResponse {
     if matches!(service.loaded.load().http, HttpExport::Absent) {
         return json_error(
@@ -245,7 +274,11 @@ pub async fn http(
         if resp.status().is_server_error() {
             return resp; // the service reported a failure: nothing it wrote or sent is kept
         }
-        match runtime.commit(txn, rerunning.take()).await {
+        let commit = runtime.commit(txn, rerunning.take());
+        match commit
+            .instrument(trace::commit(&service.name, context))
+            .await
+        {
             Ok(()) => return resp,
             Err(CommitError::Conflict) => {
                 service.conflicts.inc();
@@ -346,12 +379,22 @@ pub async fn message(
                 delivery.message.topic, delivery.partition, delivery.offset
             )
         });
+    let span = trace::process(
+        &service.name,
+        runtime.backend.system(),
+        &delivery.message.topic,
+        delivery.partition,
+        delivery.offset,
+        &delivery.message.headers,
+    );
+    let mut headers = delivery.message.headers.clone();
+    trace::to_record(&trace::context_of(&span), &mut headers);
     let arg = handler::Delivery {
         message: Message {
             topic: delivery.message.topic.clone(),
             key: delivery.message.key.clone(),
             payload: delivery.message.payload.clone(),
-            headers: delivery.message.headers.clone(),
+            headers,
         },
         partition: delivery.partition,
         offset: delivery.offset,

@@ -311,7 +311,8 @@ async fn run(
             let request = store.get().table.push(request)?;
             let call = handle().start_call_concurrent(store.as_context_mut(), (request,))?;
             let task = call.task();
-            store.get().open_task(task, &request_id);
+            let trace = crate::types::trace::from_headers(&req.headers);
+            store.get().open_task(task, &request_id, trace);
             Ok((call, task))
         })?;
         let response = async {

@@ -63,6 +63,7 @@ struct Tasks {
 struct Invocation {
     txn: Txn,
     request_id: String,
+    trace: opentelemetry::Context,
     ticks: u128,
     /// Still open: a task that runs on after its invocation ended (or that no invocation
     /// started) gets a transaction that refuses every write, and is not parked.
@@ -152,11 +153,17 @@ impl InstanceState {
 
     /// Starts an invocation for the guest task `task` of a shared store. (A task id is reused
     /// once its task ended: it may be the one whose ended invocation the fields still hold.)
-    pub(super) fn open_task(&mut self, task: GuestTaskId, request_id: &str) {
+    pub(super) fn open_task(
+        &mut self,
+        task: GuestTaskId,
+        request_id: &str,
+        trace: opentelemetry::Context,
+    ) {
         let Some(tasks) = &mut self.tasks else { return };
         let invocation = Invocation {
             txn: Txn::limited(self.name.clone(), self.host_bytes),
             request_id: request_id.to_string(),
+            trace,
             ticks: 0,
             open: true,
         };
@@ -164,6 +171,7 @@ impl InstanceState {
             tasks.current_open = true;
             self.txn = invocation.txn;
             self.outbound.request_id = invocation.request_id;
+            self.outbound.trace = invocation.trace;
             self.ticks = 0;
             self.stderr.begin(request_id);
         } else {
@@ -196,6 +204,7 @@ impl InstanceState {
         let incoming = tasks.parked.remove(&task).unwrap_or_else(|| Invocation {
             txn: Txn::limited(self.name.clone(), 0),
             request_id: String::new(),
+            trace: opentelemetry::Context::new(),
             ticks: 0,
             open: false,
         });
@@ -203,6 +212,7 @@ impl InstanceState {
         let outgoing = Invocation {
             txn: std::mem::replace(&mut self.txn, incoming.txn),
             request_id: std::mem::replace(&mut self.outbound.request_id, incoming.request_id),
+            trace: std::mem::replace(&mut self.outbound.trace, incoming.trace),
             ticks: std::mem::replace(&mut self.ticks, incoming.ticks),
             open,
         };
@@ -214,9 +224,11 @@ impl InstanceState {
         self.stderr.begin(&self.outbound.request_id);
     }
 
-    /// Starts a new invocation in this store: a new transaction, request id and CPU budget.
-    pub(super) fn begin(&mut self, request_id: &str) {
+    /// Starts a new invocation in this store: a new transaction, request id, trace context and
+    /// CPU budget.
+    pub(super) fn begin(&mut self, request_id: &str, trace: opentelemetry::Context) {
         request_id.clone_into(&mut self.outbound.request_id);
+        self.outbound.trace = trace;
         self.stderr.begin(request_id);
         self.txn = Txn::limited(self.name.clone(), self.host_bytes);
         self.ticks = 0;
@@ -229,6 +241,7 @@ fn producer_view<'a>(txn: &'a mut Txn, outbound: &'a Outbound) -> ProducerView<'
         txn,
         allowed_topics: &outbound.caller.produces,
         request_id: &outbound.request_id,
+        trace: &outbound.trace,
     }
 }
 
@@ -343,6 +356,7 @@ pub(super) fn new_store(
             peers: runtime.peers.clone(),
             outside: runtime.outside.clone(),
             request_id: String::new(), // set by `begin`
+            trace: opentelemetry::Context::new(),
         },
         limits: StoreLimitsBuilder::new()
             .memory_size(usize::try_from(spec.limits.memory).unwrap_or(usize::MAX))

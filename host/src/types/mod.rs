@@ -4,6 +4,7 @@ pub mod budget;
 pub mod http;
 pub mod message;
 pub mod tls;
+pub mod trace;
 
 pub use budget::{Budget, Overrun};
 pub use http::{json_error, request_id, HttpRequest, HttpResponse, REQUEST_ID};

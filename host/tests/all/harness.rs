@@ -236,6 +236,7 @@ impl Host {
             .args(["--retry-backoff", "20ms", "--retry-backoff-max", "100ms"])
             .args(extra)
             .env("RUST_LOG", "info")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()

@@ -28,6 +28,7 @@ mod services;
 mod shutdown;
 mod spin;
 mod swap;
+mod traces;
 mod wasi_http3;
 mod wasi_messaging;
 mod wasmcloud;

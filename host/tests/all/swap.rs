@@ -31,9 +31,10 @@ pub(crate) async fn build_tag(host: &Host, service: &str, path: &str) -> Option<
         .map(|v| v.to_str().unwrap().to_string())
 }
 
-/// Waits until `service` answers with build `tag`.
+/// Waits until `service` answers with build `tag`: within a minute, which covers compiling a
+/// Python component (tens of MB) on two busy cores with a cold compile cache.
 pub(crate) async fn wait_for_tag(host: &Host, service: &str, path: &str, tag: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while build_tag(host, service, path).await.as_deref() != Some(tag) {
         assert!(
             Instant::now() < deadline,

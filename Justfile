@@ -12,6 +12,8 @@ fixtures := "build/fixtures"
 # environment may point elsewhere, e.g. at one shared by several checkouts).
 python_toolchain := env_var_or_default("PYTHON_TOOLCHAIN", "build/toolchains/python")
 js_toolchain := env_var_or_default("JS_TOOLCHAIN", "build/toolchains/js")
+# playwright-core for the console's browser test (it drives Debian's chromium).
+browser_toolchain := env_var_or_default("BROWSER_TOOLCHAIN", "build/toolchains/browser")
 
 # Build the components and the host (release).
 build: build-components
@@ -190,8 +192,8 @@ kafka-down:
     docker compose --profile full down
 
 # Build everything, then run all tests (Kafka tests start their own tansu broker).
-test: build build-fixtures _tansu _postgres
-    cargo test --release -p host -p sdk {{ prepend("-p ", components) }}
+test: build build-fixtures _tansu _postgres _browser
+    BROWSER_TOOLCHAIN="$(realpath {{browser_toolchain}})" cargo test --release -p host -p sdk {{ prepend("-p ", components) }}
 
 # Benchmarks (not tests): start-up, event latency, hot-path micro-benchmarks, and wrk side by
 # side with the Node seed and `wasmtime serve`. Rewrites BENCHMARKS.md.
@@ -262,6 +264,22 @@ _target:
 
 _tansu:
     command -v tansu >/dev/null || cargo install tansu --locked --features dynostore
+
+# The console's browser test: Debian's chromium, and playwright-core from npm with the
+# committed lockfile (it downloads no browser), once (again when the lockfile changes).
+_browser:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v chromium >/dev/null; then
+        sudo=$(command -v sudo || true)
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get update
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+    fi
+    lock=host/tests/console/package-lock.json
+    cmp -s $lock {{browser_toolchain}}/package-lock.json && exit 0
+    rm -rf {{browser_toolchain}} && mkdir -p {{browser_toolchain}}
+    cp host/tests/console/package.json $lock {{browser_toolchain}}/
+    cd {{browser_toolchain}} && npm ci --no-audit --no-fund --loglevel=error
 
 # PostgreSQL's server binaries, for the tests that start their own server (Debian's package).
 # `pg_config` alone may come from libpq-dev, without the server: look for `initdb`.

@@ -74,6 +74,7 @@ fn call(rt: &Tokio, runtime: &Runtime, service: &str, req: &HttpRequest) -> u16 
         req.clone(),
         "bench",
         Caller::Client,
+        &opentelemetry::Context::new(),
     ))
     .status()
     .as_u16()

@@ -6,7 +6,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, LazyLock, Mutex};
 
 pub type Labels = Vec<(&'static str, String)>;
 type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
@@ -226,6 +228,55 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 
 pub fn get() -> &'static Metrics {
     &METRICS
+}
+
+/// Upper bounds (seconds) of [`RequestStats`]' latency buckets: 50 µs doubling to ~26 s, the
+/// Prometheus histogram's; a last bucket takes the rest.
+pub const LATENCY_BOUNDS: usize = 20;
+
+/// One service's requests on its port, for the console: counts it can turn into rates and
+/// percentiles between two readings (the Prometheus histogram does not give its buckets back).
+#[derive(Default)]
+pub struct RequestStats {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    buckets: [AtomicU64; LATENCY_BOUNDS + 1],
+}
+
+impl RequestStats {
+    pub fn observe(&self, server_error: bool, seconds: f64) {
+        self.requests.fetch_add(1, Relaxed);
+        if server_error {
+            self.errors.fetch_add(1, Relaxed);
+        }
+        let bucket = (0..LATENCY_BOUNDS)
+            .find(|&i| seconds <= latency_bound(i))
+            .unwrap_or(LATENCY_BOUNDS);
+        self.buckets[bucket].fetch_add(1, Relaxed);
+    }
+
+    /// Requests, 5xx answers, and requests per latency bucket, counted since start-up.
+    pub fn read(&self) -> (u64, u64, Vec<u64>) {
+        let buckets = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        (
+            self.requests.load(Relaxed),
+            self.errors.load(Relaxed),
+            buckets,
+        )
+    }
+}
+
+/// The upper bound of latency bucket `i`, in seconds.
+pub fn latency_bound(i: usize) -> f64 {
+    0.00005 * f64::powi(2.0, i as i32)
+}
+
+/// `service`'s [`RequestStats`], kept across its reconfigurations.
+pub fn request_stats(service: &str) -> Arc<RequestStats> {
+    static STATS: LazyLock<Mutex<HashMap<String, Arc<RequestStats>>>> =
+        LazyLock::new(Mutex::default);
+    let mut stats = STATS.lock().unwrap_or_else(|e| e.into_inner());
+    stats.entry(service.to_string()).or_default().clone()
 }
 
 pub fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {

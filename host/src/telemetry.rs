@@ -4,10 +4,12 @@
 use anyhow::{Context as _, Result};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::runtime::TokioCurrentThread;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanProcessor};
 use opentelemetry_sdk::Resource;
+use std::sync::Arc;
 use std::time::Duration;
 use tracing_subscriber::filter::{EnvFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -65,22 +67,54 @@ fn provider(base: Option<&str>) -> Result<SdkTracerProvider> {
     let exporter = exporter.build().context("the OTLP span exporter")?;
     // Exports on a thread of its own with its own runtime: the batch processor's default
     // thread has no runtime, which the hyper client needs.
-    let processor = BatchSpanProcessor::builder(exporter, TokioCurrentThread).build();
-    let resource = Resource::builder()
-        .with_service_name(service_name())
-        .build();
+    let mut processor = BatchSpanProcessor::builder(exporter, TokioCurrentThread).build();
+    let resource = resource();
+    // The provider's spans and the components' own (`wasi:otel`) go out in the same batches.
+    processor.set_resource(&resource);
+    let processor: Arc<dyn SpanProcessor> = Arc::new(processor);
+    trace::export_to(processor.clone());
     Ok(SdkTracerProvider::builder()
         .with_resource(resource)
-        .with_span_processor(processor)
+        .with_span_processor(Shared(processor))
         .build())
 }
 
-/// `OTEL_SERVICE_NAME`, else `microsvc-host`.
-fn service_name() -> String {
-    std::env::var("OTEL_SERVICE_NAME")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "microsvc-host".into())
+/// One span processor with two users: the provider and [`trace::export`].
+#[derive(Debug)]
+struct Shared(Arc<dyn SpanProcessor>);
+
+impl SpanProcessor for Shared {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        self.0.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        self.0.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+}
+
+/// The standard resource (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`), named
+/// `microsvc-host` when neither names the service.
+fn resource() -> Resource {
+    let detected = Resource::builder().build();
+    let named = detected
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
+    if named {
+        detected
+    } else {
+        Resource::builder()
+            .with_service_name("microsvc-host")
+            .build()
+    }
 }
 
 impl Telemetry {

@@ -12,8 +12,9 @@
 //! - [`producer::send_json`]: a JSON event, sent with the invocation's commit.
 //! - [`input`]: path and JSON-body parsing that turns bad client input into 400s.
 //! - [`store`]: JSON records in host state.
+//! - [`trace`]: spans of the component's own (`wasi:otel`), under its invocation's span.
 //!
-//! Everything except [`http`] and [`store`] is plain Rust, so it can be unit-tested natively.
+//! Everything except [`http`], [`store`] and [`trace`] is plain Rust, so it can be unit-tested natively.
 //!
 #![doc = include_str!("../../../docs/writing-a-service.md")]
 
@@ -61,6 +62,7 @@ pub mod producer;
 pub mod request;
 pub mod router;
 pub mod store;
+pub mod trace;
 
 pub use http::{
     fetch, fetch_all, fetch_via_wasi_http, serve, serve_values, OutboundError, OutboundErrorKind,

@@ -65,8 +65,10 @@ fn create_user(req: &Request, _: &Params) -> Outcome {
         name,
         email: email.to_string(),
     };
-    store::put_json(USERS, &store::record_key(id), &user)?;
-    store::set_raw(EMAILS, &email_key, id.to_string().as_bytes())?;
+    sdk::trace::span("store user", || {
+        store::put_json(USERS, &store::record_key(id), &user)?;
+        store::set_raw(EMAILS, &email_key, id.to_string().as_bytes())
+    })?;
     announce(&user)?;
     Ok(Response::json(201, &user))
 }

@@ -7,6 +7,7 @@ pub mod async_state;
 mod bindings;
 pub mod config;
 pub mod keyvalue;
+pub mod otel;
 pub mod outbound;
 pub mod outgoing_http;
 pub mod producer;

@@ -25,13 +25,15 @@ pub trait ServiceCalls: Send + Sync + 'static {
     /// Whether a service called `name` (without the `-service` suffix) runs in this host.
     fn exists(&self, name: &str) -> bool;
 
-    /// Runs `req` on the service `name` as part of request `request_id`; `None` if no such
-    /// service runs (any more). Errors of the callee are responses (5xx), not `None`.
+    /// Runs `req` on the service `name` as part of request `request_id`, its span a child of
+    /// `trace`; `None` if no such service runs (any more). Errors of the callee are responses
+    /// (5xx), not `None`.
     fn call<'a>(
         &'a self,
         name: &'a str,
         req: HttpRequest,
         request_id: &'a str,
+        trace: opentelemetry::Context,
     ) -> BoxFuture<'a, Option<HttpResponse>>;
 }
 
@@ -87,8 +89,10 @@ impl Outbound {
         }
         let rid = &self.request_id;
         let span = trace::call(&self.caller.name, name, req.method.as_str(), &self.trace);
-        trace::to_headers(&trace::context_of(&span), &mut req.headers);
-        let call = self.peers.call(name, req, rid).instrument(span);
+        let context = trace::context_of(&span);
+        let call = (self.peers.call(name, req, rid, context))
+            .instrument(span)
+            .instrument(tracing::debug_span!("call", service = %name, request_id = %rid));
         tokio::time::timeout(self.timeout, call)
             .await
             .ok()
@@ -296,6 +300,7 @@ mod tests {
             name: &'a str,
             req: HttpRequest,
             _: &'a str,
+            _: opentelemetry::Context,
         ) -> BoxFuture<'a, Option<HttpResponse>> {
             Box::pin(async move {
                 if name == "product" {

@@ -68,7 +68,7 @@ pub struct Args {
     )]
     pub admin_addr: SocketAddr,
 
-    /// Bearer token every admin call but GET /healthz and /readyz must carry
+    /// Bearer token every admin call but GET /healthz, /readyz and the console's files must carry
     /// (`Authorization: Bearer TOKEN`). Required when ADMIN_ADDR is not loopback.
     #[arg(
         help_heading = "Admin",

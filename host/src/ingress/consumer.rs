@@ -177,7 +177,7 @@ async fn consume(
             return Ok(());
         };
         for delivery in &batch {
-            handle(runtime, &service, delivery, stopping).await?;
+            handle(runtime, &service, group, delivery, stopping).await?;
         }
         runtime.handled_writes_durable().await?;
         // Committing a record commits everything before it on its partition.
@@ -206,6 +206,7 @@ async fn consume(
 async fn handle(
     runtime: &Runtime,
     service: &Arc<Service>,
+    group: &str,
     delivery: &Delivery,
     stopping: &mut watch::Receiver<bool>,
 ) -> Result<()> {
@@ -217,17 +218,17 @@ async fn handle(
             ("service", &service.name),
             ("topic", &delivery.message.topic),
         ]);
-        let (why, spends_attempt) = match invoke::message(runtime, service, delivery, attempt).await
-        {
-            Handled::Done => {
-                metrics::get().consumed.get_or_create(&labels).inc();
-                break None;
-            }
-            Handled::Reject(why) => break Some(why),
-            Handled::Retry(why) if attempt >= policy.max_attempts => break Some(why),
-            Handled::Retry(why) => (why, true),
-            Handled::Unavailable(why) => (why, false),
-        };
+        let (why, spends_attempt) =
+            match invoke::message(runtime, service, group, delivery, attempt).await {
+                Handled::Done => {
+                    metrics::get().consumed.get_or_create(&labels).inc();
+                    break None;
+                }
+                Handled::Reject(why) => break Some(why),
+                Handled::Retry(why) if attempt >= policy.max_attempts => break Some(why),
+                Handled::Retry(why) => (why, true),
+                Handled::Unavailable(why) => (why, false),
+            };
         // A failure of the handler spends an attempt; one of the host does not.
         let (counter, wait, what) = if spends_attempt {
             let what = "handler failed; retrying";
@@ -368,6 +369,9 @@ mod tests {
                 panics: first,
                 committed: self.committed.clone(),
             }))
+        }
+        async fn read_tail(&self, topic: &str, max: usize) -> Result<Vec<Delivery>> {
+            self.log.read_tail(topic, max).await
         }
     }
 

@@ -5,7 +5,7 @@ use crate::runtime::admission::Caller;
 use crate::runtime::{invoke, Runtime, Service};
 use crate::types::http::busy;
 use crate::types::http::route_class;
-use crate::types::{json_error, request_id, HttpRequest, HttpResponse, REQUEST_ID};
+use crate::types::{json_error, request_id, trace, HttpRequest, HttpResponse, REQUEST_ID};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -33,7 +33,9 @@ pub(super) async fn handle(
             ("status", status_class(resp.status())),
         ]))
         .inc();
-    service.latency.observe(started.elapsed().as_secs_f64());
+    let seconds = started.elapsed().as_secs_f64();
+    service.latency.observe(seconds);
+    (service.stats).observe(resp.status().is_server_error(), seconds);
     resp
 }
 
@@ -162,7 +164,8 @@ async fn handle_with_id(
                 headers: parts.headers,
                 body: bytes,
             };
-            invoke::http(runtime, service, req, &rid, Caller::Client).await
+            let parent = trace::from_headers(&req.headers);
+            invoke::http(runtime, service, req, &rid, Caller::Client, &parent).await
         }
     };
     with_request_id(resp, &rid)

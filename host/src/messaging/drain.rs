@@ -208,6 +208,9 @@ mod tests {
         ) -> Result<Box<dyn Subscription>> {
             unimplemented!("publish only")
         }
+        async fn read_tail(&self, _: &str, _: usize) -> Result<Vec<crate::types::Delivery>> {
+            unimplemented!("publish only")
+        }
     }
 
     /// `db`'s outbox after a drainer into a [`Picky`] backend emptied it (or 10 s went by).

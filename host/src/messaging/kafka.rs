@@ -10,9 +10,12 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use arc_swap::ArcSwap;
 use platform_contract::MAX_BODY;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -185,7 +188,11 @@ impl Backend for Kafka {
             Start::Earliest => "earliest",
             Start::Latest => "latest",
         };
-        let consumer: StreamConsumer = ClientConfig::new()
+        let assignments = Assignments {
+            group: group.to_string(),
+            topic: topic.to_string(),
+        };
+        let consumer: StreamConsumer<Assignments> = ClientConfig::new()
             .set("bootstrap.servers", &self.config.brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
@@ -196,13 +203,18 @@ impl Backend for Kafka {
             )
             .set("socket.nagle.disable", "true")
             .set("session.timeout.ms", "10000")
-            .create()
+            .create_with_context(assignments)
             .context("creating the Kafka consumer")?;
         consumer.subscribe(&[topic])?;
         Ok(Box::new(KafkaSubscription {
             consumer: Arc::new(consumer),
             lag: Arc::new(Mutex::new(Lag::default())),
         }))
+    }
+
+    async fn read_tail(&self, topic: &str, max: usize) -> Result<Vec<Delivery>> {
+        let (brokers, topic) = (self.config.brokers.clone(), topic.to_string());
+        tokio::task::spawn_blocking(move || read_tail(&brokers, &topic, max)).await?
     }
 
     async fn health(&self) -> Result<()> {
@@ -219,8 +231,35 @@ impl Backend for Kafka {
 }
 
 struct KafkaSubscription {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<Assignments>>,
     lag: Arc<Mutex<Lag>>,
+}
+
+/// Logs which partitions the group gave this consumer, and when it took them back: where a
+/// record waits when a group is slow to rebalance.
+struct Assignments {
+    group: String,
+    topic: String,
+}
+
+impl ClientContext for Assignments {}
+
+impl ConsumerContext for Assignments {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let (group, topic) = (&self.group, &self.topic);
+        let partitions = |list: &TopicPartitionList| -> Vec<i32> {
+            list.elements().iter().map(|p| p.partition()).collect()
+        };
+        match rebalance {
+            Rebalance::Assign(list) => {
+                tracing::info!(group, topic, partitions = ?partitions(list), "partitions assigned")
+            }
+            Rebalance::Revoke(list) => {
+                tracing::info!(group, topic, partitions = ?partitions(list), "partitions revoked")
+            }
+            Rebalance::Error(e) => tracing::warn!(group, topic, error = %e, "rebalance failed"),
+        }
+    }
 }
 
 /// Records behind the high watermark, per partition, refreshed at most once a second (asking
@@ -234,28 +273,7 @@ struct Lag {
 #[async_trait::async_trait]
 impl Subscription for KafkaSubscription {
     async fn next(&mut self) -> Result<Delivery> {
-        let msg = self.consumer.recv().await?;
-        let headers = msg
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
-                        (h.key.to_string(), value.into_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(Delivery {
-            message: Message {
-                topic: msg.topic().to_string(),
-                key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                payload: msg.payload().unwrap_or_default().to_vec(),
-                headers,
-            },
-            partition: msg.partition() as u32,
-            offset: msg.offset() as u64,
-        })
+        Ok(delivery(&self.consumer.recv().await?))
     }
 
     async fn commit(&mut self, delivery: &Delivery) -> Result<()> {
@@ -299,6 +317,90 @@ impl Subscription for KafkaSubscription {
         let lag = self.lag.lock().unwrap();
         lag.checked.map(|_| lag.per_partition.values().sum())
     }
+}
+
+/// A record as the host's [`Delivery`].
+fn delivery(msg: &impl rdkafka::Message) -> Delivery {
+    let headers = msg
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                    (h.key.to_string(), value.into_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Delivery {
+        message: Message {
+            topic: msg.topic().to_string(),
+            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            payload: msg.payload().unwrap_or_default().to_vec(),
+            headers,
+        },
+        partition: msg.partition() as u32,
+        offset: msg.offset() as u64,
+    }
+}
+
+/// [`Backend::read_tail`] on a consumer of its own, assigned (no group joined) to each
+/// partition's last `max` records; blocking, for at most a few seconds.
+fn read_tail(brokers: &str, topic: &str, max: usize) -> Result<Vec<Delivery>> {
+    let wait = Duration::from_secs(5);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "microsvc-admin-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .context("creating a Kafka reader")?;
+    let metadata = consumer.fetch_metadata(Some(topic), wait)?;
+    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(Vec::new());
+    };
+    if found.error().is_some() {
+        return Ok(Vec::new()); // unknown topic: nothing dead-lettered to it yet
+    }
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for partition in found.partitions() {
+        let (low, high) = consumer.fetch_watermarks(topic, partition.id(), wait)?;
+        if high > low {
+            let from = low.max(high - max as i64);
+            assignment.add_partition_offset(topic, partition.id(), Offset::Offset(from))?;
+            ends.insert(partition.id(), high);
+        }
+    }
+    if ends.is_empty() {
+        return Ok(Vec::new());
+    }
+    consumer.assign(&assignment)?;
+    let mut tail = Vec::new();
+    let deadline = Instant::now() + wait;
+    while !ends.is_empty() {
+        if Instant::now() > deadline {
+            bail!("reading {topic} took longer than {wait:?}");
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(msg)) => {
+                if ends
+                    .get(&msg.partition())
+                    .is_some_and(|end| msg.offset() + 1 >= *end)
+                {
+                    ends.remove(&msg.partition());
+                }
+                tail.push(delivery(&msg));
+            }
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                ends.remove(&partition);
+            }
+            Some(Err(e)) => return Err(e).context(format!("reading {topic}")),
+            None => {}
+        }
+    }
+    tail.sort_by_key(|d| (d.partition, d.offset));
+    Ok(tail)
 }
 
 /// Sends `messages` in order on `producer` and waits until the broker acknowledged each.

@@ -53,6 +53,10 @@ pub trait Backend: Send + Sync + 'static {
         topic: &str,
         start: Start,
     ) -> Result<Box<dyn Subscription>>;
+    /// The last `max` records of each partition of `topic`, in partition and offset order,
+    /// read without a consumer group (for the dead-letter view); none for a topic that does
+    /// not exist.
+    async fn read_tail(&self, topic: &str, max: usize) -> Result<Vec<Delivery>>;
     /// Whether the backend keeps its log and offsets in the state store. Then a handler's writes
     /// need not reach the disk before its offset is committed: both go in order, so a crash
     /// loses the offset with the writes and the record is delivered again.
@@ -244,6 +248,22 @@ pub mod tests {
         }
         all.sort();
         assert_eq!(all, ["a", "b", "c", "d"]);
+
+        // Reading the tail takes no group's place and shows the newest records per partition.
+        let tail = backend.read_tail(topic, 10).await.unwrap();
+        let mut payloads: Vec<_> = tail.iter().map(|d| d.message.payload.clone()).collect();
+        payloads.sort();
+        assert_eq!(payloads, [b"a", b"b", b"c", b"d"]);
+        let d = tail.iter().find(|d| d.message.payload == b"d").unwrap();
+        assert_eq!(d.message, msg(topic, "3", "d"));
+        let newest = backend.read_tail(topic, 1).await.unwrap();
+        assert!(newest.iter().any(|n| n.message.payload == b"d"));
+        assert!(newest.len() < 4, "one per partition");
+        assert!(backend
+            .read_tail(&format!("{topic}-none"), 10)
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -1,9 +1,12 @@
-//! The admin listener (loopback by default): health, readiness, components, metrics, rollback.
+//! The admin listener (loopback by default): health, readiness, components, metrics, rollback,
+//! dead letters, and the console page.
 
+use super::{console, dead_letters};
 use crate::metrics;
 use crate::runtime::{RejectedFile, Runtime, VersionMoveError};
-use crate::types::http::{full, write_limited};
+use crate::types::http::{full, json_response, write_limited};
 use crate::types::{json_error, HttpResponse};
+use http_body_util::{BodyExt as _, Limited};
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -60,7 +63,9 @@ impl Access {
 
     /// The refusal for a request that may not do what it asks, if any.
     fn check(&self, method: &Method, path: &str, headers: &HeaderMap) -> Option<HttpResponse> {
-        let probe = method == Method::GET && matches!(path, "/healthz" | "/readyz");
+        // The probes, and the console's files (no data: the page sends the token itself).
+        let probe = method == Method::GET
+            && (matches!(path, "/healthz" | "/readyz") || console::is_asset(path));
         let bearer = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -131,11 +136,21 @@ pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, access: Access)
             let header_timeout = runtime.settings().header_timeout;
             let write_timeout = runtime.settings().write_timeout;
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (method, path) = (req.method(), req.uri().path());
-                let resp = access
-                    .check(method, path, req.headers())
-                    .unwrap_or_else(|| route(&runtime, method, path));
-                async move { Ok::<_, Infallible>(resp) }
+                let (runtime, access) = (runtime.clone(), access.clone());
+                async move {
+                    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                    if let Some(refused) = access.check(&method, &path, req.headers()) {
+                        return Ok::<_, Infallible>(refused);
+                    }
+                    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                        Ok(body) => body.to_bytes(),
+                        Err(_) => {
+                            let too_large = StatusCode::PAYLOAD_TOO_LARGE;
+                            return Ok(json_error(too_large, "admin bodies are at most 64 KiB"));
+                        }
+                    };
+                    Ok(route(&runtime, &method, &path, &body).await)
+                }
             });
             // The service ports' cut-off for slow and idle clients holds here too.
             let _ = http1::Builder::new()
@@ -147,15 +162,33 @@ pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, access: Access)
     }
 }
 
+/// Largest request body the admin listener reads.
+const MAX_BODY: usize = 64 << 10;
+
 fn json(status: StatusCode, value: Value) -> HttpResponse {
-    let mut resp = hyper::Response::new(full(value.to_string()));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
+    json_response(status, &value)
 }
 
-fn route(runtime: &Runtime, method: &Method, path: &str) -> HttpResponse {
+async fn route(runtime: &Runtime, method: &Method, path: &str, body: &[u8]) -> HttpResponse {
+    if let Some(asset) = (method == Method::GET)
+        .then(|| console::asset(path))
+        .flatten()
+    {
+        return asset;
+    }
+    if let Some(rest) = path.strip_prefix("/dead-letters/") {
+        return match (dead_letters::subscribed(runtime, rest), method) {
+            (None, _) => json_error(StatusCode::NOT_FOUND, "no service consumes that topic"),
+            (Some((topic, false)), &Method::GET) => dead_letters::list(runtime, topic).await,
+            (Some((topic, true)), &Method::POST) => {
+                dead_letters::replay(runtime, topic, body).await
+            }
+            (Some((_, replay)), _) => {
+                let allowed = if replay { "use POST" } else { "use GET" };
+                json_error(StatusCode::METHOD_NOT_ALLOWED, allowed)
+            }
+        };
+    }
     match (method, path) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, json!({ "status": "ok" })),
         (&Method::GET, "/readyz") => {
@@ -178,6 +211,8 @@ fn route(runtime: &Runtime, method: &Method, path: &str) -> HttpResponse {
             )
         }
         (&Method::GET, "/components") => json(StatusCode::OK, components(runtime)),
+        (&Method::GET, "/stats") => json(StatusCode::OK, console::stats(runtime)),
+        (&Method::GET, "/dead-letters") => json(StatusCode::OK, dead_letters::topics(runtime)),
         (&Method::GET, "/metrics") => {
             let (health, m) = (runtime.health(), metrics::get());
             m.outbox_depth.set(health.outbox_depth.unwrap_or(0) as i64);
@@ -201,7 +236,7 @@ fn route(runtime: &Runtime, method: &Method, path: &str) -> HttpResponse {
             let (name, forward) = version_move(path).unwrap_or_default();
             move_version(runtime, name, forward)
         }
-        (_, "/healthz" | "/readyz" | "/components" | "/metrics") => {
+        (_, "/healthz" | "/readyz" | "/components" | "/metrics" | "/stats" | "/dead-letters") => {
             json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => json_error(StatusCode::NOT_FOUND, "no such admin route"),
@@ -215,6 +250,10 @@ fn components(runtime: &Runtime) -> Value {
         .iter()
         .map(|s| {
             let loaded = s.loaded.load();
+            let (back, forward) = s.history();
+            let version = |v: &Arc<crate::runtime::component::Loaded>| {
+                json!({ "sha256": v.sha256, "loaded_at": time(v.loaded_at) })
+            };
             json!({
                 "name": &*s.name,
                 "port": s.spec.serves_http.then_some(s.spec.port),
@@ -226,6 +265,9 @@ fn components(runtime: &Runtime) -> Value {
                 "subscribes": s.spec.subscribes,
                 "produces": s.spec.produces,
                 "generation": s.generation(),
+                "rollback_to": back.last().map(version),
+                "history": back.iter().map(version).collect::<Vec<_>>(),
+                "rollforward_to": forward.last().map(version),
                 "last_rejected": s.rejected().map(|r| rejected(&r)),
             })
         })
@@ -294,6 +336,13 @@ mod tests {
     use clap::Parser;
     use http_body_util::BodyExt;
     use proptest::prelude::*;
+
+    /// `route`'s answer, on a runtime of the tests'.
+    fn answer(runtime: &Runtime, method: &Method, path: &str, body: &str) -> HttpResponse {
+        static TOKIO: std::sync::LazyLock<tokio::runtime::Runtime> =
+            std::sync::LazyLock::new(|| tokio::runtime::Runtime::new().unwrap());
+        TOKIO.block_on(route(runtime, method, path, body.as_bytes()))
+    }
 
     /// A runtime with no services, shared by every case.
     fn runtime() -> Arc<Runtime> {
@@ -404,11 +453,11 @@ mod tests {
             "/components//rollback",
             "/components/",
         ] {
-            let resp = route(&runtime, &Method::POST, path);
+            let resp = answer(&runtime, &Method::POST, path, "{}");
             assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
             assert!(body(resp)["error"].is_string());
         }
-        let resp = route(&runtime, &Method::POST, "/components/nobody/rollback");
+        let resp = answer(&runtime, &Method::POST, "/components/nobody/rollback", "{}");
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
         assert!(body(resp)["error"].as_str().unwrap().contains("nobody"));
     }
@@ -417,13 +466,13 @@ mod tests {
         #[test]
         fn any_method_and_path_gets_an_answer_and_errors_are_json(
             method in prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH", "BREW"]),
-            prefix in prop::sample::select(vec!["", "/components", "/components/", "/healthz", "/metrics", "/readyz"]),
+            prefix in prop::sample::select(vec!["", "/components", "/components/", "/healthz", "/metrics", "/readyz", "/dead-letters", "/dead-letters/", "/stats", "/console.js"]),
             rest in "[a-z/%.]{0,20}",
-            suffix in prop::sample::select(vec!["", "/rollback", "rollback", "/", "/rollforward"]),
+            suffix in prop::sample::select(vec!["", "/rollback", "rollback", "/", "/rollforward", "/replay"]),
         ) {
             let runtime = runtime();
             let method = Method::from_bytes(method.as_bytes()).unwrap();
-            let resp = route(&runtime, &method, &format!("{prefix}{rest}{suffix}"));
+            let resp = answer(&runtime, &method, &format!("{prefix}{rest}{suffix}"), "{\"all\": true}");
             if resp.status().is_client_error() || resp.status().is_server_error() {
                 prop_assert!(body(resp)["error"].is_string());
             }

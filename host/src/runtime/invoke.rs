@@ -4,8 +4,9 @@
 //! delivered messages. Each invocation has its own transaction, request id and CPU budget; an
 //! instance is pooled again only when the call ended cleanly.
 
-use super::admission::{Caller, Refusal};
+use super::admission::Caller;
 use super::component::{HttpExport, Loaded};
+use super::failure::{failed, refused, Failure};
 use super::http_exports::{call_handler, call_wasi_http};
 use super::pool::reuse;
 use super::service::Service;
@@ -16,51 +17,12 @@ use crate::capabilities::exports::{handler, Message};
 use crate::capabilities::wasi_messaging;
 use crate::storage::{CommitError, Txn};
 use crate::types::http::busy;
-use crate::types::{json_error, trace, Delivery, HttpRequest, HttpResponse, Overrun, REQUEST_ID};
+use crate::types::{json_error, trace, Delivery, HttpRequest, HttpResponse, REQUEST_ID};
 use hyper::StatusCode;
 use platform_contract::SERVICE_SUFFIX;
 use std::sync::Arc;
-use std::time::Duration;
 use tracing::Instrument as _;
 use wasmtime::Store;
-
-/// Why an invocation has nothing to commit, other than what the guest itself answered.
-#[derive(Debug, thiserror::Error)]
-enum Failure {
-    /// It ran past the wall-clock limit (`REQUEST_TIMEOUT`): a guest can wait on a clock or a
-    /// call without computing, which the CPU deadline does not see.
-    #[error("did not finish within {0:?}")]
-    WallClock(Duration),
-    /// It computed past its CPU deadline.
-    #[error("computed past its deadline")]
-    Deadline,
-    /// No instance slot was free.
-    #[error("all instance slots are busy")]
-    NoSlot,
-    /// It made the host hold more than `INVOCATION_HOST_BYTES`.
-    #[error("{0}")]
-    Overrun(Overrun),
-    /// It trapped, could not be instantiated, or answered what the host cannot use.
-    #[error("{0:#}")]
-    Guest(anyhow::Error),
-}
-
-impl Failure {
-    fn of(e: anyhow::Error) -> Failure {
-        if e.chain()
-            .any(|c| c.is::<wasmtime::PoolConcurrencyLimitError>())
-        {
-            Failure::NoSlot
-        } else if e
-            .chain()
-            .any(|c| c.downcast_ref() == Some(&wasmtime::Trap::Interrupt))
-        {
-            Failure::Deadline
-        } else {
-            Failure::Guest(e)
-        }
-    }
-}
 
 /// What an invocation hands its component.
 enum Call<'a> {
@@ -85,13 +47,14 @@ async fn run_once(
     service: &Arc<Service>,
     loaded: &Arc<Loaded>,
     request_id: &str,
+    trace: &opentelemetry::Context,
     call: Call<'_>,
 ) -> (Result<Answer, Failure>, Txn) {
     let (answer, txn) = match (&call, shared_policy(runtime, service, loaded)) {
         (Call::Request(req), Some(policy)) => {
-            run_shared(runtime, service, loaded, request_id, req, policy).await
+            run_shared(runtime, service, loaded, request_id, trace, req, policy).await
         }
-        _ => run_alone(runtime, service, loaded, request_id, call).await,
+        _ => run_alone(runtime, service, loaded, request_id, trace, call).await,
     };
     match txn.budget.overrun() {
         Some(overrun) => (Err(Failure::Overrun(overrun)), txn),
@@ -105,12 +68,13 @@ async fn run_shared(
     service: &Arc<Service>,
     loaded: &Arc<Loaded>,
     request_id: &str,
+    trace: &opentelemetry::Context,
     req: &HttpRequest,
     policy: Policy,
 ) -> (Result<Answer, Failure>, Txn) {
     let new_instance = Instance::new(runtime, service, loaded);
     let reply = (loaded.shared)
-        .call(policy, req, request_id, new_instance)
+        .call(policy, req, request_id, trace, new_instance)
         .await;
     let failed = |failure| (Err(failure), Txn::default());
     match reply {
@@ -131,17 +95,14 @@ async fn run_alone(
     service: &Arc<Service>,
     loaded: &Arc<Loaded>,
     request_id: &str,
+    trace: &opentelemetry::Context,
     call: Call<'_>,
 ) -> (Result<Answer, Failure>, Txn) {
     let mut instance = match Instance::get(runtime, service, loaded).await {
         Ok(instance) => instance,
         Err(e) => return (Err(Failure::of(e)), Txn::default()),
     };
-    let trace = match &call {
-        Call::Request(req) => trace::from_headers(&req.headers),
-        Call::Message(delivery) => trace::from_record(&delivery.message.headers),
-    };
-    instance.store.data_mut().begin(request_id, trace);
+    instance.store.data_mut().begin(request_id, trace.clone());
     let limit = runtime.settings.request_timeout;
     let host_bytes = runtime.settings.invocation_host_bytes;
     let run = async {
@@ -216,21 +177,17 @@ fn shared_policy(runtime: &Runtime, service: &Service, loaded: &Loaded) -> Optio
 }
 
 /// Serves one HTTP request with `service`'s current component. Never fails: errors become
-/// JSON error responses. Its span continues the trace of the request's `traceparent`, which
-/// the component then sees as its own.
+/// JSON error responses. Its span is a child of `parent` (the client's `traceparent`, the
+/// caller's call), and the component sees it as its `traceparent`.
 pub async fn http(
     runtime: &Runtime,
     service: &Arc<Service>,
     mut req: HttpRequest,
     request_id: &str,
     caller: Caller,
+    parent: &opentelemetry::Context,
 ) -> HttpResponse {
-    let span = trace::server(
-        &service.name,
-        &req.method,
-        req.uri.path(),
-        &trace::from_headers(&req.headers),
-    );
+    let span = trace::server(&service.name, &req.method, req.uri.path(), parent);
     let context = trace::context_of(&span);
     trace::to_headers(&context, &mut req.headers);
     let resp = serve(runtime, service, req, request_id, caller, &context)
@@ -264,7 +221,15 @@ async fn serve(
     let mut rerunning = None;
     for _ in 0..MAX_CONFLICT_RETRIES {
         let loaded = service.loaded.load_full();
-        let resp = match run_once(runtime, service, &loaded, request_id, Call::Request(&req)).await
+        let resp = match run_once(
+            runtime,
+            service,
+            &loaded,
+            request_id,
+            context,
+            Call::Request(&req),
+        )
+        .await
         {
             (Ok(Answer::Response(resp)), txn) => (resp, txn),
             (Ok(Answer::Handled(_)), _) => unreachable!("a request is answered with a response"),
@@ -274,11 +239,12 @@ async fn serve(
         if resp.status().is_server_error() {
             return resp; // the service reported a failure: nothing it wrote or sent is kept
         }
-        let commit = runtime.commit(txn, rerunning.take());
-        match commit
-            .instrument(trace::commit(&service.name, context))
-            .await
-        {
+        // A read-only invocation commits nothing: no span for it.
+        let span = match txn.is_empty() {
+            true => tracing::Span::none(),
+            false => trace::commit(&service.name, context),
+        };
+        match runtime.commit(txn, rerunning.take()).instrument(span).await {
             Ok(()) => return resp,
             Err(CommitError::Conflict) => {
                 service.conflicts.inc();
@@ -295,56 +261,6 @@ async fn serve(
         }
     }
     busy("too many conflicting concurrent updates; retry")
-}
-
-/// The 503 of a request refused for want of a permit or an instance slot (counted and
-/// reported by the service's admission).
-fn refused(service: &Service, why: Refusal) -> HttpResponse {
-    busy(&format!(
-        "{}{SERVICE_SUFFIX} {}",
-        service.name,
-        why.explain()
-    ))
-}
-
-/// The response to a request whose invocation failed; its writes were rolled back.
-fn failed(service: &Service, request_id: &str, failure: Failure) -> HttpResponse {
-    let name = &service.name;
-    match failure {
-        Failure::NoSlot => {
-            service.admission.refused(Refusal::NoSlot);
-            refused(service, Refusal::NoSlot)
-        }
-        Failure::WallClock(_) => {
-            tracing::error!(service = %name, request_id, error = %failure, "component stopped; its writes were rolled back");
-            json_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!("{name}{SERVICE_SUFFIX} {failure}"),
-            )
-        }
-        Failure::Deadline => {
-            tracing::error!(service = %name, request_id, deadline = ?service.spec.limits.cpu, "component computed past its CPU deadline; stopped");
-            json_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!("{name}{SERVICE_SUFFIX} {failure}"),
-            )
-        }
-        Failure::Overrun(overrun) => {
-            tracing::error!(service = %name, request_id, error = %overrun, "component failed; its writes were rolled back");
-            json_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("{name}{SERVICE_SUFFIX} failed: {overrun}"),
-            )
-        }
-        Failure::Guest(e) => {
-            let cause = e.root_cause().to_string();
-            tracing::error!(service = %name, request_id, error = %format!("{e:#}"), "component failed; its writes were rolled back");
-            json_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("{name}{SERVICE_SUFFIX} failed: {cause}"),
-            )
-        }
-    }
 }
 
 /// How a delivered message ended.
@@ -366,6 +282,7 @@ pub enum Handled {
 pub async fn message(
     runtime: &Runtime,
     service: &Arc<Service>,
+    group: &str,
     delivery: &Delivery,
     attempt: u32,
 ) -> Handled {
@@ -381,14 +298,16 @@ pub async fn message(
         });
     let span = trace::process(
         &service.name,
+        group,
         runtime.backend.system(),
         &delivery.message.topic,
         delivery.partition,
         delivery.offset,
         &delivery.message.headers,
     );
+    let context = trace::context_of(&span);
     let mut headers = delivery.message.headers.clone();
-    trace::to_record(&trace::context_of(&span), &mut headers);
+    trace::to_record(&context, &mut headers);
     let arg = handler::Delivery {
         message: Message {
             topic: delivery.message.topic.clone(),
@@ -409,8 +328,15 @@ pub async fn message(
                 service.name
             ));
         }
-        let (answer, txn) =
-            run_once(runtime, service, &loaded, &request_id, Call::Message(&arg)).await;
+        let (answer, txn) = run_once(
+            runtime,
+            service,
+            &loaded,
+            &request_id,
+            &context,
+            Call::Message(&arg),
+        )
+        .await;
         let handled = match answer {
             Err(Failure::NoSlot) => return Handled::Unavailable(Failure::NoSlot.to_string()),
             Err(Failure::Overrun(overrun)) => return Handled::Retry(overrun.to_string()),

@@ -5,6 +5,7 @@ pub mod cache;
 mod commit;
 pub mod component;
 pub mod engine;
+mod failure;
 mod http_exports;
 pub mod invoke;
 mod pool;
@@ -310,6 +311,7 @@ impl ServiceCalls for RuntimeServices {
         name: &'a str,
         req: HttpRequest,
         request_id: &'a str,
+        trace: opentelemetry::Context,
     ) -> BoxFuture<'a, Option<HttpResponse>> {
         Box::pin(async move {
             let runtime = self.0.upgrade()?;
@@ -322,7 +324,8 @@ impl ServiceCalls for RuntimeServices {
             // caller's timeout) still stops the callee.
             let request_id = request_id.to_string();
             let callee = tokio::spawn(async move {
-                invoke::http(&runtime, &target, req, &request_id, Caller::Service).await
+                let caller = Caller::Service;
+                invoke::http(&runtime, &target, req, &request_id, caller, &trace).await
             });
             tokio_util::task::AbortOnDropHandle::new(callee).await.ok()
         })

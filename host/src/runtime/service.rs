@@ -21,6 +21,8 @@ pub struct Service {
     pub rerun: Arc<tokio::sync::Mutex<()>>,
     /// This service's request latency histogram, looked up once instead of per request.
     pub latency: prometheus_client::metrics::histogram::Histogram,
+    /// Its requests for the console (rates and percentiles).
+    pub stats: Arc<metrics::RequestStats>,
     pub instances: prometheus_client::metrics::counter::Counter,
     /// Commits of its invocations refused as conflicts (each then runs again).
     pub conflicts: prometheus_client::metrics::counter::Counter,
@@ -79,6 +81,7 @@ impl Service {
                 .latency
                 .get_or_create(&metrics::labels([("service", &spec.name)]))
                 .clone(),
+            stats: metrics::request_stats(&spec.name),
             instances: metrics::get()
                 .instances
                 .get_or_create(&metrics::labels([("service", &spec.name)]))
@@ -125,6 +128,13 @@ impl Service {
     /// 1 for the version loaded at start-up, +1 per swap or rollback.
     pub fn generation(&self) -> u64 {
         self.swaps.lock().unwrap().generation
+    }
+
+    /// The versions a rollback goes back to (oldest first) and those a roll-forward returns
+    /// to (the next one last).
+    pub fn history(&self) -> (Vec<Arc<Loaded>>, Vec<Arc<Loaded>>) {
+        let swaps = self.swaps.lock().unwrap();
+        (swaps.previous.clone(), swaps.undone.clone())
     }
 
     pub fn rejected(&self) -> Option<RejectedFile> {

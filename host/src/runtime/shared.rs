@@ -43,6 +43,7 @@ struct Counts {
 struct Job {
     req: HttpRequest,
     request_id: String,
+    trace: opentelemetry::Context,
     reply: oneshot::Sender<Reply>,
 }
 
@@ -88,6 +89,7 @@ impl SharedInstances {
         policy: Policy,
         req: &HttpRequest,
         request_id: &str,
+        trace: &opentelemetry::Context,
         new_instance: impl Future<Output = Result<Instance>>,
     ) -> Result<Reply> {
         let mut new_instance = Some(new_instance);
@@ -96,6 +98,7 @@ impl SharedInstances {
             let job = Box::new(Job {
                 req: req.clone(),
                 request_id: request_id.to_string(),
+                trace: trace.clone(),
                 reply,
             });
             match self.hand(job, &policy, new_instance.is_some()) {
@@ -240,7 +243,7 @@ impl SharedInstances {
                             accepted += 1;
                             open = accepted < policy.reuse;
                             waiting.lock().unwrap().insert(accepted as u64, job.reply);
-                            running.push(run(accessor, http, accepted as u64, job.req, job.request_id, policy, waiting, counts_ref));
+                            running.push(run(accessor, http, accepted as u64, job.req, job.request_id, job.trace, policy, waiting, counts_ref));
                         }
                         Some(timed_out) = running.next(), if !running.is_empty() => {
                             if timed_out {
@@ -299,6 +302,7 @@ async fn run(
     id: u64,
     req: HttpRequest,
     request_id: String,
+    trace: opentelemetry::Context,
     policy: Policy,
     waiting: &Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
     counts: &Counts,
@@ -311,7 +315,6 @@ async fn run(
             let request = store.get().table.push(request)?;
             let call = handle().start_call_concurrent(store.as_context_mut(), (request,))?;
             let task = call.task();
-            let trace = crate::types::trace::from_headers(&req.headers);
             store.get().open_task(task, &request_id, trace);
             Ok((call, task))
         })?;

@@ -6,6 +6,7 @@ use crate::capabilities::async_state::{StateAccess, StateHost};
 use crate::capabilities::config::ConfigView;
 use crate::capabilities::exports::{handler, http_handler, incoming_handler};
 use crate::capabilities::keyvalue::KeyValueView;
+use crate::capabilities::otel::{self, OtelView};
 use crate::capabilities::outgoing_http::NextHop;
 use crate::capabilities::producer::ProducerView;
 use crate::capabilities::services::{Outbound, ServicesView};
@@ -117,6 +118,14 @@ impl InstanceState {
     pub(super) fn config(&mut self) -> ConfigView<'_> {
         ConfigView {
             values: &self.outbound.caller.config.0,
+        }
+    }
+
+    pub(super) fn otel(&mut self) -> OtelView<'_> {
+        OtelView {
+            service: &self.name,
+            request_id: &self.outbound.request_id,
+            trace: &self.outbound.trace,
         }
     }
 
@@ -323,6 +332,7 @@ pub fn linker(engine: &Engine, wasi3: bool) -> Result<Linker<InstanceState>> {
     producer::add_to_linker(&mut linker, InstanceState::producer)?;
     wasi_messaging::add_to_linker(&mut linker, InstanceState::messaging)?;
     services::add_to_linker(&mut linker, InstanceState::services)?;
+    otel::add_to_linker(&mut linker, InstanceState::otel)?;
     Ok(linker)
 }
 

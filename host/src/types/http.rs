@@ -39,8 +39,12 @@ pub struct HttpRequest {
 
 /// `{"error": message}` with `status`: the one error shape every port answers with.
 pub fn json_error(status: StatusCode, message: &str) -> HttpResponse {
-    let body = serde_json::json!({ "error": message }).to_string();
-    let mut resp = hyper::Response::new(full(body));
+    json_response(status, &serde_json::json!({ "error": message }))
+}
+
+/// `value` as a JSON response with `status`.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> HttpResponse {
+    let mut resp = hyper::Response::new(full(value.to_string()));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

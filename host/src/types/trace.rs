@@ -9,7 +9,9 @@ use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SpanData, SpanProcessor};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -25,6 +27,21 @@ pub fn enabled() -> bool {
 
 pub fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// Where spans made outside `tracing` (a component's own, see `capabilities::otel`) go: the
+/// host's span processor, set once by the composition root.
+static SPANS: OnceLock<Arc<dyn SpanProcessor>> = OnceLock::new();
+
+pub fn export_to(processor: Arc<dyn SpanProcessor>) {
+    let _ = SPANS.set(processor);
+}
+
+/// Sends a finished span with the host's own (dropped while export is off).
+pub fn export(span: SpanData) {
+    if let Some(processor) = SPANS.get() {
+        processor.on_end(span);
+    }
 }
 
 /// The trace context in `headers` (an empty context when there is none or it is malformed,
@@ -138,10 +155,11 @@ pub fn send(system: &str, topic: &str, headers: &[(String, String)]) -> Span {
     span
 }
 
-/// The span of `service` handling a record: a child of the context the record was sent in,
+/// The span of `service` handling a record for its consumer `group`: a child of the context the record was sent in,
 /// and linked to it.
 pub fn process(
     service: &str,
+    group: &str,
     system: &str,
     topic: &str,
     partition: u32,
@@ -155,7 +173,7 @@ pub fn process(
         otel.name = %format!("process {topic}"), otel.kind = "consumer",
         microsvc.service = %service, messaging.system = %system,
         messaging.operation.type = "process", messaging.operation.name = "process",
-        messaging.destination.name = %topic,
+        messaging.destination.name = %topic, messaging.consumer.group.name = %group,
         messaging.destination.partition.id = %partition, messaging.kafka.offset = i64::try_from(offset).unwrap_or(i64::MAX));
     let created = from_record(headers);
     let context = created.span().span_context().clone();

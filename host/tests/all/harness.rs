@@ -330,6 +330,20 @@ impl Host {
         std::fs::read_to_string(self.data.join("host.log")).unwrap_or_default()
     }
 
+    /// Waits until a line of the host's log contains every one of `needles`; panics after
+    /// `within`, with the log's end.
+    pub async fn logged(&self, needles: &[&str], within: Duration) {
+        let deadline = Instant::now() + within;
+        while !(self.log().lines()).any(|l| needles.iter().all(|n| l.contains(n))) {
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needles:?}; the log ends:\n{}",
+                self.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn url(&self, service: &str, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.ports[service])
     }

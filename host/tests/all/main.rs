@@ -6,6 +6,7 @@ mod api;
 #[path = "../support/broker.rs"]
 mod broker;
 mod compose;
+mod console;
 mod delivery;
 mod docs;
 mod flags;

@@ -167,6 +167,11 @@ async fn one_trace_per_request(flags: &[&str], system: &str) {
     assert_eq!(user.parent_span_id, call.span_id);
     let commit = one(&spans, &trace, SpanKind::Internal, "commit", "user");
     assert_eq!(commit.parent_span_id, user.span_id);
+    // The component's own span (`sdk::trace::span`, through `wasi:otel`), inside its invocation.
+    let stored = one(&spans, &trace, SpanKind::Internal, "store user", "user");
+    assert_eq!(stored.parent_span_id, user.span_id);
+    assert!(user.start_time_unix_nano <= stored.start_time_unix_nano);
+    assert!(stored.end_time_unix_nano <= user.end_time_unix_nano);
     let send = one(&spans, &trace, SpanKind::Producer, "send user-created", "");
     assert_eq!(send.parent_span_id, user.span_id);
     let process = one(
@@ -183,6 +188,10 @@ async fn one_trace_per_request(flags: &[&str], system: &str) {
     assert_eq!(process.links.len(), 1);
     assert_eq!(process.links[0].span_id, user.span_id);
     assert_eq!(text(process, "messaging.destination.name"), "user-created");
+    assert_eq!(
+        text(process, "messaging.consumer.group.name"),
+        "order-service"
+    );
     assert_eq!(text(process, "messaging.system"), system);
     assert_eq!(text(send, "messaging.system"), system);
     assert!(matches!(
@@ -223,6 +232,10 @@ async fn one_trace_per_request(flags: &[&str], system: &str) {
         "gateway",
     );
     assert!(fresh.parent_span_id.is_empty());
+    // Reading commits nothing: no commit span in its trace.
+    assert!(!spans
+        .iter()
+        .any(|s| s.trace_id == fresh.trace_id && s.name == "commit"));
     let traces: std::collections::HashSet<_> = [&trace, &continued.trace_id, &fresh.trace_id]
         .into_iter()
         .collect();

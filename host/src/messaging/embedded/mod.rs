@@ -2,40 +2,21 @@
 //!
 //! One partition per topic (partition 0), so order is total. Used when no Kafka is configured.
 
+mod log;
+
+pub use log::{log_bytes, trim, Retention};
+use log::{millis, APPENDED_AT, GROUP_SEEN, LOG, LOG_BYTES, LOG_END, OFFSETS};
+
 use super::{Backend, Subscription};
 use crate::config::Start;
 use crate::storage::RedbStore;
 use crate::types::{Delivery, Message};
 use anyhow::Result;
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, WriteTransaction};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
-
-/// (topic, offset) -> postcard-encoded [`Message`].
-const LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log");
-/// (group, topic) -> next offset to deliver.
-const OFFSETS: TableDefinition<(&str, &str), u64> = TableDefinition::new("offsets");
-/// (topic, offset) -> when the record was appended (ms since the Unix epoch), for retention.
-const APPENDED_AT: TableDefinition<(&str, u64), u64> = TableDefinition::new("log_appended_at");
-/// topic -> encoded bytes of its records in the log.
-const LOG_BYTES: TableDefinition<&str, u64> = TableDefinition::new("log_bytes");
-/// topic -> the offset its next record gets. Never goes back, even when retention empties the
-/// topic: an offset is never given to two records, so no group skips a new one.
-const LOG_END: TableDefinition<&str, u64> = TableDefinition::new("log_end");
-/// (group, topic) -> when a subscriber of the group last held it (ms since the Unix epoch). A
-/// group nobody subscribed for longer than the retention age stops holding records back.
-const GROUP_SEEN: TableDefinition<(&str, &str), u64> = TableDefinition::new("log_group_seen");
-
-/// How long the log keeps records every consumer group has handled.
-#[derive(Clone, Copy, Debug)]
-pub struct Retention {
-    /// Records older than this go.
-    pub age: Duration,
-    /// Past this many bytes in a topic, its oldest records go.
-    pub bytes: u64,
-}
 
 pub struct Embedded {
     db: RedbStore,
@@ -161,120 +142,6 @@ fn end_offset(wtx: &WriteTransaction, topic: &str) -> Result<u64> {
     Ok(end)
 }
 
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Removes, per topic, the oldest records that every consumer group of the topic has
-/// committed past, while they are older than the retention age or the topic is over its
-/// retention size. A topic no group reads (a dead-letter topic) is trimmed by age and size
-/// alone. A group counts while it is `live` (subscribed now) or was seen within the retention
-/// age; a group that was not (a removed service, a renamed group) no longer holds records back.
-/// Returns how many records went, and the groups that did not count. Blocking.
-pub fn trim(
-    db: &RedbStore,
-    retention: Retention,
-    now: SystemTime,
-    live: &[(String, String)],
-) -> Result<(u64, BTreeSet<(String, String)>)> {
-    let cutoff = millis(now).saturating_sub(retention.age.as_millis() as u64);
-    let mut removed = 0;
-    let mut stale = BTreeSet::new();
-    db.write_lazily(|wtx| {
-        {
-            let mut seen = wtx.open_table(GROUP_SEEN)?;
-            for (group, topic) in live {
-                seen.insert((group.as_str(), topic.as_str()), millis(now))?;
-            }
-            // Groups from before groups were seen start counting from now.
-            let mut unseen = Vec::new();
-            for entry in wtx.open_table(OFFSETS)?.iter()? {
-                let (key, _) = entry?;
-                let (group, topic) = key.value();
-                if seen.get((group, topic))?.is_none() {
-                    unseen.push((group.to_string(), topic.to_string()));
-                }
-            }
-            for (group, topic) in unseen {
-                seen.insert((group.as_str(), topic.as_str()), millis(now))?;
-            }
-        }
-        let seen = wtx.open_table(GROUP_SEEN)?;
-        let topics: Vec<(String, u64)> = {
-            let sizes = wtx.open_table(LOG_BYTES)?;
-            let mut topics = Vec::new();
-            for entry in sizes.iter()? {
-                let (topic, bytes) = entry?;
-                topics.push((topic.value().to_string(), bytes.value()));
-            }
-            topics
-        };
-        let offsets = wtx.open_table(OFFSETS)?;
-        let mut log = wtx.open_table(LOG)?;
-        let mut times = wtx.open_table(APPENDED_AT)?;
-        let mut sizes = wtx.open_table(LOG_BYTES)?;
-        for (topic, mut bytes) in topics {
-            let mut handled = u64::MAX;
-            for entry in offsets.iter()? {
-                let (key, next) = entry?;
-                let (group, of) = key.value();
-                if of != topic {
-                    continue;
-                }
-                let at = seen.get((group, of))?.map_or(0, |t| t.value());
-                if at < cutoff {
-                    stale.insert((group.to_string(), topic.clone()));
-                    continue;
-                }
-                handled = handled.min(next.value());
-            }
-            loop {
-                let Some(first) = log
-                    .range((topic.as_str(), 0)..(topic.as_str(), handled))?
-                    .next()
-                    .transpose()?
-                    .map(|(k, v)| (k.value().1, v.value().len() as u64))
-                else {
-                    break;
-                };
-                let (offset, len) = first;
-                let at = times
-                    .get((topic.as_str(), offset))?
-                    .map_or(0, |t| t.value());
-                if at >= cutoff && bytes <= retention.bytes {
-                    break;
-                }
-                log.remove((topic.as_str(), offset))?;
-                times.remove((topic.as_str(), offset))?;
-                bytes = bytes.saturating_sub(len);
-                removed += 1;
-            }
-            sizes.insert(topic.as_str(), bytes)?;
-        }
-        Ok(())
-    })?;
-    if removed > 0 {
-        crate::metrics::get().log_trimmed.inc_by(removed);
-    }
-    Ok((removed, stale))
-}
-
-/// Bytes of all topics in the log.
-pub fn log_bytes(db: &RedbStore) -> Result<u64> {
-    let rtx = db.redb().begin_read()?;
-    let sizes = match rtx.open_table(LOG_BYTES) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
-        Err(e) => return Err(e.into()),
-    };
-    let mut total = 0;
-    for entry in sizes.iter()? {
-        total += entry?.1.value();
-    }
-    Ok(total)
-}
-
 /// Lazily durable: the outbox entries it replaces are removed after it, in order, so a crash
 /// can at worst publish them again.
 fn append_blocking(db: &RedbStore, messages: &[Message]) -> Result<()> {
@@ -331,6 +198,11 @@ impl Backend for Embedded {
         Ok(())
     }
 
+    async fn read_tail(&self, topic: &str, max: usize) -> Result<Vec<Delivery>> {
+        let (db, topic) = (self.db.clone(), topic.to_string());
+        tokio::task::spawn_blocking(move || read_log(&db, &topic, 0, max, true)).await?
+    }
+
     async fn subscribe(
         &self,
         group: &str,
@@ -382,23 +254,41 @@ struct EmbeddedSubscription {
     _live: LiveGuard,
 }
 
-impl EmbeddedSubscription {
-    /// The first record at `offset` or after it (records below the retained ones are gone),
-    /// with its offset.
-    fn read(&self, offset: u64) -> Result<Option<(u64, Message)>> {
-        let rtx = self.db.redb().begin_read()?;
-        let log = match rtx.open_table(LOG) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let topic = self.topic.as_str();
-        let Some(entry) = log.range((topic, offset)..=(topic, u64::MAX))?.next() else {
-            return Ok(None);
-        };
-        let (k, v) = entry?;
-        Ok(Some((k.value().1, postcard::from_bytes(v.value())?)))
+/// Up to `max` records of `topic` at offset `from` or after it (records below the retained
+/// ones are gone), oldest first; with `newest`, the last `max` of them.
+fn read_log(
+    db: &RedbStore,
+    topic: &str,
+    from: u64,
+    max: usize,
+    newest: bool,
+) -> Result<Vec<Delivery>> {
+    let rtx = db.redb().begin_read()?;
+    let log = match rtx.open_table(LOG) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let range = log.range((topic, from)..=(topic, u64::MAX))?;
+    let entries: Box<dyn Iterator<Item = _>> = match newest {
+        true => Box::new(range.rev().take(max)),
+        false => Box::new(range.take(max)),
+    };
+    let mut records = entries
+        .map(|entry| {
+            let (k, v) = entry?;
+            let message = postcard::from_bytes(v.value())?;
+            Ok(Delivery {
+                message,
+                partition: 0,
+                offset: k.value().1,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if newest {
+        records.reverse();
     }
+    Ok(records)
 }
 
 #[async_trait::async_trait]
@@ -408,13 +298,9 @@ impl Subscription for EmbeddedSubscription {
             // Mark the current generation seen *before* reading, so an append between the
             // read and the wait still wakes us.
             self.appended.borrow_and_update();
-            if let Some((offset, message)) = self.read(self.cursor)? {
-                self.cursor = offset + 1;
-                return Ok(Delivery {
-                    message,
-                    partition: 0,
-                    offset,
-                });
+            if let Some(delivery) = read_log(&self.db, &self.topic, self.cursor, 1, false)?.pop() {
+                self.cursor = delivery.offset + 1;
+                return Ok(delivery);
             }
             self.appended.changed().await?;
         }

@@ -93,6 +93,7 @@ try {
   await until("order's fixed handler on the page", async () => (await read(order)).generation > before.generation);
   await poisoned.locator("button").click();
   await page.locator("#notice", { hasText: "replayed 1 to user-created" }).waitFor({ timeout: WAIT });
+  await page.locator("#dlq-topic option", { hasText: "user-created.dlq (1)" }).waitFor({ state: "attached", timeout: WAIT });
   await until("the replayed record handled by the fixed handler", async () => {
     const r = await fetch(`${env("ORDER_URL")}/deliveries/poison-1`);
     return r.ok && (await r.json()).count === 1;

@@ -185,9 +185,11 @@ async function drawDeadLetters() {
   const { topics } = await api("/dead-letters");
   const select = $("#dlq-topic");
   const names = topics.map((t) => t.topic);
+  const label = (t) => `${t.dead_letter_topic} (${t.dead_lettered})`;
   if (select.options.length !== names.length || [...select.options].some((o, i) => o.value !== names[i])) {
-    select.replaceChildren(...topics.map((t) => el("option", `${t.dead_letter_topic} (${t.dead_lettered})`, { value: t.topic })));
+    select.replaceChildren(...topics.map((t) => el("option", label(t), { value: t.topic })));
   }
+  topics.forEach((t, i) => { select.options[i].textContent = label(t); });
   if (!names.includes(deadLetterTopic)) deadLetterTopic = names[0] || "";
   select.value = deadLetterTopic;
   const body = $("#dead-letters tbody");

@@ -1,17 +1,18 @@
 //! Prometheus metrics, served as text by the admin listener at `/metrics`.
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, LazyLock, Mutex};
 
 pub type Labels = Vec<(&'static str, String)>;
-type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+type Histograms = Family<Labels, Latency>;
 
 pub struct Metrics {
     registry: Registry,
@@ -51,17 +52,12 @@ pub struct Metrics {
     pub shed: Family<Labels, Counter>,
 }
 
-fn latency_histogram() -> Histogram {
-    // 50 µs .. ~26 s
-    Histogram::new(exponential_buckets(0.00005, 2.0, 20))
-}
-
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let mut registry = Registry::with_prefix("host");
     let m = Metrics {
         registry: Registry::default(),
         requests: Family::default(),
-        latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+        latency: Family::default(),
         instances: Family::default(),
         swaps: Family::default(),
         swaps_rejected: Family::default(),
@@ -85,7 +81,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         consumer_lag: Family::default(),
         conflicts: Family::default(),
         queued: Family::default(),
-        queue_wait: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+        queue_wait: Family::default(),
         shed: Family::default(),
     };
     registry.register(
@@ -230,53 +226,101 @@ pub fn get() -> &'static Metrics {
     &METRICS
 }
 
-/// Upper bounds (seconds) of [`RequestStats`]' latency buckets: 50 µs doubling to ~26 s, the
-/// Prometheus histogram's; a last bucket takes the rest.
+/// Latency buckets: upper bounds 50 µs doubling to ~26 s, then one for the rest.
 pub const LATENCY_BOUNDS: usize = 20;
-
-/// One service's requests on its port, for the console: counts it can turn into rates and
-/// percentiles between two readings (the Prometheus histogram does not give its buckets back).
-#[derive(Default)]
-pub struct RequestStats {
-    requests: AtomicU64,
-    errors: AtomicU64,
-    buckets: [AtomicU64; LATENCY_BOUNDS + 1],
-}
-
-impl RequestStats {
-    pub fn observe(&self, server_error: bool, seconds: f64) {
-        self.requests.fetch_add(1, Relaxed);
-        if server_error {
-            self.errors.fetch_add(1, Relaxed);
-        }
-        let bucket = (0..LATENCY_BOUNDS)
-            .find(|&i| seconds <= latency_bound(i))
-            .unwrap_or(LATENCY_BOUNDS);
-        self.buckets[bucket].fetch_add(1, Relaxed);
-    }
-
-    /// Requests, 5xx answers, and requests per latency bucket, counted since start-up.
-    pub fn read(&self) -> (u64, u64, Vec<u64>) {
-        let buckets = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
-        (
-            self.requests.load(Relaxed),
-            self.errors.load(Relaxed),
-            buckets,
-        )
-    }
-}
 
 /// The upper bound of latency bucket `i`, in seconds.
 pub fn latency_bound(i: usize) -> f64 {
     0.00005 * f64::powi(2.0, i as i32)
 }
 
-/// `service`'s [`RequestStats`], kept across its reconfigurations.
-pub fn request_stats(service: &str) -> Arc<RequestStats> {
-    static STATS: LazyLock<Mutex<HashMap<String, Arc<RequestStats>>>> =
-        LazyLock::new(Mutex::default);
-    let mut stats = STATS.lock().unwrap_or_else(|e| e.into_inner());
-    stats.entry(service.to_string()).or_default().clone()
+/// A latency histogram whose buckets can be read back (the console turns two readings into
+/// rates and percentiles; `prometheus_client`'s own keeps them private). Clones share counts;
+/// observing takes no lock.
+#[derive(Clone, Default, Debug)]
+pub struct Latency(Arc<LatencyCounts>);
+
+#[derive(Default, Debug)]
+struct LatencyCounts {
+    nanos: AtomicU64,
+    buckets: [AtomicU64; LATENCY_BOUNDS + 1],
+}
+
+impl Latency {
+    pub fn observe(&self, seconds: f64) {
+        let bucket = (0..LATENCY_BOUNDS)
+            .find(|&i| seconds <= latency_bound(i))
+            .unwrap_or(LATENCY_BOUNDS);
+        self.0.buckets[bucket].fetch_add(1, Relaxed);
+        self.0.nanos.fetch_add((seconds * 1e9) as u64, Relaxed);
+    }
+
+    /// Observations per bucket (not cumulative), since start-up.
+    pub fn buckets(&self) -> Vec<u64> {
+        self.0.buckets.iter().map(|b| b.load(Relaxed)).collect()
+    }
+}
+
+impl TypedMetric for Latency {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Latency {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let counts = self.buckets();
+        let buckets: Vec<(f64, u64)> = (counts.iter().enumerate())
+            .map(|(i, &n)| match i < LATENCY_BOUNDS {
+                true => (latency_bound(i), n),
+                false => (f64::INFINITY, n),
+            })
+            .collect();
+        let seconds = self.0.nanos.load(Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(seconds, counts.iter().sum(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// One service's route labels, shared by its configurations.
+pub type RouteLabels = Arc<Mutex<HashSet<String>>>;
+
+/// The route labels `service` has been counted under, kept across its reconfigurations (the
+/// metric series outlive them, so the cap on their number must too).
+pub fn routes(service: &str) -> RouteLabels {
+    static ROUTES: LazyLock<Mutex<HashMap<String, RouteLabels>>> = LazyLock::new(Mutex::default);
+    let mut routes = ROUTES.lock().unwrap_or_else(|e| e.into_inner());
+    routes.entry(service.to_string()).or_default().clone()
+}
+
+/// The status label of `status`: `2xx`, `4xx`... (a guest may answer with any of 900 codes).
+pub fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// 5xx answers `service` gave on its port since start-up, over all its route labels.
+pub fn server_errors(service: &str) -> u64 {
+    let routes = routes(service);
+    let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
+    (routes.iter().map(String::as_str).chain(["other"]))
+        .filter_map(|route| {
+            let labels = labels([("service", service), ("route", route), ("status", "5xx")]);
+            get().requests.get(&labels).map(|c| c.get())
+        })
+        .sum()
+}
+
+/// Messages `service` sent to the dead-letter topic of `topic` since start-up.
+pub fn dead_lettered(service: &str, topic: &str) -> u64 {
+    let labels = labels([("service", service), ("topic", topic)]);
+    get().dead_lettered.get(&labels).map_or(0, |c| c.get())
 }
 
 pub fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
@@ -288,4 +332,36 @@ pub fn render() -> String {
     let mut out = String::new();
     encode(&mut out, &get().registry).expect("writing to a String");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes_are_bounded() {
+        assert_eq!(status_class(418), "4xx");
+        assert_eq!(status_class(999), "5xx");
+    }
+
+    #[test]
+    fn latency_buckets_read_back_and_encode_cumulatively() {
+        let latency = Latency::default();
+        latency.observe(0.00004);
+        latency.observe(0.00006);
+        latency.observe(0.00006);
+        latency.observe(1000.0);
+        let buckets = latency.buckets();
+        assert_eq!((buckets[0], buckets[1], buckets[LATENCY_BOUNDS]), (1, 2, 1));
+        assert_eq!(buckets.iter().sum::<u64>(), 4);
+
+        let mut registry = Registry::default();
+        registry.register("wait", "test", latency.clone());
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        assert!(text.contains("wait_count 4"), "{text}");
+        assert!(text.contains("wait_bucket{le=\"0.0001\"} 3"), "{text}");
+        assert!(text.contains("wait_bucket{le=\"+Inf\"} 4"), "{text}");
+        assert!(text.contains("wait_sum 1000.00016"), "{text}");
+    }
 }

@@ -290,7 +290,7 @@ async fn dead_letter(
     };
     // Through the outbox, not straight to the backend: a broker that is down or refuses the
     // record must not send the consumer back to this record forever.
-    runtime.send_later(&service.name, record).await?;
+    runtime.send_later(&service.name, [record]).await.1?;
     metrics::get()
         .dead_lettered
         .get_or_create(&metrics::labels([

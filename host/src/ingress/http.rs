@@ -30,12 +30,10 @@ pub(super) async fn handle(
         .get_or_create(&metrics::labels([
             ("service", &service.name),
             ("route", &route),
-            ("status", status_class(resp.status())),
+            ("status", metrics::status_class(resp.status().as_u16())),
         ]))
         .inc();
-    let seconds = started.elapsed().as_secs_f64();
-    service.latency.observe(seconds);
-    (service.stats).observe(resp.status().is_server_error(), seconds);
+    service.latency.observe(started.elapsed().as_secs_f64());
     resp
 }
 
@@ -70,17 +68,6 @@ fn bounded(service: &Service, route: String) -> String {
         return route;
     }
     "other".into()
-}
-
-/// `2xx`, `4xx`...: a guest may answer with any of 900 codes.
-fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
-    }
 }
 
 async fn handle_inner(
@@ -274,15 +261,4 @@ fn reserve<'a>(budget: &'a Semaphore, reserved: &mut Option<Reserved<'a>>, bytes
         Some(held) => held.0.merge(more),
     }
     true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_classes_are_bounded() {
-        assert_eq!(status_class(StatusCode::IM_A_TEAPOT), "4xx");
-        assert_eq!(status_class(StatusCode::from_u16(999).unwrap()), "5xx");
-    }
 }

@@ -59,23 +59,22 @@ pub fn stats(runtime: &Runtime) -> Value {
         .services()
         .iter()
         .map(|s| {
-            let (requests, errors, buckets) = s.stats.read();
+            let buckets = s.latency.buckets();
             let consumed: Vec<Value> = (s.spec.subscribes.iter())
                 .map(|topic| {
                     let group = [("group", s.spec.group.as_str()), ("topic", topic)];
-                    let by_service = [("service", &*s.name), ("topic", topic)];
                     json!({
                         "topic": topic,
                         "group": s.spec.group,
                         "lag": m.consumer_lag.get(&metrics::labels(group)).map(|g| g.get()),
-                        "dead_lettered": m.dead_lettered.get(&metrics::labels(by_service)).map_or(0, |c| c.get()),
+                        "dead_lettered": metrics::dead_lettered(&s.name, topic),
                     })
                 })
                 .collect();
             json!({
                 "name": &*s.name,
-                "requests": requests,
-                "errors": errors,
+                "requests": buckets.iter().sum::<u64>(),
+                "errors": metrics::server_errors(&s.name),
                 "latency_buckets": buckets,
                 "consumes": consumed,
             })

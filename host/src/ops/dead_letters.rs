@@ -34,13 +34,7 @@ pub fn topics(runtime: &Runtime) -> Value {
                 .map(|s| &*s.name)
                 .collect();
             let dead_lettered: u64 = (consumers.iter())
-                .map(|service| {
-                    let labels = metrics::labels([("service", service), ("topic", topic)]);
-                    metrics::get()
-                        .dead_lettered
-                        .get(&labels)
-                        .map_or(0, |c| c.get())
-                })
+                .map(|service| metrics::dead_lettered(service, topic))
                 .sum();
             json!({
                 "topic": topic,
@@ -145,9 +139,8 @@ pub async fn replay(runtime: &Runtime, topic: &str, body: &[u8]) -> HttpResponse
             &format!("no service consumes {topic}"),
         );
     };
-    let mut replayed = 0;
-    for record in picked {
-        let message = Message {
+    let messages: Vec<Message> = (picked.into_iter())
+        .map(|record| Message {
             topic: topic.to_string(),
             key: record.message.key.clone(),
             payload: record.message.payload.clone(),
@@ -155,14 +148,14 @@ pub async fn replay(runtime: &Runtime, topic: &str, body: &[u8]) -> HttpResponse
                 .filter(|(name, _)| !name.starts_with(DLQ_PREFIX))
                 .cloned()
                 .collect(),
-        };
-        if let Err(e) = runtime.send_later(&owner.name, message).await {
-            return json_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("replayed {replayed}, then the outbox refused: {e:#}"),
-            );
-        }
-        replayed += 1;
+        })
+        .collect();
+    let (replayed, sent) = runtime.send_later(&owner.name, messages).await;
+    if let Err(e) = sent {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("replayed {replayed}, then the outbox refused: {e:#}"),
+        );
     }
     tracing::info!(topic, replayed, "dead letters replayed");
     json_response(

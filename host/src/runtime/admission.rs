@@ -2,7 +2,7 @@
 //! queue, and a refusal (503 with Retry-After) only past it, reported as a rate.
 
 use crate::metrics;
-use prometheus_client::metrics::{gauge::Gauge, histogram::Histogram};
+use prometheus_client::metrics::gauge::Gauge;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -77,7 +77,7 @@ pub struct Admission {
     queued: AtomicUsize,
     queue: QueueSettings,
     queued_gauge: Gauge,
-    wait: Histogram,
+    wait: metrics::Latency,
     report: Mutex<Report>,
 }
 

@@ -63,14 +63,36 @@ impl Runtime {
         Ok(())
     }
 
-    /// Puts `message` in the outbox on its own (durably), for the drainer to publish: a
-    /// dead-lettered record waits there while the broker is away, and is set aside like any
-    /// other if the broker refuses it for good.
-    pub async fn send_later(&self, service: &str, message: Message) -> Result<()> {
+    /// Puts `messages` in the outbox on their own (durably) in `service`'s name, for the
+    /// drainer to publish, in as few commits as a transaction's budget allows: a dead-lettered
+    /// record waits there while the broker is away, and is set aside like any other if the
+    /// broker refuses it for good. Returns how many were committed, and what stopped the
+    /// rest.
+    pub async fn send_later(
+        &self,
+        service: &str,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> (usize, Result<()>) {
+        let (mut sent, mut staged) = (0, 0);
         let mut txn = Txn::new(service.into());
-        txn.send(message)?;
-        self.commit(txn, None)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
+        for message in messages {
+            if staged > 0 && !txn.has_room_for(&message) {
+                let full = std::mem::replace(&mut txn, Txn::new(service.into()));
+                if let Err(e) = self.commit(full, None).await {
+                    return (sent, Err(anyhow::anyhow!("{e}")));
+                }
+                sent += std::mem::take(&mut staged);
+            }
+            if let Err(e) = txn.send(message) {
+                return (sent, Err(e.into()));
+            }
+            staged += 1;
+        }
+        if staged > 0 {
+            if let Err(e) = self.commit(txn, None).await {
+                return (sent, Err(anyhow::anyhow!("{e}")));
+            }
+        }
+        (sent + staged, Ok(()))
     }
 }

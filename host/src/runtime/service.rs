@@ -19,15 +19,14 @@ pub struct Service {
     /// Held by invocations re-running after a commit conflict: under contention (every
     /// `POST /users` increments one counter) re-runs take turns instead of conflicting again.
     pub rerun: Arc<tokio::sync::Mutex<()>>,
-    /// This service's request latency histogram, looked up once instead of per request.
-    pub latency: prometheus_client::metrics::histogram::Histogram,
-    /// Its requests for the console (rates and percentiles).
-    pub stats: Arc<metrics::RequestStats>,
+    /// This service's request latency histogram (also its request count), looked up once
+    /// instead of per request.
+    pub latency: metrics::Latency,
     pub instances: prometheus_client::metrics::counter::Counter,
     /// Commits of its invocations refused as conflicts (each then runs again).
     pub conflicts: prometheus_client::metrics::counter::Counter,
     /// Route labels its request metrics have used (the listener keeps them bounded).
-    pub routes: Mutex<std::collections::HashSet<String>>,
+    pub routes: Arc<Mutex<std::collections::HashSet<String>>>,
     swaps: Mutex<Swaps>,
     /// Set when a manifest change gave this service a new component: the running version
     /// goes into its history when it is installed.
@@ -81,7 +80,6 @@ impl Service {
                 .latency
                 .get_or_create(&metrics::labels([("service", &spec.name)]))
                 .clone(),
-            stats: metrics::request_stats(&spec.name),
             instances: metrics::get()
                 .instances
                 .get_or_create(&metrics::labels([("service", &spec.name)]))
@@ -90,7 +88,7 @@ impl Service {
                 .conflicts
                 .get_or_create(&metrics::labels([("service", &spec.name)]))
                 .clone(),
-            routes: Mutex::default(),
+            routes: metrics::routes(&spec.name),
             spec: Arc::new(spec),
             loaded: ArcSwap::from_pointee(loaded),
             swaps: Mutex::new(Swaps {

@@ -57,6 +57,15 @@ impl Budget {
         }
     }
 
+    /// Whether `bytes` more stay within the limit.
+    pub fn fits(&self, bytes: usize) -> bool {
+        !self.overrun
+            && self
+                .used
+                .checked_add(bytes)
+                .is_some_and(|u| u <= self.limit)
+    }
+
     /// Gives back `bytes` the host no longer holds (an overwritten staged value).
     pub fn refund(&mut self, bytes: usize) {
         self.used = self.used.saturating_sub(bytes);
@@ -78,12 +87,15 @@ mod tests {
         b.charge(60).unwrap();
         b.refund(20);
         b.charge(60).unwrap();
+        assert!(b.fits(0) && !b.fits(1));
         b.charge(0).unwrap(); // exactly at the limit is within it
         assert_eq!(b.overrun(), None);
         assert_eq!(b.charge(1), Err(Overrun { limit: 100 }));
         b.refund(50);
         assert!(b.charge(1).is_err(), "an overrun invocation stays failed");
         assert!(b.overrun().is_some());
+        assert!(!b.fits(0), "nothing fits an overrun invocation");
         assert!(Budget::new(10).charge(usize::MAX).is_err());
+        assert!(!Budget::new(10).fits(usize::MAX));
     }
 }

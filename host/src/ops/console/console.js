@@ -1,12 +1,20 @@
 // The console: reads the admin JSON every two seconds and draws it. Everything shown is set
-// as text (dead letters hold whatever was sent), never parsed as HTML.
+// as text (dead letters hold whatever was sent), never parsed as HTML. A dead-letter topic's
+// records (read from the broker) are read again only when its count moves, when asked, or
+// every RECORDS_MS.
 "use strict";
 
 const REFRESH_MS = 2000;
+const RECORDS_MS = 30000;
+// After a topic's count moves, its records are read at every refresh for this long: the
+// dead letter reaches the broker through the outbox, a moment after it is counted.
+const SETTLE_MS = 10000;
 const $ = (selector) => document.querySelector(selector);
 let token = sessionStorage.getItem("admin-token") || "";
 let previousStats = null;
 let deadLetterTopic = "";
+// The records shown: of which topic, when read, and the topic's count when it last moved.
+let shown = { topic: "", at: 0, count: null, movedAt: 0 };
 
 function el(tag, text, attrs = {}) {
   const node = document.createElement(tag);
@@ -179,6 +187,16 @@ async function replay(choice) {
   } catch (e) {
     notice(`replay: ${e.message}`, true);
   }
+  shown.at = 0;
+  await refresh();
+}
+
+// Whether the records of `deadLetterTopic` (whose count is now `count`) should be read again.
+function recordsStale(count) {
+  const now = Date.now();
+  if (shown.topic !== deadLetterTopic) shown = { topic: deadLetterTopic, at: 0, count, movedAt: now };
+  if (count !== shown.count) Object.assign(shown, { count, movedAt: now });
+  return now - shown.at > RECORDS_MS || now - shown.movedAt < SETTLE_MS;
 }
 
 async function drawDeadLetters() {
@@ -197,7 +215,10 @@ async function drawDeadLetters() {
     body.replaceChildren();
     return;
   }
+  const topic = topics.find((t) => t.topic === deadLetterTopic);
+  if (!recordsStale(topic.dead_lettered)) return;
   const { records } = await api(`/dead-letters/${encodeURIComponent(deadLetterTopic)}`);
+  shown.at = Date.now();
   body.replaceChildren();
   for (const r of records) {
     const again = el("button", "Replay", { type: "button" });
@@ -246,7 +267,7 @@ document.addEventListener("DOMContentLoaded", () => {
     deadLetterTopic = event.target.value;
     refresh();
   });
-  $("#replay-all").addEventListener("click", () => replay({ all: true }).then(refresh));
+  $("#replay-all").addEventListener("click", () => replay({ all: true }));
   refresh();
   setInterval(refresh, REFRESH_MS);
 });

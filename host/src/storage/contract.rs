@@ -123,6 +123,22 @@ async fn listed_ranges_are_validated(a: &Store, b: &Store) {
         .await
         .unwrap();
     assert_eq!(after, ["a3", "a4", "a5"]);
+
+    // Keys beyond ASCII digest alike in the host and in the store: an unchanged range lands.
+    let mut wide = txn();
+    for k in ["é1", "é\u{10FFFF}"] {
+        wide.put("l".into(), k.into(), Some(vec![0])).unwrap();
+    }
+    a.commit(wide).await.unwrap();
+    let mut lister = txn();
+    assert_eq!(
+        lister.list_keys(&**b, "l", "é").await.unwrap(),
+        ["é1", "é\u{10FFFF}"]
+    );
+    lister
+        .put("l".into(), "count".into(), Some(vec![2]))
+        .unwrap();
+    b.commit(lister).await.unwrap();
 }
 
 /// Ids taken through both handles at once never repeat.

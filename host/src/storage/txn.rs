@@ -19,12 +19,13 @@ pub(super) fn digest_of(value: &[u8]) -> Seen {
     Sha256::digest(value).into()
 }
 
-/// A digest of a list of keys. Each key is length-prefixed: keys may hold any byte (`\0` too),
-/// and no two different lists may share a digest.
+/// A digest of a list of keys. Each key is prefixed by its length (big-endian u64, as
+/// PostgreSQL's `int8send` writes it: its commit computes the same digest): keys may hold any
+/// byte (`\0` too), and no two different lists may share a digest.
 pub(super) fn digest_keys(keys: &[String]) -> Seen {
     let mut h = Sha256::new();
     for k in keys {
-        h.update((k.len() as u64).to_le_bytes());
+        h.update((k.len() as u64).to_be_bytes());
         h.update(k.as_bytes());
     }
     h.finalize().into()
@@ -77,6 +78,11 @@ impl Txn {
     /// Whether committing this transaction puts messages in the outbox.
     pub fn sends(&self) -> bool {
         !self.outbox.is_empty()
+    }
+
+    /// Whether staging `message` stays within the budget.
+    pub fn has_room_for(&self, message: &Message) -> bool {
+        self.budget.fits(message.size() + ENTRY_OVERHEAD)
     }
 
     /// Stages `message`: it reaches the outbox with the commit, or never.

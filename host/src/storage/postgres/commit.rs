@@ -1,157 +1,180 @@
-//! Invocations' commits and ids on PostgreSQL, each one pipelined flight of statements.
+//! Invocations' commits and ids on PostgreSQL, each one statement: a call of a function the
+//! schema defines ([`FUNCTIONS`]), its own transaction, one round trip.
 //!
-//! Only what an acknowledgement depends on waits for the disk: a commit does; an id, a message
-//! handler's applied writes and the relays' bell are committed without waiting for their WAL
-//! flush (`synchronous_commit = off`). That is safe because the WAL is one ordered log: a
-//! later commit that waits for its flush makes every earlier record durable with it. An id's
-//! record precedes the commit of the invocation that took it, so no durable commit ever holds
-//! an id that a crash could hand out again; applied writes are made durable by
-//! [`PostgresStore::flush`] before the consumer acknowledges their records.
+//! Only what an acknowledgement depends on waits for the disk: a commit does; an id and a
+//! message handler's applied writes are committed without waiting for their WAL flush
+//! (`synchronous_commit` off for their transaction). That is safe because the WAL is one
+//! ordered log: a later commit that waits for its flush makes every earlier record durable
+//! with it. An id's record precedes the commit of the invocation that took it, so no durable
+//! commit ever holds an id that a crash could hand out again; applied writes are made durable
+//! by [`PostgresStore::flush`] before the consumer acknowledges their records.
 
-use super::locks::{locks, LOCK};
-use super::{conflict_or_storage, list, partition, PostgresStore, GET, LIST};
-use crate::storage::txn::{digest_keys, digest_of, Txn};
+use super::locks::locks;
+use super::{conflict_or_storage, list_start, partition, prefix_end, sql_limit, PostgresStore};
+use crate::storage::txn::Txn;
 use crate::storage::{CommitError, NextIdError};
 use crate::types::budget::ENTRY_OVERHEAD;
 use anyhow::Context as _;
-use futures_util::future::{join, join3, try_join_all};
 use tokio_postgres::types::ToSql;
 
-const UPSERT: &str = "INSERT INTO kv (service, bucket, key, value) VALUES ($1, $2, $3, $4) \
-     ON CONFLICT (service, bucket, key) DO UPDATE SET value = excluded.value";
-const DELETE: &str = "DELETE FROM kv WHERE service = $1 AND bucket = $2 AND key = $3";
-const SEND: &str = "INSERT INTO outbox (part, message) VALUES ($1, $2)";
-const NEXT_ID: &str = "INSERT INTO sequences (service, bucket, key, last) VALUES ($1, $2, $3, 1) \
-     ON CONFLICT (service, bucket, key) DO UPDATE SET last = sequences.last + 1 RETURNING last";
+/// The functions commits and ids call, created with the tables.
+///
+/// `microsvc_commit` takes the advisory locks given (in the order given: one global order, so
+/// commits never deadlock), then checks what the invocation read: each value (by its SHA-256,
+/// NULL for absent) and each listed range (the SHA-256 of its keys, each prefixed by its
+/// length as a big-endian u64, reading one key more than were found). Under READ COMMITTED
+/// each statement of a function sees every commit that released those locks. A change raises
+/// `serialization_failure` (the statement's transaction rolls back: a conflict); else it
+/// writes (a NULL value deletes) and inserts the outbox rows in order.
+pub(super) const FUNCTIONS: &str = r#"
+CREATE OR REPLACE FUNCTION microsvc_commit(
+    p_service text, p_durable boolean,
+    p_lock1 int4[], p_lock2 int4[], p_exclusive boolean[],
+    p_read_buckets text[], p_read_keys text[], p_read_seen bytea[],
+    p_list_buckets text[], p_list_starts text[], p_list_prefixes text[], p_list_afters text[],
+    p_list_uptos text[], p_list_ends text[], p_list_limits int8[], p_list_seen bytea[],
+    p_write_buckets text[], p_write_keys text[], p_write_values bytea[],
+    p_parts int4[], p_messages bytea[]
+) RETURNS void LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF NOT p_durable THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    PERFORM CASE WHEN x THEN pg_advisory_xact_lock(k1, k2) ELSE pg_advisory_xact_lock_shared(k1, k2) END
+        FROM unnest(p_lock1, p_lock2, p_exclusive) WITH ORDINALITY AS t(k1, k2, x, n) ORDER BY n;
+    IF EXISTS (
+        SELECT 1 FROM unnest(p_read_buckets, p_read_keys, p_read_seen) AS r(b, k, seen)
+        LEFT JOIN kv ON kv.service = p_service AND kv.bucket = r.b AND kv.key = r.k
+        WHERE sha256(kv.value) IS DISTINCT FROM r.seen
+    ) THEN
+        RAISE EXCEPTION 'a value the invocation read has changed' USING ERRCODE = 'serialization_failure';
+    END IF;
+    FOR i IN 1 .. coalesce(array_length(p_list_buckets, 1), 0) LOOP
+        IF (
+            SELECT sha256(coalesce(string_agg(int8send(octet_length(b)) || b, ''::bytea ORDER BY key), ''::bytea))
+            FROM (
+                SELECT key, convert_to(key, 'UTF8') AS b FROM kv
+                WHERE service = p_service AND bucket = p_list_buckets[i] AND key >= p_list_starts[i]
+                    AND starts_with(key, p_list_prefixes[i])
+                    AND (p_list_afters[i] IS NULL OR key > p_list_afters[i])
+                    AND (p_list_uptos[i] IS NULL OR key <= p_list_uptos[i])
+                    AND (p_list_ends[i] IS NULL OR key < p_list_ends[i])
+                ORDER BY key LIMIT p_list_limits[i]
+            ) AS listed
+        ) IS DISTINCT FROM p_list_seen[i] THEN
+            RAISE EXCEPTION 'a range the invocation listed has changed' USING ERRCODE = 'serialization_failure';
+        END IF;
+    END LOOP;
+    DELETE FROM kv USING unnest(p_write_buckets, p_write_keys, p_write_values) AS w(b, k, v)
+        WHERE w.v IS NULL AND kv.service = p_service AND kv.bucket = w.b AND kv.key = w.k;
+    INSERT INTO kv (service, bucket, key, value)
+        SELECT p_service, w.b, w.k, w.v FROM unnest(p_write_buckets, p_write_keys, p_write_values) AS w(b, k, v)
+        WHERE w.v IS NOT NULL
+        ON CONFLICT (service, bucket, key) DO UPDATE SET value = excluded.value;
+    INSERT INTO outbox (part, message)
+        SELECT part, message FROM unnest(p_parts, p_messages) WITH ORDINALITY AS o(part, message, n)
+        ORDER BY n;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION microsvc_next_id(p_service text, p_bucket text, p_key text)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+DECLARE
+    taken bigint;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    INSERT INTO sequences (service, bucket, key, last) VALUES (p_service, p_bucket, p_key, 1)
+        ON CONFLICT (service, bucket, key) DO UPDATE SET last = sequences.last + 1
+        RETURNING last INTO taken;
+    RETURN taken;
+END
+$fn$;
+"#;
 
-/// Opens a transaction whose commit does not wait for the disk.
-const BEGIN_UNFLUSHED: &str = "BEGIN; SET LOCAL synchronous_commit TO off";
-
-/// A pooled connection with a transaction open on it. Dropped before [`InTransaction::end`]
-/// succeeded (a cancelled or failed flight), it leaves the pool and closes, which rolls the
-/// transaction back: no connection returns to the pool inside a transaction.
-struct InTransaction(Option<deadpool_postgres::Object>);
-
-impl InTransaction {
-    fn client(&self) -> &tokio_postgres::Client {
-        self.0.as_ref().expect("open until ended")
-    }
-
-    /// Sends `sql` (`COMMIT` or `ROLLBACK`) and gives the connection back to the pool.
-    async fn end(self, sql: &str) -> Result<(), tokio_postgres::Error> {
-        self.client().batch_execute(sql).await?;
-        self.ended();
-        Ok(())
-    }
-
-    /// The flight itself ended the transaction: the connection goes back to the pool.
-    fn ended(mut self) {
-        self.0.take();
-    }
-}
-
-impl Drop for InTransaction {
-    fn drop(&mut self) {
-        if let Some(object) = self.0.take() {
-            drop(deadpool_postgres::Object::take(object));
-        }
-    }
-}
+const COMMIT: &str = "SELECT microsvc_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+     $13, $14, $15, $16, $17, $18, $19, $20, $21)";
+const NEXT_ID: &str = "SELECT microsvc_next_id($1, $2, $3)";
 
 impl PostgresStore {
     /// Commits `txn` if nothing it read has changed: its writes and outbox rows land together
     /// or not at all; on disk when this returns if `durable`, else at the next
     /// [`PostgresStore::flush`] (or any later commit that waits for the disk).
     ///
-    /// One READ COMMITTED transaction, `BEGIN` and all sent as one flight: take the locks of
-    /// what it read and writes ([`locks`], in one global order, so commits never deadlock),
-    /// re-read (each statement sees every commit that released those locks), write, insert the
-    /// outbox rows; then commit if the re-reads match, roll back if not. Two commits wait for
-    /// each other only when one writes what the other read or wrote (or lists), so unrelated
-    /// commits never abort each other (SERIALIZABLE's predicate locks cover whole index pages,
-    /// so keys side by side would).
+    /// One statement in a READ COMMITTED transaction of its own (see [`FUNCTIONS`]). Two
+    /// commits wait for each other only when one writes what the other read or wrote (or
+    /// lists), so unrelated commits never abort each other (SERIALIZABLE's predicate locks
+    /// cover whole index pages, so keys side by side would).
     pub(super) async fn land(&self, txn: Txn, durable: bool) -> Result<(), CommitError> {
         if txn.is_empty() {
             // Read only: nothing to lock, check or write (as on redb).
             return Ok(());
         }
+        let ((lock1, lock2), exclusive) = locks(&txn);
+        let reads = &txn.reads;
+        let read_buckets: Vec<String> = reads.iter().map(|(b, _, _)| b.to_string()).collect();
+        let read_keys: Vec<String> = reads.iter().map(|(_, k, _)| k.to_string()).collect();
+        let read_seen: Vec<Option<Vec<u8>>> = (reads.iter())
+            .map(|(_, _, seen)| seen.as_ref().map(|d| d.to_vec()))
+            .collect();
+        let lists = &txn.lists;
+        let list_buckets: Vec<String> = lists.iter().map(|(r, _)| r.bucket.to_string()).collect();
+        let list_starts: Vec<String> = lists
+            .iter()
+            .map(|(r, _)| list_start(r).to_owned())
+            .collect();
+        let list_prefixes: Vec<String> = lists.iter().map(|(r, _)| r.prefix.to_string()).collect();
+        let list_afters: Vec<Option<String>> = lists.iter().map(|(r, _)| r.after.clone()).collect();
+        let list_uptos: Vec<Option<String>> = lists.iter().map(|(r, _)| r.upto.clone()).collect();
+        let list_ends: Vec<Option<String>> =
+            lists.iter().map(|(r, _)| prefix_end(&r.prefix)).collect();
+        // One key more than were found is enough to see that the range changed.
+        let list_limits: Vec<i64> = (lists.iter())
+            .map(|(r, _)| sql_limit(r.found.saturating_add(1)))
+            .collect();
+        let list_seen: Vec<Vec<u8>> = lists.iter().map(|(_, seen)| seen.to_vec()).collect();
+        let writes = &txn.writes;
+        let write_buckets: Vec<String> = writes.keys().map(|(b, _)| b.to_string()).collect();
+        let write_keys: Vec<String> = writes.keys().map(|(_, k)| k.to_string()).collect();
+        let write_values: Vec<Option<Vec<u8>>> = writes.values().cloned().collect();
+        let mut parts = Vec::with_capacity(txn.outbox.len());
+        let mut messages = Vec::with_capacity(txn.outbox.len());
+        for m in &txn.outbox {
+            parts.push(partition(m));
+            messages.push(postcard::to_allocvec(m).map_err(anyhow::Error::from)?);
+        }
+        let service: &str = &txn.service;
+        let params: [&(dyn ToSql + Sync); 21] = [
+            &service,
+            &durable,
+            &lock1,
+            &lock2,
+            &exclusive,
+            &read_buckets,
+            &read_keys,
+            &read_seen,
+            &list_buckets,
+            &list_starts,
+            &list_prefixes,
+            &list_afters,
+            &list_uptos,
+            &list_ends,
+            &list_limits,
+            &list_seen,
+            &write_buckets,
+            &write_keys,
+            &write_values,
+            &parts,
+            &messages,
+        ];
         let client = self.client().await?;
-        // Prepared (once per connection) before the flight, which must go out in order.
-        let statements = [LOCK, GET, LIST, UPSERT, DELETE, SEND];
-        let prepared = try_join_all(statements.map(|sql| client.prepare_cached(sql)))
+        let commit = client
+            .prepare_cached(COMMIT)
             .await
             .map_err(conflict_or_storage)?;
-        let [lock, get, list_stmt, upsert, delete, send]: [_; 6] =
-            prepared.try_into().expect("one per statement");
-        let service = &*txn.service;
-        let (ids, exclusive) = locks(&txn);
-        let mut encoded = Vec::with_capacity(txn.outbox.len());
-        for m in &txn.outbox {
-            encoded.push((
-                partition(m),
-                postcard::to_allocvec(m).map_err(anyhow::Error::from)?,
-            ));
-        }
-        let open = InTransaction(Some(client));
-        let tx = open.client();
-        // tokio-postgres sends a statement when its future is first polled, and `join` polls
-        // in argument order: `BEGIN` goes first, then the locks, and the server runs what
-        // follows after them.
-        let begin = tx.batch_execute(if durable { "BEGIN" } else { BEGIN_UNFLUSHED });
-        let lock_params: [&(dyn ToSql + Sync); 3] = [&ids.0, &ids.1, &exclusive];
-        let locked = tx.execute(&lock, &lock_params);
-        let reads = try_join_all(txn.reads.iter().map(|(bucket, key, _)| {
-            let get = &get;
-            async move { tx.query_opt(get, &[&service, bucket, key]).await }
-        }));
-        let lists = try_join_all(txn.lists.iter().map(|(range, _)| {
-            let stmt = &list_stmt;
-            // One key more than were found is enough to see that the range changed.
-            async move { list(tx, stmt, service, range, range.found.saturating_add(1)).await }
-        }));
-        let writes = try_join_all(txn.writes.iter().map(|((bucket, key), value)| {
-            let (upsert, delete) = (&upsert, &delete);
-            async move {
-                match value {
-                    Some(v) => tx.execute(upsert, &[&service, bucket, key, v]).await,
-                    None => tx.execute(delete, &[&service, bucket, key]).await,
-                }
-            }
-        }));
-        let sends = try_join_all(encoded.iter().map(|(part, bytes)| {
-            let send = &send;
-            async move { tx.execute(send, &[part, bytes]).await }
-        }));
-        let (begun, (locked, ((reads, lists), (writes, sends)))) = join(
-            begin,
-            join(locked, join(join(reads, lists), join(writes, sends))),
-        )
-        .await;
-        begun.map_err(conflict_or_storage)?;
-        let outcome = locked
-            .and(writes)
-            .and(sends)
-            .and_then(|_| Ok((reads?, lists?)));
-        let (reads, lists) = match outcome {
-            Ok(found) => found,
-            Err(e) => {
-                open.end("ROLLBACK").await.map_err(conflict_or_storage)?;
-                return Err(conflict_or_storage(e));
-            }
-        };
-        let changed = txn.reads.iter().zip(&reads).any(|((_, _, seen), row)| {
-            row.as_ref().map(|r| digest_of(r.get::<_, &[u8]>(0))) != *seen
-        }) || txn
-            .lists
-            .iter()
-            .zip(&lists)
-            .any(|((_, seen), keys)| digest_keys(keys) != *seen);
-        if changed {
-            open.end("ROLLBACK").await.map_err(conflict_or_storage)?;
-            return Err(CommitError::Conflict);
-        }
-        open.end("COMMIT").await.map_err(conflict_or_storage)?;
-        if !encoded.is_empty() {
+        client
+            .execute(&commit, &params)
+            .await
+            .map_err(conflict_or_storage)?;
+        if !messages.is_empty() {
             // Every host's relay is told after the commit, not in it: a NOTIFY in the
             // transaction takes a cluster-wide lock at commit, so every commit with events
             // would wait for the one before it, advisory locks held.
@@ -164,8 +187,8 @@ impl PostgresStore {
 
     /// The next id of `bucket/key`: a transaction of its own, outside any invocation's
     /// commit, so ids never repeat across hosts and never make invocations conflict (an id
-    /// taken by an invocation that then fails is skipped). Sent as one flight, and not
-    /// waiting for the disk (see the module's comment).
+    /// taken by an invocation that then fails is skipped). One statement, not waiting for the
+    /// disk (see the module's comment).
     pub(super) async fn take_id(
         &self,
         txn: &mut Txn,
@@ -178,18 +201,11 @@ impl PostgresStore {
         let storage = |e: tokio_postgres::Error| NextIdError::Storage(e.into());
         let client = self.client().await.map_err(NextIdError::Storage)?;
         let stmt = client.prepare_cached(NEXT_ID).await.map_err(storage)?;
-        let open = InTransaction(Some(client));
-        let tx = open.client();
-        let (begun, row, committed) = join3(
-            tx.batch_execute(BEGIN_UNFLUSHED),
-            tx.query_one(&stmt, &[&&*txn.service, &bucket, &key]),
-            tx.batch_execute("COMMIT"),
-        )
-        .await;
-        begun.and(committed).map_err(storage)?;
-        // Ended either way: after a failed statement, `COMMIT` rolls back.
-        open.ended();
-        let last: i64 = row.map_err(storage)?.get(0);
+        let row = (client
+            .query_one(&stmt, &[&&*txn.service, &bucket, &key])
+            .await)
+            .map_err(storage)?;
+        let last: i64 = row.get(0);
         u64::try_from(last).map_err(|_| NextIdError::NotASequence("sequence exhausted".into()))
     }
 

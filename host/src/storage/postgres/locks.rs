@@ -3,13 +3,8 @@
 use crate::storage::txn::Txn;
 use sha2::{Digest, Sha256};
 
-/// Takes the advisory locks `$1`/`$2` (exclusive where `$3`) in the order given. The two-int
-/// form: its keys never meet the outbox partitions' bigint ones.
-pub(super) const LOCK: &str = "SELECT CASE WHEN x THEN pg_advisory_xact_lock(k1, k2) \
-     ELSE pg_advisory_xact_lock_shared(k1, k2) END \
-     FROM unnest($1::int4[], $2::int4[], $3::bool[]) AS t(k1, k2, x)";
-
-/// Lock ids: a key (`Some`), or a whole bucket (`None`).
+/// Lock ids: a key (`Some`), or a whole bucket (`None`). Taken with the two-int form of the
+/// advisory lock functions: they never meet the outbox partitions' bigint ones.
 pub(in crate::storage) fn lock_id(service: &str, bucket: &str, key: Option<&str>) -> (i32, i32) {
     let mut h = Sha256::new();
     for part in [service, bucket] {

@@ -173,6 +173,7 @@ impl PostgresStore {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_BASE])
             .await?;
         tx.batch_execute(SCHEMA).await?;
+        tx.batch_execute(commit::FUNCTIONS).await?;
         tx.commit().await.context("creating the tables")?;
         Ok(pg)
     }
@@ -290,8 +291,15 @@ fn prefix_end(prefix: &str) -> Option<String> {
     None
 }
 
-/// Keys of `range` through `client` (which may be a transaction), with `stmt` prepared from
-/// [`LIST`].
+/// The least key `range` may hold: the scan starts there.
+fn list_start(range: &KeyRange) -> &str {
+    match &range.after {
+        Some(after) if after.as_str() > range.prefix.as_str() => after.as_str(),
+        _ => range.prefix.as_str(),
+    }
+}
+
+/// Keys of `range` through `client`, with `stmt` prepared from [`LIST`].
 async fn list(
     client: &impl tokio_postgres::GenericClient,
     stmt: &tokio_postgres::Statement,
@@ -299,10 +307,7 @@ async fn list(
     range: &KeyRange,
     limit: usize,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
-    let start = match &range.after {
-        Some(after) if after.as_str() > range.prefix.as_str() => after.as_str(),
-        _ => range.prefix.as_str(),
-    };
+    let start = list_start(range);
     let rows = client
         .query(
             stmt,

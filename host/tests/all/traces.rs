@@ -202,14 +202,17 @@ async fn one_trace_per_request(flags: &[&str], system: &str) {
     // Another request, another trace; a `traceparent` sent by the client is continued.
     let parent_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent_span = "00f067aa0ba902b7";
-    let r = host
-        .http
-        .get(host.url("gateway", "/api/users"))
-        .header("traceparent", format!("00-{parent_trace}-{parent_span}-01"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let traced = |request: reqwest::RequestBuilder, traceparent: String| async move {
+        request
+            .header("traceparent", traceparent)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    let users = || host.http.get(host.url("gateway", "/api/users"));
+    let status = traced(users(), format!("00-{parent_trace}-{parent_span}-01")).await;
+    assert_eq!(status, 200);
     host.get("/api/products").await;
     let listed = |spans: &[Span]| {
         spans
@@ -240,4 +243,30 @@ async fn one_trace_per_request(flags: &[&str], system: &str) {
         .into_iter()
         .collect();
     assert_eq!(traces.len(), 3, "one trace per request");
+
+    // A client's sampled-out trace stays absent, the component's own span included; a later
+    // sampled request's spans arriving shows the earlier ones would have (one FIFO batch queue).
+    let dropped_trace = "0af7651916cd43dd8448eb211c80319c";
+    let create = (host.http.post(host.url("gateway", "/api/users")))
+        .json(&json!({"name": "Ada", "email": "ada@example.org"}));
+    let status = traced(create, format!("00-{dropped_trace}-b7ad6b7169203331-00")).await;
+    assert_eq!(status, 201);
+    let later_trace = "5b8efff798038103d269b633813fc60c";
+    let status = traced(users(), format!("00-{later_trace}-eee19b7ec3c1b174-01")).await;
+    assert_eq!(status, 200);
+    let later = |spans: &[Span]| {
+        spans
+            .iter()
+            .any(|s| hex(&s.trace_id) == later_trace && text(s, "microsvc.service") == "user")
+    };
+    let spans = receiver.until(later).await;
+    assert!(later(&spans), "the sampled request after it was exported");
+    let leaked: Vec<_> = (spans.iter())
+        .filter(|s| hex(&s.trace_id) == dropped_trace)
+        .map(|s| &s.name)
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "spans of a sampled-out trace: {leaked:?}"
+    );
 }

@@ -26,6 +26,10 @@ use tokio_postgres::types::ToSql;
 /// each statement of a function sees every commit that released those locks. A change raises
 /// `serialization_failure` (the statement's transaction rolls back: a conflict); else it
 /// writes (a NULL value deletes) and inserts the outbox rows in order.
+///
+/// Every read and delete of a key goes through the primary key (a subquery or a statement per
+/// key, never a join of `kv` with the arrays): a plan the function caches while `kv` is small
+/// would otherwise keep scanning the whole table as it grows.
 pub(super) const FUNCTIONS: &str = r#"
 CREATE OR REPLACE FUNCTION microsvc_commit(
     p_service text, p_durable boolean,
@@ -44,8 +48,8 @@ BEGIN
         FROM unnest(p_lock1, p_lock2, p_exclusive) WITH ORDINALITY AS t(k1, k2, x, n) ORDER BY n;
     IF EXISTS (
         SELECT 1 FROM unnest(p_read_buckets, p_read_keys, p_read_seen) AS r(b, k, seen)
-        LEFT JOIN kv ON kv.service = p_service AND kv.bucket = r.b AND kv.key = r.k
-        WHERE sha256(kv.value) IS DISTINCT FROM r.seen
+        WHERE sha256((SELECT value FROM kv
+            WHERE kv.service = p_service AND kv.bucket = r.b AND kv.key = r.k)) IS DISTINCT FROM r.seen
     ) THEN
         RAISE EXCEPTION 'a value the invocation read has changed' USING ERRCODE = 'serialization_failure';
     END IF;
@@ -65,8 +69,11 @@ BEGIN
             RAISE EXCEPTION 'a range the invocation listed has changed' USING ERRCODE = 'serialization_failure';
         END IF;
     END LOOP;
-    DELETE FROM kv USING unnest(p_write_buckets, p_write_keys, p_write_values) AS w(b, k, v)
-        WHERE w.v IS NULL AND kv.service = p_service AND kv.bucket = w.b AND kv.key = w.k;
+    FOR i IN 1 .. coalesce(array_length(p_write_keys, 1), 0) LOOP
+        IF p_write_values[i] IS NULL THEN
+            DELETE FROM kv WHERE service = p_service AND bucket = p_write_buckets[i] AND key = p_write_keys[i];
+        END IF;
+    END LOOP;
     INSERT INTO kv (service, bucket, key, value)
         SELECT p_service, w.b, w.k, w.v FROM unnest(p_write_buckets, p_write_keys, p_write_values) AS w(b, k, v)
         WHERE w.v IS NOT NULL

@@ -59,7 +59,7 @@ const MAX_ROUTES: usize = 32;
 /// `route` if it is one of the first [`MAX_ROUTES`] labels of `service`, else `other`: clients
 /// decide which paths they send, not how many metric series the host keeps.
 fn bounded(service: &Service, route: String) -> String {
-    let mut routes = service.routes.lock().unwrap();
+    let mut routes = service.routes.lock().unwrap_or_else(|e| e.into_inner());
     if routes.contains(&route) {
         return route;
     }

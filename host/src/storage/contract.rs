@@ -161,6 +161,16 @@ async fn ids_never_repeat_across_handles(a: &Store, b: &Store) {
     all.dedup();
     assert_eq!(all.len(), 100);
     assert!(all[0] >= 1);
+    // An id taken after another was handed out is larger, whichever handle takes it.
+    let mut last = all[99];
+    for db in [a, b].into_iter().cycle().take(10) {
+        let id = db
+            .next_id(&mut txn(), "seq".into(), "id".into())
+            .await
+            .unwrap();
+        assert!(id > last, "{id} after {last}");
+        last = id;
+    }
 }
 
 /// Messages land with their commit, and a conflicting commit sends nothing.
@@ -346,6 +356,42 @@ async fn acknowledged_commits_and_their_ids_survive_a_server_crash() {
     let mut t = txn();
     let after = db.next_id(&mut t, "ids".into(), "n".into()).await.unwrap();
     assert!(after > id, "id {id} handed out again after the crash");
+}
+
+/// Ids taken at once through one handle share PostgreSQL transactions: 50 of them take far
+/// fewer than 50 (the server's transaction ids count them), and are still all distinct.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_ids_share_transactions() {
+    let server = Postgres::start().expect("a PostgreSQL server for the tests");
+    let url = server.create_database("ids").unwrap();
+    let db = shared(&url).await;
+    let (probe, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    async fn xid(probe: &tokio_postgres::Client) -> i64 {
+        let row = probe.query_one("SELECT txid_current()", &[]).await;
+        row.unwrap().get(0)
+    }
+    // The sequence's row exists: later statements update it.
+    db.next_id(&mut txn(), "ids".into(), "n".into())
+        .await
+        .unwrap();
+    let before = xid(&probe).await;
+    let takes = (0..50).map(|_| {
+        let db = db.clone();
+        async move {
+            db.next_id(&mut txn(), "ids".into(), "n".into())
+                .await
+                .unwrap()
+        }
+    });
+    let mut ids = futures_util::future::join_all(takes).await;
+    let used = xid(&probe).await - before - 1;
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 50);
+    assert!(used < 10, "50 ids took {used} transactions");
 }
 
 /// A relay whose session ended (its connection cut mid-drain; its partition locks went with

@@ -45,15 +45,12 @@ impl Budget {
 
     /// Takes `bytes` from the budget, or fails (and keeps failing) if that passes the limit.
     pub fn charge(&mut self, bytes: usize) -> Result<(), Overrun> {
-        match self.used.checked_add(bytes) {
-            Some(used) if used <= self.limit && !self.overrun => {
-                self.used = used;
-                Ok(())
-            }
-            _ => {
-                self.overrun = true;
-                Err(Overrun { limit: self.limit })
-            }
+        if self.fits(bytes) {
+            self.used += bytes;
+            Ok(())
+        } else {
+            self.overrun = true;
+            Err(Overrun { limit: self.limit })
         }
     }
 

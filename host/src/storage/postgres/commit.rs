@@ -9,6 +9,7 @@
 //! commit ever holds an id that a crash could hand out again; applied writes are made durable
 //! by [`PostgresStore::flush`] before the consumer acknowledges their records.
 
+use super::ids;
 use super::locks::locks;
 use super::{conflict_or_storage, list_start, partition, prefix_end, sql_limit, PostgresStore};
 use crate::storage::txn::Txn;
@@ -83,14 +84,14 @@ BEGIN
         ORDER BY n;
 END
 $fn$;
-CREATE OR REPLACE FUNCTION microsvc_next_id(p_service text, p_bucket text, p_key text)
+CREATE OR REPLACE FUNCTION microsvc_next_id(p_service text, p_bucket text, p_key text, p_count int8)
 RETURNS bigint LANGUAGE plpgsql AS $fn$
 DECLARE
     taken bigint;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    INSERT INTO sequences (service, bucket, key, last) VALUES (p_service, p_bucket, p_key, 1)
-        ON CONFLICT (service, bucket, key) DO UPDATE SET last = sequences.last + 1
+    INSERT INTO sequences (service, bucket, key, last) VALUES (p_service, p_bucket, p_key, p_count)
+        ON CONFLICT (service, bucket, key) DO UPDATE SET last = sequences.last + p_count
         RETURNING last INTO taken;
     RETURN taken;
 END
@@ -99,7 +100,8 @@ $fn$;
 
 const COMMIT: &str = "SELECT microsvc_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
      $13, $14, $15, $16, $17, $18, $19, $20, $21)";
-const NEXT_ID: &str = "SELECT microsvc_next_id($1, $2, $3)";
+/// The last of `$4` ids reserved at once.
+const NEXT_ID: &str = "SELECT microsvc_next_id($1, $2, $3, $4)";
 
 impl PostgresStore {
     /// Commits `txn` if nothing it read has changed: its writes and outbox rows land together
@@ -192,10 +194,11 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// The next id of `bucket/key`: a transaction of its own, outside any invocation's
-    /// commit, so ids never repeat across hosts and never make invocations conflict (an id
-    /// taken by an invocation that then fails is skipped). One statement, not waiting for the
-    /// disk (see the module's comment).
+    /// The next id of `bucket/key`: taken in a transaction of its own, outside any
+    /// invocation's commit, so ids never repeat across hosts and never make invocations
+    /// conflict (an id taken by an invocation that then fails is skipped). Callers waiting
+    /// together share one statement ([`ids`](super::ids)), which does not wait for the disk
+    /// (see the module's comment).
     pub(super) async fn take_id(
         &self,
         txn: &mut Txn,
@@ -205,15 +208,21 @@ impl PostgresStore {
         txn.budget
             .charge(bucket.len() + key.len() + ENTRY_OVERHEAD)
             .map_err(|e| NextIdError::Storage(e.into()))?;
-        let storage = |e: tokio_postgres::Error| NextIdError::Storage(e.into());
-        let client = self.client().await.map_err(NextIdError::Storage)?;
-        let stmt = client.prepare_cached(NEXT_ID).await.map_err(storage)?;
-        let row = (client
-            .query_one(&stmt, &[&&*txn.service, &bucket, &key])
-            .await)
-            .map_err(storage)?;
-        let last: i64 = row.get(0);
-        u64::try_from(last).map_err(|_| NextIdError::NotASequence("sequence exhausted".into()))
+        let pool = self.pool.clone();
+        let take = move |(service, bucket, key): ids::Sequence, count: u64| {
+            let pool = pool.clone();
+            async move {
+                let client = pool.get().await.context("connecting to PostgreSQL")?;
+                let stmt = client.prepare_cached(NEXT_ID).await?;
+                let count = i64::try_from(count)?;
+                let row = (client.query_one(&stmt, &[&&*service, &bucket, &key, &count])).await?;
+                let last: i64 = row.get(0);
+                u64::try_from(last).context("sequence exhausted")
+            }
+        };
+        let sequence = (txn.service.clone(), bucket, key);
+        (self.ids.next(sequence, take).await)
+            .map_err(|e| NextIdError::Storage(anyhow::anyhow!("{e:#}")))
     }
 
     /// Returns once every transaction committed before the call is on disk: commits a write

@@ -17,6 +17,7 @@
 
 mod commit;
 mod connection;
+mod ids;
 mod locks;
 mod relay;
 
@@ -96,6 +97,8 @@ pub struct PostgresStore {
     committed: Arc<tokio::sync::Notify>,
     /// Rung when this host committed outbox rows: the other hosts' relays are told.
     rows_committed: Arc<tokio::sync::Notify>,
+    /// Callers of `next_id` waiting together, served by one statement per batch.
+    ids: ids::IdBatches,
 }
 
 fn conflict_or_storage(e: tokio_postgres::Error) -> CommitError {
@@ -165,6 +168,7 @@ impl PostgresStore {
             parked: AtomicU64::new(0),
             committed: Arc::default(),
             rows_committed: Arc::default(),
+            ids: Default::default(),
         };
         tokio::spawn(notify_relays(pg.pool.clone(), pg.rows_committed.clone()));
         let mut client = pg.client().await?;

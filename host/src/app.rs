@@ -28,7 +28,9 @@ pub async fn build(args: &Args, specs: &[ServiceSpec]) -> Result<Arc<Runtime>> {
             // A quarter of the request's deadline: a request that calls services that call
             // services still answers the store's 503 itself, before its caller's deadline.
             let lock_wait = args.request_timeout / 4;
-            let pg = PostgresStore::connect(url, lock_wait, args.state_ca_file.as_deref()).await?;
+            let connections = args.state_connections.into();
+            let ca_file = args.state_ca_file.as_deref();
+            let pg = PostgresStore::connect(url, lock_wait, ca_file, connections).await?;
             tracing::info!(store = %pg.describe(), "state, sequences and the outbox in PostgreSQL");
             Arc::new(pg)
         }

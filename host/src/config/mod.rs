@@ -111,6 +111,13 @@ pub struct Args {
     #[arg(help_heading = "State", long, env = "STATE_CA_FILE")]
     pub state_ca_file: Option<PathBuf>,
 
+    /// Connections this host keeps open to STATE_URL for invocations' reads, commits and ids
+    /// (the outbox relay has one more). More connections than the server has cores make it
+    /// switch between backends rather than work: on two cores, 8 served `POST /api/users`
+    /// faster than 32 with less of the server's CPU (see BENCHMARKS.md).
+    #[arg(help_heading = "State", long, env = "STATE_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    pub state_connections: u16,
+
     /// Bytes of events the outbox may hold while the messaging backend does not take them;
     /// beyond it requests that would send an event get 503 (a message handler is retried).
     #[arg(help_heading = "State", long, env = "OUTBOX_MAX", default_value = "1GiB", value_parser = parse_size)]

@@ -240,7 +240,7 @@ async fn shared(url: &str) -> Store {
 
 /// [`shared`], whose commits wait at most `wait` for a lock.
 async fn shared_waiting(url: &str, wait: std::time::Duration) -> Store {
-    Arc::new(PostgresStore::connect(url, wait, None).await.unwrap())
+    Arc::new(PostgresStore::connect(url, wait, None, 8).await.unwrap())
 }
 
 /// A session that took a key's lock and then never finished (its host died mid-commit, or was

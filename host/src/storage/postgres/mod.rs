@@ -135,11 +135,13 @@ const GET: &str = "SELECT value FROM kv WHERE service = $1 AND bucket = $2 AND k
 impl PostgresStore {
     /// Connects to `url` and creates the tables if they do not exist. A commit waits at most
     /// `wait` for the locks it needs (then fails as the store being unavailable). TLS as the
-    /// URL's `sslmode` says, trusting also the authorities of `ca_file`.
+    /// URL's `sslmode` says, trusting also the authorities of `ca_file`. At most
+    /// `connections` are open for reads, commits and ids; callers wait for one.
     pub async fn connect(
         url: &str,
         wait: Duration,
         ca_file: Option<&Path>,
+        connections: usize,
     ) -> Result<PostgresStore> {
         let config = connection_config(url, wait)?;
         let tls = tls(ca_file)?;
@@ -151,7 +153,7 @@ impl PostgresStore {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(32)
+            .max_size(connections)
             .wait_timeout(Some(Duration::from_secs(5)))
             .create_timeout(Some(Duration::from_secs(5)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -359,7 +361,7 @@ mod tests {
         let url = format!("{}?sslmode=require", server.create_database("tls").unwrap());
         let wait = Duration::from_secs(5);
         // Its authority is not one of the public ones: refused, saying why.
-        let refused = PostgresStore::connect(&url, wait, None)
+        let refused = PostgresStore::connect(&url, wait, None, 4)
             .await
             .err()
             .expect("an unverified server");
@@ -370,7 +372,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca).unwrap();
-        let pg = PostgresStore::connect(&url, wait, Some(&ca_file))
+        let pg = PostgresStore::connect(&url, wait, Some(&ca_file), 4)
             .await
             .unwrap();
         // The relay connects on its first look at the outbox.
@@ -392,7 +394,7 @@ mod tests {
             .any(|(name, _)| name == "microsvc-outbox-relay"));
         // Not a file of certificates: a clear error, not a panic.
         std::fs::write(&ca_file, "not PEM").unwrap();
-        let bad = PostgresStore::connect(&url, wait, Some(&ca_file))
+        let bad = PostgresStore::connect(&url, wait, Some(&ca_file), 4)
             .await
             .err()
             .unwrap();

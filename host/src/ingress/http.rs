@@ -25,14 +25,18 @@ pub(super) async fn handle(
     let started = std::time::Instant::now();
     let route = bounded(service, route_class(req.method(), req.uri().path()));
     let resp = handle_inner(runtime, service, budget, req).await;
+    let status = resp.status().as_u16();
     metrics::get()
         .requests
         .get_or_create(&metrics::labels([
             ("service", &service.name),
             ("route", &route),
-            ("status", metrics::status_class(resp.status().as_u16())),
+            ("status", metrics::status_class(status)),
         ]))
         .inc();
+    if status >= 500 {
+        metrics::count_server_error(&service.name);
+    }
     service.latency.observe(started.elapsed().as_secs_f64());
     resp
 }

@@ -237,3 +237,30 @@ async fn without_a_token_a_page_rebound_to_loopback_is_refused() {
         "processed: nothing to roll back to"
     );
 }
+
+/// `/stats` counts each service's requests and its 5xx answers, apart from other services'.
+#[tokio::test]
+async fn stats_count_requests_and_server_errors_per_service() {
+    let (host, _comps) = crate::harness::with_product("misbehave.wasm", &[], &[]).await;
+    for path in ["/trap", "/panic", "/"] {
+        host.send("GET", "product", path, None).await;
+    }
+    assert_eq!(host.get("/api/users").await.status, 200);
+    let stats = host.admin_get("/stats").await.json;
+    let service = |name: &str| {
+        let all = stats["services"].as_array().unwrap();
+        (all.iter().find(|s| s["name"] == name))
+            .unwrap_or_else(|| panic!("no {name} in {stats}"))
+            .clone()
+    };
+    let product = service("product");
+    assert_eq!(
+        (product["requests"].as_u64(), product["errors"].as_u64()),
+        (Some(3), Some(2)),
+        "{product}"
+    );
+    // The gateway's call to user-service is in process: counted on the gateway's port only.
+    let gateway = service("gateway");
+    let counts = (gateway["requests"].as_u64(), gateway["errors"].as_u64());
+    assert_eq!(counts, (Some(1), Some(0)), "{gateway}");
+}

@@ -358,42 +358,6 @@ async fn acknowledged_commits_and_their_ids_survive_a_server_crash() {
     assert!(after > id, "id {id} handed out again after the crash");
 }
 
-/// Ids taken at once through one handle share PostgreSQL transactions: 50 of them take far
-/// fewer than 50 (the server's transaction ids count them), and are still all distinct.
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_ids_share_transactions() {
-    let server = Postgres::start().expect("a PostgreSQL server for the tests");
-    let url = server.create_database("ids").unwrap();
-    let db = shared(&url).await;
-    let (probe, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    async fn xid(probe: &tokio_postgres::Client) -> i64 {
-        let row = probe.query_one("SELECT txid_current()", &[]).await;
-        row.unwrap().get(0)
-    }
-    // The sequence's row exists: later statements update it.
-    db.next_id(&mut txn(), "ids".into(), "n".into())
-        .await
-        .unwrap();
-    let before = xid(&probe).await;
-    let takes = (0..50).map(|_| {
-        let db = db.clone();
-        async move {
-            db.next_id(&mut txn(), "ids".into(), "n".into())
-                .await
-                .unwrap()
-        }
-    });
-    let mut ids = futures_util::future::join_all(takes).await;
-    let used = xid(&probe).await - before - 1;
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len(), 50);
-    assert!(used < 10, "50 ids took {used} transactions");
-}
-
 /// A relay whose session ended (its connection cut mid-drain; its partition locks went with
 /// it) deletes nothing it read: another host takes the partitions and publishes those rows.
 /// Live relays then share the partitions, each holding its half.

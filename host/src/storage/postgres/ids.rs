@@ -110,6 +110,9 @@ impl Drop for Forget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::postgres_server::Postgres;
+    use crate::storage::postgres::PostgresStore;
+    use crate::storage::{StateStore, Txn};
     use std::sync::atomic::{AtomicU64, Ordering};
 
     fn sequence() -> Sequence {
@@ -172,5 +175,42 @@ mod tests {
         assert!(batches.lock().is_empty());
         let ok = |_: Sequence, n: u64| async move { Ok(7 + n) };
         assert_eq!(batches.next(sequence(), ok).await.unwrap(), 8);
+    }
+
+    /// Ids taken at once through one handle share PostgreSQL transactions: 50 of them take far
+    /// fewer than 50 (the server's transaction ids count them), and are still all distinct.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_ids_share_transactions() {
+        let server = Postgres::start().expect("a PostgreSQL server for the tests");
+        let url = server.create_database("ids").unwrap();
+        let wait = std::time::Duration::from_secs(5);
+        let db = Arc::new(PostgresStore::connect(&url, wait, None, 8).await.unwrap());
+        let (probe, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        async fn xid(probe: &tokio_postgres::Client) -> i64 {
+            let row = probe.query_one("SELECT txid_current()", &[]).await;
+            row.unwrap().get(0)
+        }
+        // The sequence's row exists: later statements update it.
+        db.next_id(&mut Txn::new("svc".into()), "ids".into(), "n".into())
+            .await
+            .unwrap();
+        let before = xid(&probe).await;
+        let takes = (0..50).map(|_| {
+            let db = db.clone();
+            async move {
+                db.next_id(&mut Txn::new("svc".into()), "ids".into(), "n".into())
+                    .await
+                    .unwrap()
+            }
+        });
+        let mut ids = futures_util::future::join_all(takes).await;
+        let used = xid(&probe).await - before - 1;
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 50);
+        assert!(used < 10, "50 ids took {used} transactions");
     }
 }

@@ -136,7 +136,7 @@ impl PostgresStore {
     /// Connects to `url` and creates the tables if they do not exist. A commit waits at most
     /// `wait` for the locks it needs (then fails as the store being unavailable). TLS as the
     /// URL's `sslmode` says, trusting also the authorities of `ca_file`. At most
-    /// `connections` are open for reads, commits and ids; callers wait for one.
+    /// `connections` are open for reads, commits and ids; callers wait for one at most `wait`.
     pub async fn connect(
         url: &str,
         wait: Duration,
@@ -154,7 +154,9 @@ impl PostgresStore {
         );
         let pool = Pool::builder(manager)
             .max_size(connections)
-            .wait_timeout(Some(Duration::from_secs(5)))
+            // Waiting for a connection is bounded like waiting for a lock: a request that
+            // finds every connection busy still gets the store's 503 before its deadline.
+            .wait_timeout(Some(wait))
             .create_timeout(Some(Duration::from_secs(5)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()

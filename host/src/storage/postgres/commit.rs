@@ -212,7 +212,7 @@ impl PostgresStore {
         let take = move |(service, bucket, key): ids::Sequence, count: u64| {
             let pool = pool.clone();
             async move {
-                let client = pool.get().await.context("connecting to PostgreSQL")?;
+                let client = super::client(&pool).await?;
                 let stmt = client.prepare_cached(NEXT_ID).await?;
                 let count = i64::try_from(count)?;
                 let row = (client.query_one(&stmt, &[&&*service, &bucket, &key, &count])).await?;

@@ -62,15 +62,14 @@ impl IdBatches {
         loop {
             let waiting = {
                 let mut batches = self.lock();
-                let Some(waiting) = batches.get_mut(&sequence) else {
-                    return;
-                };
-                if waiting.is_empty() {
-                    batches.remove(&sequence);
-                    guard.0 = None;
-                    return;
+                match batches.get_mut(&sequence) {
+                    Some(waiting) if !waiting.is_empty() => std::mem::take(waiting),
+                    _ => {
+                        batches.remove(&sequence);
+                        guard.0 = None;
+                        return;
+                    }
                 }
-                std::mem::take(waiting)
             };
             let n = waiting.len() as u64;
             match take(sequence.clone(), n).await {

@@ -187,10 +187,7 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
-        self.pool
-            .get()
-            .await
-            .context("connecting to PostgreSQL (STATE_URL)")
+        client(&self.pool).await
     }
 
     /// The server, for logs (no password).
@@ -284,6 +281,13 @@ async fn notify_relays(pool: Pool, committed: Arc<tokio::sync::Notify>) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// A connection of `pool`, for work that outlives a borrow of the store.
+async fn client(pool: &Pool) -> Result<deadpool_postgres::Object> {
+    pool.get()
+        .await
+        .context("connecting to PostgreSQL (STATE_URL)")
 }
 
 /// The least string above every string that starts with `prefix`, in byte order (UTF-8 keeps

@@ -17,6 +17,7 @@
 
 mod commit;
 mod connection;
+mod group;
 mod ids;
 mod locks;
 mod relay;
@@ -99,6 +100,8 @@ pub struct PostgresStore {
     rows_committed: Arc<tokio::sync::Notify>,
     /// Callers of `next_id` waiting together, served by one statement per batch.
     ids: ids::IdBatches,
+    /// Commits waiting together, landed in one transaction per group.
+    commits: group::Group<commit::Committer>,
 }
 
 fn conflict_or_storage(e: tokio_postgres::Error) -> CommitError {
@@ -162,7 +165,7 @@ impl PostgresStore {
             .build()
             .context("PostgreSQL pool")?;
         let pg = PostgresStore {
-            pool,
+            pool: pool.clone(),
             url: url.to_string(),
             tls,
             wait,
@@ -173,6 +176,10 @@ impl PostgresStore {
             committed: Arc::default(),
             rows_committed: Arc::default(),
             ids: Default::default(),
+            commits: group::Group::new(
+                commit::Committer { pool: pool.clone() },
+                lanes(connections),
+            ),
         };
         tokio::spawn(notify_relays(pg.pool.clone(), pg.rows_committed.clone()));
         let mut client = pg.client().await?;
@@ -281,6 +288,13 @@ async fn notify_relays(pool: Pool, committed: Arc<tokio::sync::Notify>) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Groups of commits in flight at once on `connections`: a quarter of them, so that reads and
+/// ids find connections free, and commits that arrive while groups are in flight make the
+/// next group large.
+fn lanes(connections: usize) -> usize {
+    (connections / 4).max(1)
 }
 
 /// A connection of `pool`, for work that outlives a borrow of the store.

@@ -85,13 +85,16 @@ one() { # column
 start_broker; start_host redb 3999; one redb; stop_hosts; stop_broker
 # Transactions the server rolled back during the one-host POST run: conflicts (re-runs).
 rollbacks() { as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pgport" -U postgres -d one -tAc "SELECT xact_rollback FROM pg_stat_database WHERE datname = 'one'"; }
+# Transactions that wrote (each takes a transaction id, counted at once, unlike the statistics).
+xid() { as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pgport" -U postgres -d one -tAc "SELECT txid_current()"; }
 users() { as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pgport" -U postgres -d one -tAc "SELECT count(*) FROM kv WHERE service = 'user' AND bucket = 'users'"; }
 start_broker; start_host pg1 3999 --state-url "$(url_for one)"
 seed_user 3000; sleep 0.5
 for p in "${paths[@]}"; do res[pg1$p]=$(wrk_run "$p" 32 | summary); done
-before=$(rollbacks)
+before=$(rollbacks); xid0=$(xid)
 res[pg1:post]=$(BENCH_PREFIX=pg1 wrk_run ":3000/api/users" 32 -s "$work/post.lua" | summary)
-aborts="$(( $(rollbacks) - before )) transactions rolled back (conflicts) while $(( $(users) - 1 )) users were created"
+writes=$(( $(xid) - xid0 - 1 )); created=$(( $(users) - 1 ))
+aborts="$(( $(rollbacks) - before )) transactions rolled back (conflicts) while $created users were created; $writes transactions wrote, $(awk "BEGIN {printf \"%.2f\", $writes / ($created > 0 ? $created : 1)}") per created user"
 stop_hosts; stop_broker
 
 start_broker

@@ -81,10 +81,11 @@ declare -A res rss
 # run NAME: measures every GET path, the dashboard under overload, then POST /api/users,
 # keeping RSS after the GETs.
 run_all() {
-    local name=$1 pids=$2
+    # Not named `pids`: revive_node, called from here, reads the global array of that name.
+    local name=$1 measured=$2
     seed_user; sleep 0.5
     for p in "${paths[@]}"; do res[$name$p]=$(measure "$p"); done
-    rss[$name]=$(rss_mb "$pids")
+    rss[$name]=$(rss_mb "$measured")
     # Before the POSTs: the same state (one user) as the 32-connection figures they are
     # compared with, not a hundred thousand users and the order service's backlog of events.
     res[$name:c1000]=$(flood 1000 1)

@@ -261,18 +261,33 @@ async fn a_lock_held_by_a_dead_session_fails_a_commit_within_its_wait() {
         .execute("SELECT pg_advisory_xact_lock($1, $2)", &[&k1, &k2])
         .await
         .unwrap();
+    // Commits that need the key wait for it; the rest of the host's commits do not.
+    let began = std::time::Instant::now();
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let db = db.clone();
+            let mut t = txn();
+            t.put("b".into(), "k".into(), Some(vec![1])).unwrap();
+            tokio::spawn(async move { db.commit(t).await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let mut other = txn();
     other
         .put("b".into(), "elsewhere".into(), Some(vec![1]))
         .unwrap();
     db.commit(other).await.unwrap();
-    let mut t = txn();
-    t.put("b".into(), "k".into(), Some(vec![1])).unwrap();
-    let began = std::time::Instant::now();
-    let result = tokio::time::timeout(std::time::Duration::from_secs(20), db.commit(t))
-        .await
-        .expect("the commit waited past its wait");
-    assert!(matches!(result, Err(CommitError::Storage(_))), "{result:?}");
+    assert!(
+        began.elapsed() < std::time::Duration::from_millis(700),
+        "a commit on another key waited behind those on the held key"
+    );
+    for commit in held {
+        let result = tokio::time::timeout(std::time::Duration::from_secs(20), commit)
+            .await
+            .expect("the commit waited past its wait")
+            .unwrap();
+        assert!(matches!(result, Err(CommitError::Storage(_))), "{result:?}");
+    }
     assert!(began.elapsed() >= std::time::Duration::from_millis(900));
     // The pool is not left holding a broken transaction: the next commits go through.
     for i in 0..40 {

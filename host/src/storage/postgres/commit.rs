@@ -234,7 +234,7 @@ impl Lands for Committer {
         match outcome(row.map_err(conflict_or_storage)?) {
             Outcome::Landed => Ok(()),
             Outcome::Conflict => Err(CommitError::Conflict),
-            Outcome::Busy => {
+            Outcome::Alone => {
                 Err(anyhow::anyhow!("a commit that waits for its locks was busy").into())
             }
         }
@@ -242,10 +242,10 @@ impl Lands for Committer {
 
     /// `BEGIN` and every commit's statement go out at once (pipelined on one connection),
     /// then `COMMIT`: two round trips and one wait for the disk for the whole group, which
-    /// waits if any of its commits does.
+    /// waits if any of its commits does. One commit is one statement.
     async fn together(&self, commits: &[Prepared]) -> Result<Vec<Outcome>, CommitError> {
-        let client = super::client(&self.pool).await?;
-        let statement = (client.prepare_cached(COMMIT).await).map_err(conflict_or_storage)?;
+        let session = Session(Some(super::client(&self.pool).await?));
+        let statement = (session.prepare_cached(COMMIT).await).map_err(conflict_or_storage)?;
         let durable = commits.iter().any(|c| c.durable);
         let params: Vec<_> = (commits.iter())
             .map(|c| {
@@ -254,21 +254,61 @@ impl Lands for Committer {
                 p
             })
             .collect();
-        let tries = params.iter().map(|p| client.query_one(&statement, p));
-        // `join` polls in order: each request is sent at its first poll, `BEGIN` first.
-        let (began, tried) = join(client.batch_execute("BEGIN"), join_all(tries)).await;
-        let outcomes = began.and_then(|()| tried.into_iter().map(|r| r.map(outcome)).collect());
-        let end = if outcomes.is_ok() {
-            "COMMIT"
-        } else {
-            "ROLLBACK"
-        };
-        if let Err(e) = client.batch_execute(end).await {
-            // Its session may still be in the transaction: not back to the pool with it.
-            drop(deadpool_postgres::Object::take(client));
-            return Err(conflict_or_storage(e));
+        if let [one] = &params[..] {
+            let row = session.query_one(&statement, one).await;
+            // Its own transaction, ended whatever the statement did.
+            session.ended();
+            return row
+                .map(|row| vec![outcome(row)])
+                .map_err(conflict_or_storage);
         }
-        outcomes.map_err(conflict_or_storage)
+        let tries = params.iter().map(|p| session.query_one(&statement, p));
+        // `join` polls in order: each request is sent at its first poll, `BEGIN` first.
+        let (began, tried) = join(session.batch_execute(BEGIN), join_all(tries)).await;
+        let outcomes: Result<Vec<_>, _> =
+            began.and_then(|()| tried.into_iter().map(|r| r.map(outcome)).collect());
+        let ended = match outcomes {
+            Ok(outcomes) => session.batch_execute("COMMIT").await.map(|()| outcomes),
+            // The server refused a statement (a key it cannot store, a timeout): nothing
+            // landed, and each commit finds its own outcome alone.
+            Err(e) if e.as_db_error().is_some() => (session.batch_execute("ROLLBACK").await)
+                .map(|()| vec![Outcome::Alone; commits.len()]),
+            Err(e) => Err(e),
+        };
+        let outcomes = ended.map_err(conflict_or_storage)?;
+        session.ended();
+        Ok(outcomes)
+    }
+}
+
+/// A group's transaction, pinned: each statement of a function sees what committed before it.
+const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
+/// A pooled connection that goes back to the pool only once its transaction is known to have
+/// ended; dropped before ([`Session::ended`]), its session is closed and the server rolls back.
+struct Session(Option<deadpool_postgres::Object>);
+
+impl Session {
+    fn ended(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        self.0
+            .as_ref()
+            .expect("a session is used only until it ended")
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
     }
 }
 
@@ -277,7 +317,7 @@ fn outcome(row: tokio_postgres::Row) -> Outcome {
     match row.get::<_, &str>(0) {
         "landed" => Outcome::Landed,
         "conflict" => Outcome::Conflict,
-        _ => Outcome::Busy,
+        _ => Outcome::Alone,
     }
 }
 
@@ -392,16 +432,29 @@ mod tests {
         Prepared::new(&txn, true).unwrap()
     }
 
-    /// One group is one server transaction. In it a commit whose lock another session holds is
-    /// busy at once (not waited for), a commit that read what an earlier one of the group
-    /// wrote conflicts, and the rest land; a statement that fails rolls the whole group back
-    /// and leaves its connection usable.
+    /// One group is one server transaction. In it a commit whose lock another session holds
+    /// goes alone at once (not waited for), a commit that read what an earlier one of the group
+    /// wrote conflicts, and the rest land; a statement the server refuses rolls the group back,
+    /// and each of its commits then finds its own outcome alone.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_group_is_one_transaction_that_never_waits_for_a_lock() {
         let server = Postgres::start().expect("a PostgreSQL server for the tests");
         let url = server.create_database("group").unwrap();
+        // A database whose sessions default to a snapshot per transaction: the store's own
+        // sessions still take one per statement.
+        let setup = session(&url).await;
+        (setup.batch_execute(
+            "ALTER DATABASE \"group\" SET default_transaction_isolation TO 'repeatable read'",
+        ))
+        .await
+        .unwrap();
         let wait = Duration::from_secs(5);
         let db = PostgresStore::connect(&url, wait, None, 2).await.unwrap();
+        let isolation = (db.client().await.unwrap())
+            .query_one("SHOW transaction_isolation", &[])
+            .await
+            .unwrap();
+        assert_eq!(isolation.get::<_, &str>(0), "read committed");
         let committer = Committer {
             pool: db.pool.clone(),
         };
@@ -422,7 +475,7 @@ mod tests {
         let outcomes = committer.together(&group).await.unwrap();
         let used = xid(&probe).await - before - 1;
         use Outcome::*;
-        assert_eq!(outcomes, [Landed, Conflict, Busy, Landed]);
+        assert_eq!(outcomes, [Landed, Conflict, Alone, Landed]);
         assert!(began.elapsed() < wait, "the group waited for the held lock");
         assert_eq!(used, 1, "one group, {used} transactions");
         let value = |key: &'static str| {
@@ -434,17 +487,29 @@ mod tests {
         assert_eq!(value("held").await, None);
         assert_eq!(db.oldest(10).await.unwrap().len(), 2);
 
-        // A key PostgreSQL refuses (text holds no NUL) fails the group: nothing of it lands.
+        // Alone in its group, the same: told at once.
+        assert_eq!(committer.together(&group[2..3]).await.unwrap(), [Alone]);
+        assert!(
+            began.elapsed() < wait,
+            "a group of one waited for the held lock"
+        );
+
+        // A key PostgreSQL refuses (text holds no NUL): nothing of its group lands, and alone
+        // only that commit fails.
         let failing = [
             commit(&db, None, "z").await,
             commit(&db, None, "nul\0").await,
         ];
-        assert!(matches!(
-            committer.together(&failing).await,
-            Err(CommitError::Storage(_))
-        ));
+        assert_eq!(committer.together(&failing).await.unwrap(), [Alone, Alone]);
         assert_eq!(value("z").await, None);
-        let after = [commit(&db, None, "z").await, commit(&db, None, "w").await];
+        committer.alone(&failing[0]).await.unwrap();
+        let refused = committer.alone(&failing[1]).await;
+        assert!(
+            matches!(refused, Err(CommitError::Storage(_))),
+            "{refused:?}"
+        );
+        assert_eq!(value("z").await.as_deref(), Some(&b"z"[..]));
+        let after = [commit(&db, None, "v").await, commit(&db, None, "w").await];
         assert_eq!(committer.together(&after).await.unwrap(), [Landed, Landed]);
 
         // The busy commit, alone, waits for its lock and lands once the holder is done.

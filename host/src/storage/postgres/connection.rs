@@ -12,8 +12,11 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 pub(super) fn connection_config(url: &str, wait: Duration) -> Result<tokio_postgres::Config> {
     let mut config: tokio_postgres::Config = url.parse().context("STATE_URL")?;
     let ms = wait.as_millis().max(1);
+    // READ COMMITTED whatever the server's default: a commit re-reads what it read after
+    // taking its locks, which a snapshot older than the locks would not see.
     let ours = format!(
-        "-c lock_timeout={ms} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+        "-c lock_timeout={ms} -c statement_timeout={} -c idle_in_transaction_session_timeout={} \
+         -c default_transaction_isolation=read\\ committed",
         ms * 2,
         (ms * 2).max(10_000)
     );

@@ -2,12 +2,13 @@
 //!
 //! At most `lanes` groups are in flight per host. A commit that finds a lane free starts it;
 //! a lane takes everyone queued by then (up to [`MAX_GROUP`] commits and [`MAX_LOCKS`] locks)
-//! as one group: one transaction, one wait for the disk. A commit nobody waits with goes
-//! alone, as it would without groups. In a group each commit only tries its locks; one whose
-//! lock another transaction holds is `Busy` and goes alone after the group, waiting for its
-//! locks as a lone commit does. A group therefore never waits for a lock: groups cannot
-//! deadlock with each other or with lone commits (which take their locks in one global
-//! order), and one held key does not hold up the commits grouped with it.
+//! as one group: one transaction, one wait for the disk (a group of one is one statement). In
+//! a lane a commit only tries its locks; one whose lock another transaction holds, or whose
+//! group failed before its end, is [`Outcome::Alone`]: nothing of it landed, and it commits
+//! again alone, outside the lanes, waiting for its locks. A lane therefore never waits for a
+//! lock: groups cannot deadlock with each other or with lone commits (which take their locks
+//! in one global order), a held key holds up only the commits that need it, and one commit
+//! the server refuses fails only itself.
 
 use crate::storage::CommitError;
 use async_trait::async_trait;
@@ -18,7 +19,7 @@ use tokio::sync::oneshot;
 /// Most commits in one group.
 const MAX_GROUP: usize = 32;
 /// Most advisory locks one group takes, over all its commits (the server's lock table is
-/// shared by every session); a commit that needs more goes alone.
+/// shared by every session); a commit that needs more makes a group by itself.
 const MAX_LOCKS: usize = 512;
 
 /// What became of one commit of a group.
@@ -27,8 +28,9 @@ pub(super) enum Outcome {
     Landed,
     /// What it read has changed: run the invocation again.
     Conflict,
-    /// Another transaction holds one of its locks: nothing of it landed.
-    Busy,
+    /// Nothing of it landed: another transaction holds one of its locks, or a statement of its
+    /// group failed. It commits again alone.
+    Alone,
 }
 
 /// How commits land.
@@ -42,8 +44,8 @@ pub(super) trait Lands: Send + Sync + 'static {
     /// Lands `commit` in a transaction of its own, waiting for its locks.
     async fn alone(&self, commit: &Self::Commit) -> Result<(), CommitError>;
 
-    /// Lands `commits` in one transaction, in order, each trying its locks without waiting:
-    /// an outcome per commit, or an error and nothing landed.
+    /// Lands `commits` (one or more) in one transaction, in order, each trying its locks
+    /// without waiting: an outcome per commit, or an error (the group's outcome unknown).
     async fn together(&self, commits: &[Self::Commit]) -> Result<Vec<Outcome>, CommitError>;
 }
 
@@ -94,15 +96,15 @@ impl<L: Lands> Group<L> {
             free
         };
         if start {
-            // A task, not this caller: a caller that gives up must not strand the others.
-            tokio::spawn(self.clone().serve());
+            // A task, not this caller: a caller that gives up must not strand the others. The
+            // lane is given back however the task ends, even unpolled.
+            tokio::spawn(self.clone().serve(Lane(Some(self.clone()))));
         }
         (answer.await).unwrap_or_else(|_| Err(anyhow::anyhow!("the commit task ended").into()))
     }
 
     /// Lands groups while commits wait.
-    async fn serve(self) {
-        let mut lane = Lane(Some(self.clone()));
+    async fn serve(self, mut lane: Lane<L>) {
         loop {
             let group = {
                 let mut queue = self.lock();
@@ -118,23 +120,16 @@ impl<L: Lands> Group<L> {
         }
     }
 
-    async fn land(&self, mut group: Vec<(L::Commit, Reply)>) {
-        let lands = &self.0.lands;
-        if group.len() == 1 {
-            if let Some((commit, reply)) = group.pop() {
-                let _ = reply.send(lands.alone(&commit).await);
-            }
-            return;
-        }
+    async fn land(&self, group: Vec<(L::Commit, Reply)>) {
         let (commits, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-        match lands.together(&commits).await {
+        match self.0.lands.together(&commits).await {
             Ok(outcomes) => {
                 // A reply left without an outcome (none can be) drops: its caller hears so.
                 for ((commit, reply), outcome) in commits.into_iter().zip(replies).zip(outcomes) {
                     let result = match outcome {
                         Outcome::Landed => Ok(()),
                         Outcome::Conflict => Err(CommitError::Conflict),
-                        Outcome::Busy => {
+                        Outcome::Alone => {
                             let this = self.clone();
                             tokio::spawn(async move {
                                 let _ = reply.send(this.0.lands.alone(&commit).await);
@@ -202,13 +197,15 @@ impl<L: Lands> Drop for Lane<L> {
 mod tests {
     use super::*;
 
-    /// Commits in memory, by number: the last digit says what becomes of one (1 conflicts in a
-    /// group, 2 is busy in a group, 7 panics alone, 8 fails its group or itself); 1000 and
-    /// above take all of a group's locks.
+    /// Commits in memory, by number: the last digit says what becomes of one in a group (1
+    /// conflicts, 2 must go alone, 7 panics, 8 fails the group); 1000 and above take all of a
+    /// group's locks.
     #[derive(Default)]
     struct Memory {
-        /// Each call: the commits it was given.
-        calls: Mutex<Vec<Vec<u32>>>,
+        /// The commits of each group, in order.
+        groups: Mutex<Vec<Vec<u32>>>,
+        /// Commits that went alone.
+        alone: Mutex<Vec<u32>>,
         landed: Mutex<Vec<u32>>,
     }
 
@@ -225,27 +222,22 @@ mod tests {
         }
 
         async fn alone(&self, commit: &u32) -> Result<(), CommitError> {
-            self.calls.lock().unwrap().push(vec![*commit]);
+            self.alone.lock().unwrap().push(*commit);
             tokio::task::yield_now().await;
-            match commit % 10 {
-                7 => panic!("a bug"),
-                8 => Err(anyhow::anyhow!("server gone").into()),
-                _ => {
-                    self.landed.lock().unwrap().push(*commit);
-                    Ok(())
-                }
-            }
+            self.landed.lock().unwrap().push(*commit);
+            Ok(())
         }
 
         async fn together(&self, commits: &[u32]) -> Result<Vec<Outcome>, CommitError> {
-            self.calls.lock().unwrap().push(commits.to_vec());
+            self.groups.lock().unwrap().push(commits.to_vec());
             tokio::task::yield_now().await;
+            assert!(commits.iter().all(|c| c % 10 != 7), "a bug");
             if commits.iter().any(|c| c % 10 == 8) {
                 return Err(anyhow::anyhow!("server gone").into());
             }
             let outcome = |c: &u32| match c % 10 {
                 1 => Outcome::Conflict,
-                2 => Outcome::Busy,
+                2 => Outcome::Alone,
                 _ => {
                     self.landed.lock().unwrap().push(*c);
                     Outcome::Landed
@@ -255,8 +247,12 @@ mod tests {
         }
     }
 
-    fn calls(group: &Group<Memory>) -> Vec<Vec<u32>> {
-        group.0.lands.calls.lock().unwrap().clone()
+    fn groups(group: &Group<Memory>) -> Vec<Vec<u32>> {
+        group.0.lands.groups.lock().unwrap().clone()
+    }
+
+    fn alone(group: &Group<Memory>) -> Vec<u32> {
+        group.0.lands.alone.lock().unwrap().clone()
     }
 
     async fn commit_all(group: &Group<Memory>, commits: &[u32]) -> Vec<Result<(), CommitError>> {
@@ -264,20 +260,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn commits_waiting_together_land_in_groups_and_a_lone_one_goes_alone() {
+    async fn commits_waiting_together_land_in_groups_and_a_lone_one_in_its_own() {
         let group = Group::new(Memory::default(), 1);
         let commits: Vec<u32> = (0..50).map(|c| c * 10).collect();
         let results = commit_all(&group, &commits).await;
         assert!(results.iter().all(Result::is_ok), "{results:?}");
-        let sizes: Vec<usize> = calls(&group).iter().map(Vec::len).collect();
+        let sizes: Vec<usize> = groups(&group).iter().map(Vec::len).collect();
         assert_eq!(sizes, [MAX_GROUP, 50 - MAX_GROUP]);
         let mut landed = group.0.lands.landed.lock().unwrap().clone();
         landed.sort_unstable();
         assert_eq!(landed, commits);
-        // Nobody waits: the lane is given back, and the next commit goes alone.
+        // Nobody waits: the lane is given back, and the next commit is a group of one.
         assert_eq!(group.lock().running, 0);
         group.commit(990).await.unwrap();
-        assert_eq!(calls(&group).last().unwrap(), &[990]);
+        assert_eq!(groups(&group).last().unwrap(), &[990]);
+        assert!(alone(&group).is_empty());
     }
 
     #[tokio::test]
@@ -286,7 +283,8 @@ mod tests {
         let results = commit_all(&group, &[10, 21, 32, 40]).await;
         assert!(results[0].is_ok() && results[2].is_ok() && results[3].is_ok());
         assert!(matches!(results[1], Err(CommitError::Conflict)));
-        assert_eq!(calls(&group), [vec![10, 21, 32, 40], vec![32]]);
+        assert_eq!(groups(&group), [vec![10, 21, 32, 40]]);
+        assert_eq!(alone(&group), [32]);
     }
 
     #[tokio::test]
@@ -308,7 +306,7 @@ mod tests {
             first.is_err() && later.iter().all(Result::is_err),
             "{later:?}"
         );
-        assert_eq!(calls(&group)[1..], [vec![17]]);
+        assert_eq!(groups(&group)[1..], [vec![17]]);
         assert_eq!(group.lock().running, 0);
         group.commit(40).await.unwrap();
     }

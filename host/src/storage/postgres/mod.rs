@@ -277,10 +277,14 @@ async fn notify_relays(pool: Pool, committed: Arc<tokio::sync::Notify>) {
         let sent = async {
             let client = pool.get().await?;
             // A NOTIFY commits as a write does; nothing waits for its flush.
-            client
+            let notified = client
                 .batch_execute("BEGIN; SET LOCAL synchronous_commit TO off; NOTIFY outbox; COMMIT")
-                .await?;
-            anyhow::Ok(())
+                .await;
+            if notified.is_err() {
+                // Its session may be left in the failed transaction: not back to the pool.
+                drop(deadpool_postgres::Object::take(client));
+            }
+            anyhow::Ok(notified?)
         };
         if let Err(e) = sent.await {
             // The relays also look every second by themselves.

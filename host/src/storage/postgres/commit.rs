@@ -10,6 +10,7 @@
 //! commit ever holds an id that a crash could hand out again; applied writes are made durable
 //! by [`PostgresStore::flush`] before the consumer acknowledges their records.
 
+use super::connection::Session;
 use super::group::{Lands, Outcome};
 use super::ids;
 use super::locks::locks;
@@ -185,12 +186,20 @@ impl Prepared {
         })
     }
 
-    /// The parameters of [`COMMIT`], waiting for the locks or only trying them.
-    fn params(&self, wait: &'static bool) -> [&(dyn ToSql + Sync); 22] {
+    /// The parameters of [`COMMIT`]: waiting for the disk or not, waiting for the locks or
+    /// only trying them.
+    fn params(&self, durable: bool, wait: bool) -> [&(dyn ToSql + Sync); 22] {
+        let flag = |on: bool| -> &'static bool {
+            if on {
+                &true
+            } else {
+                &false
+            }
+        };
         [
             &self.service,
-            &self.durable,
-            wait,
+            flag(durable),
+            flag(wait),
             &self.lock1,
             &self.lock2,
             &self.exclusive,
@@ -230,7 +239,7 @@ impl Lands for Committer {
     async fn alone(&self, commit: &Prepared) -> Result<(), CommitError> {
         let client = super::client(&self.pool).await?;
         let statement = (client.prepare_cached(COMMIT).await).map_err(conflict_or_storage)?;
-        let row = client.query_one(&statement, &commit.params(&true)).await;
+        let row = (client.query_one(&statement, &commit.params(commit.durable, true))).await;
         match outcome(row.map_err(conflict_or_storage)?) {
             Outcome::Landed => Ok(()),
             Outcome::Conflict => Err(CommitError::Conflict),
@@ -244,16 +253,10 @@ impl Lands for Committer {
     /// then `COMMIT`: two round trips and one wait for the disk for the whole group, which
     /// waits if any of its commits does. One commit is one statement.
     async fn together(&self, commits: &[Prepared]) -> Result<Vec<Outcome>, CommitError> {
-        let session = Session(Some(super::client(&self.pool).await?));
+        let session = Session::new(super::client(&self.pool).await?);
         let statement = (session.prepare_cached(COMMIT).await).map_err(conflict_or_storage)?;
         let durable = commits.iter().any(|c| c.durable);
-        let params: Vec<_> = (commits.iter())
-            .map(|c| {
-                let mut p = c.params(&false);
-                p[1] = if durable { &true } else { &false };
-                p
-            })
-            .collect();
+        let params: Vec<_> = commits.iter().map(|c| c.params(durable, false)).collect();
         if let [one] = &params[..] {
             let row = session.query_one(&statement, one).await;
             // Its own transaction, ended whatever the statement did.
@@ -283,34 +286,6 @@ impl Lands for Committer {
 
 /// A group's transaction, pinned: each statement of a function sees what committed before it.
 const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
-
-/// A pooled connection that goes back to the pool only once its transaction is known to have
-/// ended; dropped before ([`Session::ended`]), its session is closed and the server rolls back.
-struct Session(Option<deadpool_postgres::Object>);
-
-impl Session {
-    fn ended(mut self) {
-        drop(self.0.take());
-    }
-}
-
-impl std::ops::Deref for Session {
-    type Target = deadpool_postgres::Object;
-
-    fn deref(&self) -> &Self::Target {
-        self.0
-            .as_ref()
-            .expect("a session is used only until it ended")
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        if let Some(client) = self.0.take() {
-            drop(deadpool_postgres::Object::take(client));
-        }
-    }
-}
 
 /// What `microsvc_commit` answered.
 fn outcome(row: tokio_postgres::Row) -> Outcome {

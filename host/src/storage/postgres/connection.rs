@@ -1,4 +1,5 @@
-//! Connections to PostgreSQL: the session settings every connection gets, and TLS.
+//! Connections to PostgreSQL: the session settings every connection gets, TLS, and sessions
+//! that leave the pool unless their transaction ended.
 
 use anyhow::{Context as _, Result};
 use std::path::Path;
@@ -41,4 +42,36 @@ pub(super) fn tls(ca_file: Option<&Path>) -> Result<MakeRustlsConnect> {
     let config =
         crate::types::tls::client_config(ca_file, "STATE_CA_FILE").context("TLS for PostgreSQL")?;
     Ok(MakeRustlsConnect::new(config))
+}
+
+/// A pooled connection that goes back to the pool only once its transaction is known to have
+/// ended; dropped before ([`Session::ended`]), its session is closed and the server rolls back.
+pub(super) struct Session(Option<deadpool_postgres::Object>);
+
+impl Session {
+    pub(super) fn new(client: deadpool_postgres::Object) -> Session {
+        Session(Some(client))
+    }
+
+    pub(super) fn ended(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        self.0
+            .as_ref()
+            .expect("a session is used only until it ended")
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
 }

@@ -22,7 +22,7 @@ mod ids;
 mod locks;
 mod relay;
 
-use connection::{connection_config, tls};
+use connection::{connection_config, tls, Session};
 #[cfg(test)]
 pub(super) use locks::lock_id;
 
@@ -176,10 +176,7 @@ impl PostgresStore {
             committed: Arc::default(),
             rows_committed: Arc::default(),
             ids: Default::default(),
-            commits: group::Group::new(
-                commit::Committer { pool: pool.clone() },
-                lanes(connections),
-            ),
+            commits: group::Group::new(commit::Committer { pool }, lanes(connections)),
         };
         tokio::spawn(notify_relays(pg.pool.clone(), pg.rows_committed.clone()));
         let mut client = pg.client().await?;
@@ -275,16 +272,15 @@ async fn notify_relays(pool: Pool, committed: Arc<tokio::sync::Notify>) {
             return;
         }
         let sent = async {
-            let client = pool.get().await?;
+            // A failed NOTIFY may leave its transaction open: the session is not pooled again.
+            let session = Session::new(pool.get().await?);
             // A NOTIFY commits as a write does; nothing waits for its flush.
-            let notified = client
-                .batch_execute("BEGIN; SET LOCAL synchronous_commit TO off; NOTIFY outbox; COMMIT")
-                .await;
-            if notified.is_err() {
-                // Its session may be left in the failed transaction: not back to the pool.
-                drop(deadpool_postgres::Object::take(client));
-            }
-            anyhow::Ok(notified?)
+            (session.batch_execute(
+                "BEGIN; SET LOCAL synchronous_commit TO off; NOTIFY outbox; COMMIT",
+            ))
+            .await?;
+            session.ended();
+            anyhow::Ok(())
         };
         if let Err(e) = sent.await {
             // The relays also look every second by themselves.

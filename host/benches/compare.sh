@@ -36,13 +36,13 @@ measure() {
     local errors; errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ' | sed 's/ *$//')
     echo "$rps $p50 $p99 ${errors:-none}" | tr -s ' '
 }
-# flood CONNS PROCS: GET /api/v1/dashboard from CONNS connections spread over PROCS wrk
-# processes for 6 s: "goodput p99 errors", goodput being 2xx answers per second, p99 the worst
+# flood CONNS PROCS [URL]: GET URL (default :3000/api/v1/dashboard) from CONNS connections
+# spread over PROCS wrk processes for 6 s: "goodput p99 errors", goodput being 2xx answers per second, p99 the worst
 # of the processes', errors the non-2xx answers and socket errors (timeouts past 2 s included).
 flood() {
-    local conns=$1 procs=$2 i pids=()
+    local conns=$1 procs=$2 url=${3:-:3000/api/v1/dashboard} i pids=()
     for i in $(seq 1 "$procs"); do
-        wrk -t1 -c$((conns / procs)) -d6s --latency "http://127.0.0.1:3000/api/v1/dashboard" >"$work/flood$i" & pids+=($!)
+        wrk -t1 -c$((conns / procs)) -d6s --latency "http://127.0.0.1$url" >"$work/flood$i" & pids+=($!)
     done
     wait "${pids[@]}" || true
     cat "$work"/flood* | awk '
@@ -158,6 +158,10 @@ kill $sink; wait $sink 2>/dev/null || true; wait_closed 3101
 # so the fresh column asks for one request per instance.
 BARE_HYPER_ADDR=127.0.0.1:3100 "$bare" & b=$!
 wait_port 3100; res[bare]=$(measure ":3100/")
+# The same floods on a server that does no work: what this machine and its load generators
+# allow any server at these connection counts.
+res[bare:c1000]=$(flood 1000 1 :3100/)
+res[bare:c10000]=$(flood 10000 4 :3100/)
 kill $b; wait $b 2>/dev/null || true; wait_closed 3100
 wt=${WASMTIME:-$(command -v wasmtime || true)}
 [ -n "$wt" ] && wt_version=$("$wt" --version) || wt_version="wasmtime not installed"
@@ -198,10 +202,10 @@ echo "|---|---|---|---|---|---|"
 for p in "${paths[@]}"; do row "\`GET $p\`" "node$p" "fresh$p" "reuse$p"; done
 row "\`POST :3000/api/users\` (Kafka mode, tansu)" node:post fresh:post reuse:post
 echo
-echo "Overload: \`GET :3000/api/v1/dashboard\` for 6 s from 1000 connections (one wrk) and from 10,000 (four wrk processes of 2,500), default limits. Cells: answers with 2xx per second (ratio to the same server's 32-connection figure above), p99, errors (non-2xx answers and socket errors, wrk's 2 s timeout included)."
+echo "Overload: \`GET :3000/api/v1/dashboard\` for 6 s from 1000 connections (one wrk) and from 10,000 (four wrk processes of 2,500), default limits. Cells: answers with 2xx per second (ratio to the same server's 32-connection figure above), p99, errors (non-2xx answers and socket errors, wrk's 2 s timeout included). The last column is bare hyper (\`host/benches/bare_hyper.rs\`, no component, no queue) under the same floods of \`GET :3100/\`, its ratio to its own 32-connection figure in the trivial-component table below: what this machine and its load generators (on the same two cores) leave any server."
 echo
-echo "| connections | Node seed | host, fresh instance per request | host, \`--instance-reuse $reuse\` (default) |"
-echo "|---|---|---|---|"
+echo "| connections | Node seed | host, fresh instance per request | host, \`--instance-reuse $reuse\` (default) | bare hyper |"
+echo "|---|---|---|---|---|"
 share() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a/b; else print "-"}'; }
 cell() { read -r r a b _ <<<"${res[$1]}"; echo "$r ($a / $b)"; }
 for c in 1000 10000; do
@@ -211,6 +215,8 @@ for c in 1000 10000; do
         read -r base _ <<<"${res[$name:3000/api/v1/dashboard]}"
         line+=" $g ($(share "$g" "$base")×), p99 $p, $e errors |"
     done
+    read -r g p e <<<"${res[bare:c$c]}"; read -r base _ <<<"${res[bare]}"
+    line+=" $g ($(share "$g" "$base")×), p99 $p, $e errors |"
     echo "$line"
 done
 echo

@@ -37,8 +37,9 @@ measure() {
     echo "$rps $p50 $p99 ${errors:-none}" | tr -s ' '
 }
 # flood CONNS PROCS [URL]: GET URL (default :3000/api/v1/dashboard) from CONNS connections
-# spread over PROCS wrk processes for 6 s: "goodput p99 errors", goodput being 2xx answers per second, p99 the worst
-# of the processes', errors the non-2xx answers and socket errors (timeouts past 2 s included).
+# spread over PROCS wrk processes for 6 s: "goodput p99 errors timeouts non-2xx", goodput being
+# 2xx answers per second, p99 the worst of the processes', errors the non-2xx answers and
+# socket errors, of which timeouts are wrk's (no answer within 2 s).
 flood() {
     local conns=$1 procs=$2 url=${3:-:3000/api/v1/dashboard} i pids=()
     for i in $(seq 1 "$procs"); do
@@ -48,10 +49,10 @@ flood() {
     cat "$work"/flood* | awk '
         function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; if (v ~ /m$/) return v * 60000; return v }
         / requests in / { n = $1; secs = $4; sub(/s,$/, "", secs); good += n / secs; done += n }
-        /Non-2xx/ { bad += $NF; good -= $NF / secs }
-        /Socket errors/ { gsub(/,/, ""); bad += $4 + $6 + $8 + $10 }
+        /Non-2xx/ { bad += $NF; non2xx += $NF; good -= $NF / secs }
+        /Socket errors/ { gsub(/,/, ""); bad += $4 + $6 + $8 + $10; timeouts += $10 }
         $1 == "99%" { if (ms($2) > p99) p99 = ms($2) }
-        END { printf "%.0f %.0fms %d\n", good, p99, bad }'
+        END { printf "%.0f %.0fms %d %d %d\n", good, p99, bad, timeouts, non2xx }'
     rm -f "$work"/flood*
 }
 rss_mb() { ps -o rss= -p "$1" | awk '{s+=$1} END {printf "%.0f", s/1024}'; }
@@ -202,22 +203,22 @@ echo "|---|---|---|---|---|---|"
 for p in "${paths[@]}"; do row "\`GET $p\`" "node$p" "fresh$p" "reuse$p"; done
 row "\`POST :3000/api/users\` (Kafka mode, tansu)" node:post fresh:post reuse:post
 echo
-echo "Overload: \`GET :3000/api/v1/dashboard\` for 6 s from 1000 connections (one wrk) and from 10,000 (four wrk processes of 2,500), default limits. Cells: answers with 2xx per second (ratio to the same server's 32-connection figure above), p99, errors (non-2xx answers and socket errors, wrk's 2 s timeout included). The last column is bare hyper (\`host/benches/bare_hyper.rs\`, no component, no queue) under the same floods of \`GET :3100/\`, its ratio to its own 32-connection figure in the trivial-component table below: what this machine and its load generators (on the same two cores) leave any server."
+echo "Overload: \`GET :3000/api/v1/dashboard\` for 6 s from 1000 connections (one wrk) and from 10,000 (four wrk processes of 2,500), default limits. Cells: answers with 2xx per second (ratio to the same server's 32-connection figure above), p99, errors (non-2xx answers and socket errors; timeouts: no answer within wrk's 2 s). The last column is bare hyper (\`host/benches/bare_hyper.rs\`, no component, no queue) under the same floods of \`GET :3100/\`, its ratio to its own 32-connection figure in the trivial-component table below: what this machine and its load generators (on the same two cores) leave any server."
 echo
 echo "| connections | Node seed | host, fresh instance per request | host, \`--instance-reuse $reuse\` (default) | bare hyper |"
 echo "|---|---|---|---|---|"
 share() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a/b; else print "-"}'; }
 cell() { read -r r a b _ <<<"${res[$1]}"; echo "$r ($a / $b)"; }
+flood_cell() { # KEY of a flood, KEY of the same server's 32-connection figure
+    local g p e t n base what
+    read -r g p e t n <<<"${res[$1]}"; read -r base _ <<<"${res[$2]}"
+    what="$e errors"; [ "$e" = 0 ] || what+=" ($t timeouts, $n non-2xx, $((e - t - n)) other)"
+    echo " $g ($(share "$g" "$base")×), p99 $p, $what |"
+}
 for c in 1000 10000; do
     line="| $c |"
-    for name in node fresh reuse; do
-        read -r g p e <<<"${res[$name:c$c]}"
-        read -r base _ <<<"${res[$name:3000/api/v1/dashboard]}"
-        line+=" $g ($(share "$g" "$base")×), p99 $p, $e errors |"
-    done
-    read -r g p e <<<"${res[bare:c$c]}"; read -r base _ <<<"${res[bare]}"
-    line+=" $g ($(share "$g" "$base")×), p99 $p, $e errors |"
-    echo "$line"
+    for name in node fresh reuse; do line+=$(flood_cell "$name:c$c" "$name:3000/api/v1/dashboard"); done
+    echo "$line$(flood_cell "bare:c$c" bare)"
 done
 echo
 echo "Node seed processes still running after these rows: $node_alive of 4 (the others were started again for the POST row)."

@@ -48,7 +48,7 @@ flood() {
     wait "${pids[@]}" || true
     cat "$work"/flood* | awk '
         function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; if (v ~ /m$/) return v * 60000; return v }
-        / requests in / { n = $1; secs = $4; sub(/s,$/, "", secs); good += n / secs; done += n }
+        / requests in / { n = $1; secs = $4; sub(/s,$/, "", secs); good += n / secs }
         /Non-2xx/ { bad += $NF; non2xx += $NF; good -= $NF / secs }
         /Socket errors/ { gsub(/,/, ""); bad += $4 + $6 + $8 + $10; timeouts += $10 }
         $1 == "99%" { if (ms($2) > p99) p99 = ms($2) }
